@@ -1,0 +1,306 @@
+// tandem-worker: one training process of a job (DESIGN.md §3). Reads its identity from the environment
+// the operator or `tandem run` sets, rendezvous with its peers, trains, and exits with a code from
+// tandem/common/exit_codes.h. Rank 0 prints machine-readable progress to stdout:
+//   @progress {"step":..,"totalSteps":..,"epoch":..,"loss":..,"samplesPerSecond":..,"etaSeconds":..}
+//   @eval {"step":..,"accuracy":..,"loss":..}
+//   @summary {"steps":..,"testAccuracy":..,"samplesPerSecond":..,...}
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "tandem/comm/communicator.h"
+#include "tandem/common/exit_codes.h"
+#include "tandem/common/log.h"
+#include "tandem/data/dataset.h"
+#include "tandem/engine/trainer.h"
+#include "tandem/kernels/gemm.h"
+#include "tandem/manifest/job_spec.h"
+#include "tandem/rendezvous/rendezvous.h"
+
+namespace {
+
+using namespace tandem;
+
+std::atomic<bool> stopRequested{false};
+std::atomic<int> stopSignal{0};
+
+void onStopSignal(int signal) {
+  stopSignal = signal;
+  stopRequested = true;
+}
+
+struct WorkerArguments {
+  std::string configPath;
+  int64_t maxSteps = 0;
+  std::string dumpParametersPath;
+  std::string lossLogPath;
+  double rendezvousTimeoutSeconds = 120;
+  double collectiveTimeoutSeconds = 30;
+};
+
+const char* kUsage =
+    "usage: tandem-worker [--config FILE] [--max-steps N] [--dump-params FILE] [--loss-log FILE]\n"
+    "                     [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS]\n"
+    "Identity comes from TANDEM_RANK, TANDEM_WORLD_SIZE, TANDEM_GENERATION, TANDEM_RDZV_ENDPOINT,\n"
+    "TANDEM_RDZV_TOKEN, TANDEM_POD_IP and TANDEM_CONFIG (DESIGN.md §3).\n";
+
+std::optional<std::string> environment(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return std::nullopt;
+  return std::string(value);
+}
+
+StatusOr<int64_t> parseInteger(const std::string& name, const std::string& text) {
+  char* end = nullptr;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  if (end == text.c_str() || *end != '\0')
+    return TANDEM_ERROR(StatusCode::kInvalidArgument, name + ": expected an integer, got \"" + text + "\"");
+  return static_cast<int64_t>(value);
+}
+
+StatusOr<double> parseSeconds(const std::string& name, const std::string& text) {
+  char* end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || *end != '\0' || !(value > 0))
+    return TANDEM_ERROR(StatusCode::kInvalidArgument, name + ": expected a positive number of seconds, got \"" + text + "\"");
+  return value;
+}
+
+StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
+  WorkerArguments arguments;
+  if (auto config = environment("TANDEM_CONFIG")) arguments.configPath = *config;
+  if (auto timeout = environment("TANDEM_RDZV_TIMEOUT_SECONDS")) {
+    TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds("TANDEM_RDZV_TIMEOUT_SECONDS", *timeout));
+  }
+  if (auto timeout = environment("TANDEM_COLLECTIVE_TIMEOUT_SECONDS")) {
+    TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds("TANDEM_COLLECTIVE_TIMEOUT_SECONDS", *timeout));
+  }
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "--help" || flag == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    }
+    if (i + 1 >= argc) return TANDEM_ERROR(StatusCode::kInvalidArgument, flag + ": missing value\n" + kUsage);
+    const std::string value = argv[++i];
+    if (flag == "--config") {
+      arguments.configPath = value;
+    } else if (flag == "--max-steps") {
+      TANDEM_ASSIGN_OR_RETURN(arguments.maxSteps, parseInteger(flag, value));
+    } else if (flag == "--dump-params") {
+      arguments.dumpParametersPath = value;
+    } else if (flag == "--loss-log") {
+      arguments.lossLogPath = value;
+    } else if (flag == "--rendezvous-timeout") {
+      TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds(flag, value));
+    } else if (flag == "--collective-timeout") {
+      TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds(flag, value));
+    } else {
+      return TANDEM_ERROR(StatusCode::kInvalidArgument, "unknown option " + flag + "\n" + kUsage);
+    }
+  }
+  if (arguments.configPath.empty())
+    return TANDEM_ERROR(StatusCode::kInvalidArgument, "no job spec: set TANDEM_CONFIG or pass --config FILE");
+  return arguments;
+}
+
+struct Identity {
+  int rank = 0;
+  int worldSize = 1;
+  int64_t generation = 0;
+  std::string endpoint;
+  std::string token;
+  std::string podAddress = "127.0.0.1";
+};
+
+// TANDEM_WORLD_SIZE wins over spec.workers (`tandem run --workers N`); the combination is re-checked.
+StatusOr<Identity> readIdentity(manifest::JobSpec& spec) {
+  Identity identity;
+  if (auto rank = environment("TANDEM_RANK")) {
+    TANDEM_ASSIGN_OR_RETURN(int64_t value, parseInteger("TANDEM_RANK", *rank));
+    identity.rank = static_cast<int>(value);
+  }
+  identity.worldSize = static_cast<int>(spec.workers);
+  if (auto worldSize = environment("TANDEM_WORLD_SIZE")) {
+    TANDEM_ASSIGN_OR_RETURN(int64_t value, parseInteger("TANDEM_WORLD_SIZE", *worldSize));
+    if (value < 1) return TANDEM_ERROR(StatusCode::kInvalidArgument, "TANDEM_WORLD_SIZE must be at least 1");
+    if (value != spec.workers) {
+      spec.workers = value;
+      const auto errors = manifest::validateCombinations(spec);
+      if (!errors.empty())
+        return TANDEM_ERROR(StatusCode::kInvalidArgument,
+                            errors.front().toString() + " (with TANDEM_WORLD_SIZE " + std::to_string(value) + ")");
+    }
+    identity.worldSize = static_cast<int>(value);
+  }
+  if (identity.rank < 0 || identity.rank >= identity.worldSize)
+    return TANDEM_ERROR(StatusCode::kInvalidArgument, "TANDEM_RANK " + std::to_string(identity.rank) +
+                                                          " is outside 0.." + std::to_string(identity.worldSize - 1));
+  if (auto generation = environment("TANDEM_GENERATION")) {
+    TANDEM_ASSIGN_OR_RETURN(identity.generation, parseInteger("TANDEM_GENERATION", *generation));
+  }
+  if (auto address = environment("TANDEM_POD_IP")) identity.podAddress = *address;
+  if (identity.worldSize > 1) {
+    auto endpoint = environment("TANDEM_RDZV_ENDPOINT");
+    auto token = environment("TANDEM_RDZV_TOKEN");
+    if (!endpoint) return TANDEM_ERROR(StatusCode::kInvalidArgument, "TANDEM_RDZV_ENDPOINT is not set (host:port of rank 0)");
+    if (!token) return TANDEM_ERROR(StatusCode::kInvalidArgument, "TANDEM_RDZV_TOKEN is not set");
+    identity.endpoint = *endpoint;
+    identity.token = *token;
+  }
+  return identity;
+}
+
+// Adapts the rendezvous' store RPCs to the communicator's bootstrap store.
+class RendezvousStore final : public comm::KeyValueStore {
+ public:
+  RendezvousStore(std::shared_ptr<rendezvous::RendezvousClient> client, std::chrono::milliseconds timeout)
+      : client_(std::move(client)), timeout_(timeout) {}
+  Status set(const std::string& key, const std::string& value) override { return client_->storeSet(key, value, timeout_); }
+  StatusOr<std::string> get(const std::string& key, std::chrono::milliseconds timeout) override {
+    return client_->storeGet(key, timeout);
+  }
+
+ private:
+  std::shared_ptr<rendezvous::RendezvousClient> client_;
+  std::chrono::milliseconds timeout_;
+};
+
+std::string portOf(const std::string& endpoint) {
+  const auto colon = endpoint.rfind(':');
+  return colon == std::string::npos ? "29400" : endpoint.substr(colon + 1);
+}
+
+void emit(const char* kind, const nlohmann::json& payload) {
+  std::cout << '@' << kind << ' ' << payload.dump() << std::endl;
+}
+
+int fail(const Status& status) {
+  log::error() << status.toString();
+  return exitCodeFor(status);
+}
+
+int run(int argc, char** argv) {
+  auto arguments = parseArguments(argc, argv);
+  if (!arguments.ok()) return fail(arguments.status());
+
+  manifest::ParseResult parsed = manifest::loadManifest(arguments->configPath);
+  if (!parsed.ok()) {
+    for (const auto& error : parsed.errors) std::cerr << error.toString() << "\n";
+    return kExitInvalidConfig;
+  }
+  manifest::JobSpec& spec = parsed.spec;
+  auto identity = readIdentity(spec);
+  if (!identity.ok()) return fail(identity.status());
+  log::setJob(spec.jobKey());
+  log::setRank(identity->rank);
+
+  std::signal(SIGTERM, onStopSignal);
+  std::signal(SIGINT, onStopSignal);
+
+  StatusOr<data::TrainTest> dataset = data::TrainTest{};
+  if (spec.data.kind == "synthetic")
+    dataset = data::makeSynthetic(spec.data.samples, static_cast<uint64_t>(spec.training.seed));
+  else
+    dataset = data::loadFashionMnist(spec.data.path);
+  if (!dataset.ok()) return fail(dataset.status());
+
+  const auto rendezvousTimeout =
+      std::chrono::milliseconds(static_cast<int64_t>(arguments->rendezvousTimeoutSeconds * 1000));
+  std::unique_ptr<rendezvous::RendezvousServer> server;
+  std::unique_ptr<comm::Communicator> communicator;
+  if (identity->worldSize > 1) {
+    const std::string configHash = manifest::configHash(spec);
+    if (identity->rank == 0) {
+      rendezvous::ServerOptions serverOptions;
+      serverOptions.listenAddress = "0.0.0.0:" + portOf(identity->endpoint);
+      serverOptions.job = spec.jobKey();
+      serverOptions.generation = identity->generation;
+      serverOptions.worldSize = identity->worldSize;
+      serverOptions.token = identity->token;
+      serverOptions.configHash = configHash;
+      auto started = rendezvous::RendezvousServer::start(serverOptions);
+      if (!started.ok()) return fail(started.status());
+      server = std::move(started).value();
+    }
+    auto client = std::make_shared<rendezvous::RendezvousClient>(identity->endpoint, identity->token, identity->generation);
+    rendezvous::JoinRequest join{spec.jobKey(), identity->generation, identity->rank, identity->worldSize,
+                                 identity->podAddress, configHash};
+    log::info() << "joining rendezvous at " << identity->endpoint << " (generation " << identity->generation << ", "
+                << identity->worldSize << " ranks, deadline " << arguments->rendezvousTimeoutSeconds << "s)";
+    auto joined = client->join(join, rendezvousTimeout);
+    if (!joined.ok()) return fail(joined.status());
+
+    comm::GlooOptions glooOptions;
+    glooOptions.rank = identity->rank;
+    glooOptions.size = identity->worldSize;
+    glooOptions.hostAddress = identity->podAddress;
+    glooOptions.keyPrefix = "generation-" + std::to_string(identity->generation) + "/gloo";
+    glooOptions.timeout = std::chrono::milliseconds(static_cast<int64_t>(arguments->collectiveTimeoutSeconds * 1000));
+    auto created = comm::createGlooCommunicator(glooOptions, std::make_shared<RendezvousStore>(client, rendezvousTimeout));
+    if (!created.ok()) return fail(created.status());
+    communicator = std::move(created).value();
+    log::info() << "connected to " << identity->worldSize - 1 << " peers";
+  }
+
+  engine::TrainerOptions options;
+  options.spec = spec;
+  options.rank = identity->rank;
+  options.worldSize = identity->worldSize;
+  options.communicator = communicator.get();
+  options.maxSteps = arguments->maxSteps;
+  options.dumpParametersPath = arguments->dumpParametersPath;
+  options.lossLogPath = arguments->lossLogPath;
+  options.stopRequested = &stopRequested;
+  options.onProgress = [](const engine::Progress& progress) {
+    emit("progress", {{"step", progress.step},
+                      {"totalSteps", progress.totalSteps},
+                      {"epoch", progress.epoch},
+                      {"epochs", progress.epochs},
+                      {"loss", progress.loss},
+                      {"learningRate", progress.learningRate},
+                      {"samplesPerSecond", progress.samplesPerSecond},
+                      {"etaSeconds", progress.etaSeconds}});
+  };
+  options.onEval = [](const engine::EvalResult& eval) {
+    log::info() << "eval after step " << eval.step << ": accuracy " << eval.accuracy * 100 << "%, loss " << eval.loss;
+    emit("eval", {{"step", eval.step}, {"accuracy", eval.accuracy}, {"loss", eval.loss}});
+  };
+  log::info() << "training on cpu with " << kernels::gemmThreads() << " GEMM threads";
+  auto summary = engine::train(options, *dataset);
+  if (!summary.ok()) {
+    if (summary.status().code() == StatusCode::kCancelled) {
+      log::warning() << "stopping: " << summary.status().message();
+      return 128 + (stopSignal.load() == 0 ? SIGTERM : stopSignal.load());
+    }
+    return fail(summary.status());
+  }
+  if (identity->rank == 0) {
+    emit("summary", {{"steps", summary->steps},
+                     {"finalLoss", summary->finalLoss},
+                     {"testAccuracy", summary->finalEval.accuracy},
+                     {"testLoss", summary->finalEval.loss},
+                     {"trainSeconds", summary->trainSeconds},
+                     {"samplesPerSecond", summary->samplesPerSecond},
+                     {"exposedAllReduceSeconds", summary->exposedAllReduceSeconds},
+                     {"allReduceBytes", summary->allReduceBytes}});
+  }
+  // Every rank leaves together so rank 0's rendezvous server outlives its clients' last calls.
+  if (communicator) {
+    Status status = communicator->barrier();
+    if (!status.ok()) log::warning() << "final barrier: " << status.toString();
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return run(argc, argv); }

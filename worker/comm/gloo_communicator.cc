@@ -1,0 +1,276 @@
+// GlooCommunicator: comm::Communicator over Gloo's TCP transport (Debian's libgloo).
+// Gloo's collectives are blocking and a gloo::Context must not run two of them at once, so every
+// operation runs on one executor thread, in issue order; the caller gets a Work to wait on.
+// Point-to-point operations are only posted on that thread and waited for by the caller, so a send and
+// a recv between the same two ranks cannot deadlock each other.
+#include <gloo/allreduce.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/common/error.h>
+#include <gloo/common/logging.h>
+#include <gloo/math.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/device.h>
+#include <gloo/transport/unbound_buffer.h>
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <future>
+#include <mutex>
+#include <thread>
+
+#include "tandem/comm/communicator.h"
+
+namespace tandem::comm {
+namespace {
+
+// Point-to-point slots live far above the slots Gloo's collectives derive from their tags.
+constexpr uint64_t kPointToPointSlotBase = uint64_t{1} << 40;
+
+// Runs a Gloo call and turns its exceptions into a Status naming the operation.
+Status guarded(const std::string& what, const std::function<void()>& call) {
+  try {
+    call();
+    return Status::Ok();
+  } catch (const gloo::IoException& error) {
+    const std::string message = error.what();
+    const bool timedOut = message.find("imed out") != std::string::npos || message.find("imeout") != std::string::npos;
+    return Status(timedOut ? StatusCode::kDeadlineExceeded : StatusCode::kAborted,
+                  what + " failed: " + (timedOut ? "a peer did not answer in time: " : "a peer connection broke: ") + message,
+                  __FILE__, __LINE__);
+  } catch (const gloo::Exception& error) {
+    return TANDEM_ERROR(StatusCode::kAborted, what + " failed: " + error.what());
+  } catch (const gloo::EnforceNotMet& error) {
+    return TANDEM_ERROR(StatusCode::kInternal, what + " failed: " + error.what());
+  } catch (const std::exception& error) {
+    return TANDEM_ERROR(StatusCode::kInternal, what + " failed: " + error.what());
+  }
+}
+
+// Adapts our KeyValueStore to the interface Gloo's full-mesh bootstrap wants (it reports failure by
+// throwing).
+class GlooStoreAdapter final : public gloo::rendezvous::Store {
+ public:
+  GlooStoreAdapter(std::shared_ptr<KeyValueStore> store, std::string prefix, std::chrono::milliseconds timeout)
+      : store_(std::move(store)), prefix_(std::move(prefix)), timeout_(timeout) {}
+
+  void set(const std::string& key, const std::vector<char>& data) override {
+    Status status = store_->set(prefix_ + "/" + key, std::string(data.begin(), data.end()));
+    if (!status.ok()) throw gloo::IoException(status.toString());
+  }
+  std::vector<char> get(const std::string& key) override {
+    auto value = store_->get(prefix_ + "/" + key, timeout_);
+    if (!value.ok()) throw gloo::IoException(value.status().toString());
+    return std::vector<char>(value->begin(), value->end());
+  }
+  void wait(const std::vector<std::string>& keys) override { wait(keys, timeout_); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
+    for (const auto& key : keys) {
+      auto value = store_->get(prefix_ + "/" + key, timeout);
+      if (!value.ok()) throw gloo::IoException(value.status().toString());
+    }
+  }
+
+ private:
+  std::shared_ptr<KeyValueStore> store_;
+  std::string prefix_;
+  std::chrono::milliseconds timeout_;
+};
+
+class FutureWork final : public Work {
+ public:
+  explicit FutureWork(std::future<Status> future) : future_(std::move(future)) {}
+  Status wait() override { return future_.get(); }
+
+ private:
+  std::future<Status> future_;
+};
+
+// A posted send/recv: the caller waits on the transport buffer itself.
+class PointToPointWork final : public Work {
+ public:
+  PointToPointWork(std::future<Status> posted, std::shared_ptr<std::unique_ptr<gloo::transport::UnboundBuffer>> buffer,
+                   bool isSend, int peer, std::chrono::milliseconds timeout)
+      : posted_(std::move(posted)), buffer_(std::move(buffer)), isSend_(isSend), peer_(peer), timeout_(timeout) {}
+
+  Status wait() override {
+    TANDEM_RETURN_IF_ERROR(posted_.get());
+    const std::string what = std::string(isSend_ ? "send to" : "recv from") + " rank " + std::to_string(peer_);
+    bool completed = false;
+    Status status = guarded(what, [&] {
+      completed = isSend_ ? (*buffer_)->waitSend(timeout_) : (*buffer_)->waitRecv(timeout_);
+    });
+    if (status.ok() && !completed) return TANDEM_ERROR(StatusCode::kAborted, what + " was aborted");
+    return status;
+  }
+
+ private:
+  std::future<Status> posted_;
+  std::shared_ptr<std::unique_ptr<gloo::transport::UnboundBuffer>> buffer_;
+  bool isSend_;
+  int peer_;
+  std::chrono::milliseconds timeout_;
+};
+
+class GlooCommunicator final : public Communicator {
+ public:
+  GlooCommunicator(std::shared_ptr<gloo::rendezvous::Context> context, std::chrono::milliseconds timeout)
+      : context_(std::move(context)), timeout_(timeout), executor_([this] { runExecutor(); }) {}
+
+  ~GlooCommunicator() override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    ready_.notify_all();
+    executor_.join();
+  }
+
+  int rank() const override { return context_->rank; }
+  int size() const override { return context_->size; }
+
+  std::shared_ptr<Work> allReduceAsync(float* data, int64_t count) override {
+    return std::make_shared<FutureWork>(submit([this, data, count] {
+      return guarded("all-reduce of " + std::to_string(count) + " floats", [&] {
+        gloo::AllreduceOptions options(context_);
+        options.setOutput(data, static_cast<size_t>(count));
+        options.setReduceFunction(
+            static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+        options.setTag(nextTag());
+        options.setTimeout(timeout_);
+        gloo::allreduce(options);
+      });
+    }));
+  }
+
+  Status broadcast(void* data, int64_t bytes, int root) override {
+    return submit([this, data, bytes, root] {
+             return guarded("broadcast from rank " + std::to_string(root), [&] {
+               gloo::BroadcastOptions options(context_);
+               options.setOutput(static_cast<uint8_t*>(data), static_cast<size_t>(bytes));
+               options.setRoot(root);
+               options.setTag(nextTag());
+               options.setTimeout(timeout_);
+               gloo::broadcast(options);
+             });
+           })
+        .get();
+  }
+
+  std::shared_ptr<Work> sendAsync(const void* data, int64_t bytes, int peer, uint32_t tag) override {
+    return postPointToPoint(const_cast<void*>(data), bytes, peer, tag, /*isSend=*/true);
+  }
+  std::shared_ptr<Work> recvAsync(void* data, int64_t bytes, int peer, uint32_t tag) override {
+    return postPointToPoint(data, bytes, peer, tag, /*isSend=*/false);
+  }
+
+  Status barrier() override {
+    return submit([this] {
+             return guarded("barrier", [&] {
+               gloo::BarrierOptions options(context_);
+               options.setTag(nextTag());
+               options.setTimeout(timeout_);
+               gloo::barrier(options);
+             });
+           })
+        .get();
+  }
+
+ private:
+  // Collectives get tags in issue order; every rank issues the same sequence, so tags match.
+  uint32_t nextTag() { return tagCounter_++; }
+
+  std::shared_ptr<Work> postPointToPoint(void* data, int64_t bytes, int peer, uint32_t tag, bool isSend) {
+    auto buffer = std::make_shared<std::unique_ptr<gloo::transport::UnboundBuffer>>();
+    auto posted = submit([this, buffer, data, bytes, peer, tag, isSend] {
+      return guarded(std::string(isSend ? "posting send to" : "posting recv from") + " rank " + std::to_string(peer), [&] {
+        *buffer = context_->createUnboundBuffer(data, static_cast<size_t>(bytes));
+        if (isSend)
+          (*buffer)->send(peer, kPointToPointSlotBase + tag);
+        else
+          (*buffer)->recv(peer, kPointToPointSlotBase + tag);
+      });
+    });
+    return std::make_shared<PointToPointWork>(std::move(posted), std::move(buffer), isSend, peer, timeout_);
+  }
+
+  std::future<Status> submit(std::function<Status()> task) {
+    auto packaged = std::make_shared<std::packaged_task<Status()>>(std::move(task));
+    std::future<Status> future = packaged->get_future();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back([packaged] { (*packaged)(); });
+    }
+    ready_.notify_one();
+    return future;
+  }
+
+  void runExecutor() {
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        task = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      task();
+    }
+  }
+
+  std::shared_ptr<gloo::rendezvous::Context> context_;
+  std::chrono::milliseconds timeout_;
+  uint32_t tagCounter_ = 0;  // touched only on the executor thread
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::function<void()>> queue_;
+  bool stopping_ = false;
+  std::thread executor_;
+};
+
+class MemoryStore final : public KeyValueStore {
+ public:
+  Status set(const std::string& key, const std::string& value) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    values_[key] = value;
+    changed_.notify_all();
+    return Status::Ok();
+  }
+  StatusOr<std::string> get(const std::string& key, std::chrono::milliseconds timeout) override {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!changed_.wait_for(lock, timeout, [&] { return values_.count(key) > 0; }))
+      return TANDEM_ERROR(StatusCode::kDeadlineExceeded, "key " + key + " was never set");
+    return values_[key];
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::map<std::string, std::string> values_;
+};
+
+}  // namespace
+
+std::shared_ptr<KeyValueStore> makeMemoryStore() { return std::make_shared<MemoryStore>(); }
+
+StatusOr<std::unique_ptr<Communicator>> createGlooCommunicator(const GlooOptions& options,
+                                                                std::shared_ptr<KeyValueStore> store) {
+  std::shared_ptr<gloo::rendezvous::Context> context;
+  Status status = guarded("connecting the Gloo full mesh of " + std::to_string(options.size) + " ranks", [&] {
+    gloo::transport::tcp::attr attributes;
+    attributes.hostname = options.hostAddress;
+    auto device = gloo::transport::tcp::CreateDevice(attributes);
+    context = std::make_shared<gloo::rendezvous::Context>(options.rank, options.size);
+    context->setTimeout(options.timeout);
+    GlooStoreAdapter adapter(std::move(store), options.keyPrefix, options.timeout);
+    context->connectFullMesh(adapter, device);
+  });
+  if (!status.ok()) return status;
+  return std::unique_ptr<Communicator>(std::make_unique<GlooCommunicator>(std::move(context), options.timeout));
+}
+
+}  // namespace tandem::comm

@@ -1,0 +1,65 @@
+// The training loop of one rank: builds the model from the job spec, runs data-parallel steps over
+// this rank's shards, evaluates on the test set, and reports progress.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "tandem/comm/communicator.h"
+#include "tandem/common/status.h"
+#include "tandem/data/dataset.h"
+#include "tandem/manifest/job_spec.h"
+
+namespace tandem::engine {
+
+struct Progress {
+  int64_t step = 0;         // steps completed
+  int64_t totalSteps = 0;
+  int64_t epoch = 0;        // 1-based epoch of the last completed step
+  int64_t epochs = 0;
+  double loss = 0.0;        // mean loss of the last step over the global batch
+  double learningRate = 0.0;
+  double samplesPerSecond = 0.0;
+  double etaSeconds = 0.0;
+};
+
+struct EvalResult {
+  int64_t step = 0;
+  double accuracy = 0.0;
+  double loss = 0.0;
+  int64_t samples = 0;
+};
+
+struct TrainingSummary {
+  int64_t steps = 0;
+  double finalLoss = 0.0;
+  EvalResult finalEval;
+  double trainSeconds = 0.0;       // the training loop, evaluation excluded
+  double samplesPerSecond = 0.0;   // global samples per second of the training loop
+  double exposedAllReduceSeconds = 0.0;
+  int64_t allReduceBytes = 0;
+};
+
+struct TrainerOptions {
+  manifest::JobSpec spec;
+  int rank = 0;
+  int worldSize = 1;
+  comm::Communicator* communicator = nullptr;  // null when worldSize == 1
+  int64_t maxSteps = 0;                        // 0: the spec decides
+  int64_t bucketCapFloats = 64 * 1024;         // 256 KiB buckets
+  std::string dumpParametersPath;              // rank 0 writes the final parameters (raw float32)
+  std::string lossLogPath;                     // rank 0 writes "step loss" per step
+  const std::atomic<bool>* stopRequested = nullptr;
+  std::function<void(const Progress&)> onProgress;  // rank 0, after every step
+  std::function<void(const EvalResult&)> onEval;    // rank 0
+};
+
+// Runs the whole training. Returns CANCELLED when stopRequested was set at a step boundary.
+StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::TrainTest& data);
+
+// Total optimizer steps the spec (and an override) asks for on a dataset of `trainSamples`.
+int64_t plannedSteps(const manifest::JobSpec& spec, int64_t trainSamples, int64_t maxStepsOverride);
+
+}  // namespace tandem::engine

@@ -1,0 +1,42 @@
+// Runs a job's workers as local processes, the way `tandem run` does: the environment of DESIGN.md §3,
+// logs prefixed with the rank, one progress display, a summary, and a supervisor that stops the whole
+// group when any worker dies or the user presses Ctrl-C (no orphans: children also die with us).
+#pragma once
+
+#include <chrono>
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tandem/manifest/job_spec.h"
+
+namespace tandem::launch {
+
+struct LocalJobOptions {
+  manifest::JobSpec spec;            // validated, with spec.workers already overridden
+  std::string configPath;            // absolute path handed to workers as TANDEM_CONFIG
+  std::string workerBinary;          // tandem-worker
+  std::vector<std::string> workerArguments;  // extra flags for every worker
+  std::chrono::milliseconds stopGrace{5000};  // SIGTERM, then SIGKILL after this
+  bool quiet = false;                // no progress display (logs still flow)
+};
+
+struct LocalJobResult {
+  int exitCode = 0;                  // the job's: 0, or the first failed worker's
+  int failedRank = -1;
+  std::string failure;               // "worker rank 2 exited with code 137 (killed by signal 9)"
+  bool interrupted = false;          // Ctrl-C / SIGTERM to tandem itself
+  double wallSeconds = 0.0;
+  std::optional<nlohmann::json> summary;  // rank 0's @summary
+};
+
+// Blocks until every worker has exited.
+LocalJobResult runLocalJob(const LocalJobOptions& options);
+
+// Human form of a wait() status: "exited with code 3", "killed by signal 9".
+std::string describeExit(int waitStatus);
+
+}  // namespace tandem::launch

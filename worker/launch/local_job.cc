@@ -1,0 +1,321 @@
+#include "tandem/launch/local_job.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <thread>
+
+#include "tandem/common/exit_codes.h"
+
+namespace tandem::launch {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+volatile sig_atomic_t interruptSignal = 0;
+void onInterrupt(int signal) { interruptSignal = signal; }
+
+// A free TCP port on loopback (bound then released; the worker binds it again moments later).
+int freePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address));
+  socklen_t length = sizeof(address);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
+  close(fd);
+  return ntohs(address.sin_port);
+}
+
+std::string randomToken() {
+  std::ifstream random("/dev/urandom", std::ios::binary);
+  unsigned char bytes[16];
+  random.read(reinterpret_cast<char*>(bytes), sizeof(bytes));
+  static const char* kHex = "0123456789abcdef";
+  std::string token;
+  for (unsigned char byte : bytes) {
+    token += kHex[byte >> 4];
+    token += kHex[byte & 15];
+  }
+  return token;
+}
+
+std::string formatDuration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const long total = std::lround(seconds);
+  char text[32];
+  if (total >= 3600)
+    std::snprintf(text, sizeof(text), "%ldh%02ldm", total / 3600, (total % 3600) / 60);
+  else
+    std::snprintf(text, sizeof(text), "%ldm%02lds", total / 60, total % 60);
+  return text;
+}
+
+struct Worker {
+  int rank = 0;
+  pid_t pid = -1;
+  int stdoutFd = -1;
+  int stderrFd = -1;
+  std::string stdoutPartial, stderrPartial;
+  bool exited = false;
+  int waitStatus = 0;
+};
+
+// Renders rank 0's progress: in place on a terminal, as a plain line every 10% or 15 s otherwise.
+class ProgressDisplay {
+ public:
+  explicit ProgressDisplay(bool quiet) : quiet_(quiet), terminal_(isatty(STDOUT_FILENO) == 1) {}
+
+  void update(const nlohmann::json& progress) {
+    if (quiet_) return;
+    const int64_t step = progress.value("step", int64_t{0});
+    const int64_t total = std::max<int64_t>(1, progress.value("totalSteps", int64_t{1}));
+    char line[256];
+    std::snprintf(line, sizeof(line), "epoch %lld/%lld  step %lld/%lld  loss %.4f  %.0f samples/s  ETA %s",
+                  static_cast<long long>(progress.value("epoch", int64_t{0})),
+                  static_cast<long long>(progress.value("epochs", int64_t{0})), static_cast<long long>(step),
+                  static_cast<long long>(total), progress.value("loss", 0.0), progress.value("samplesPerSecond", 0.0),
+                  formatDuration(progress.value("etaSeconds", 0.0)).c_str());
+    current_ = line;
+    if (terminal_) {
+      std::cout << "\r\033[K" << current_ << std::flush;
+      return;
+    }
+    const int64_t decile = step * 10 / total;
+    if (decile != lastDecile_ || Clock::now() - lastPrinted_ > std::chrono::seconds(15) || step == total) {
+      std::cout << current_ << std::endl;
+      lastDecile_ = decile;
+      lastPrinted_ = Clock::now();
+    }
+  }
+  // Clears the in-place line before other output, and draws it again after.
+  void beforeOutput() {
+    if (terminal_ && !current_.empty()) std::cout << "\r\033[K" << std::flush;
+  }
+  void afterOutput() {
+    if (terminal_ && !current_.empty()) std::cout << current_ << std::flush;
+  }
+  void finish() {
+    if (terminal_ && !current_.empty()) std::cout << std::endl;
+    current_.clear();
+  }
+
+ private:
+  bool quiet_;
+  bool terminal_;
+  std::string current_;
+  int64_t lastDecile_ = -1;
+  Clock::time_point lastPrinted_ = Clock::now();
+};
+
+pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::string, std::string>& environment,
+                  int stdoutPipe[2], int stderrPipe[2]) {
+  const pid_t parent = getpid();
+  const pid_t pid = fork();
+  if (pid != 0) return pid;
+  // Child: die with tandem, whatever kills it; no orphans.
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != parent) _exit(kExitInternal);
+  signal(SIGINT, SIG_DFL);
+  signal(SIGTERM, SIG_DFL);
+  dup2(stdoutPipe[1], STDOUT_FILENO);
+  dup2(stderrPipe[1], STDERR_FILENO);
+  close(stdoutPipe[0]);
+  close(stderrPipe[0]);
+  close(stdoutPipe[1]);
+  close(stderrPipe[1]);
+  for (const auto& [name, value] : environment) setenv(name.c_str(), value.c_str(), 1);
+  std::vector<std::string> arguments{options.workerBinary};
+  arguments.insert(arguments.end(), options.workerArguments.begin(), options.workerArguments.end());
+  std::vector<char*> argv;
+  for (auto& argument : arguments) argv.push_back(argument.data());
+  argv.push_back(nullptr);
+  execv(options.workerBinary.c_str(), argv.data());
+  std::fprintf(stderr, "cannot start %s: %s\n", options.workerBinary.c_str(), std::strerror(errno));
+  _exit(kExitInternal);
+}
+
+}  // namespace
+
+std::string describeExit(int waitStatus) {
+  if (WIFEXITED(waitStatus)) return "exited with code " + std::to_string(WEXITSTATUS(waitStatus));
+  if (WIFSIGNALED(waitStatus)) {
+    const int signal = WTERMSIG(waitStatus);
+    return "was killed by signal " + std::to_string(signal) + " (" + strsignal(signal) + ")";
+  }
+  return "ended with status " + std::to_string(waitStatus);
+}
+
+LocalJobResult runLocalJob(const LocalJobOptions& options) {
+  LocalJobResult result;
+  const auto start = Clock::now();
+  const int workers = static_cast<int>(options.spec.workers);
+  const int rendezvousPort = freePort();
+  const int masterPort = freePort();
+  const std::string token = randomToken();
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  const std::string gemmThreads = std::to_string(std::max(1u, cores / static_cast<unsigned>(workers)));
+
+  struct sigaction action {};
+  action.sa_handler = onInterrupt;
+  sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGTERM, &action, nullptr);
+  interruptSignal = 0;
+
+  std::vector<Worker> group(workers);
+  for (int rank = 0; rank < workers; ++rank) {
+    std::map<std::string, std::string> environment{
+        {"TANDEM_JOB", options.spec.jobKey()},
+        {"TANDEM_RANK", std::to_string(rank)},
+        {"TANDEM_WORLD_SIZE", std::to_string(workers)},
+        {"TANDEM_GENERATION", "0"},
+        {"TANDEM_RDZV_ENDPOINT", "127.0.0.1:" + std::to_string(rendezvousPort)},
+        {"TANDEM_RDZV_TOKEN", token},
+        {"TANDEM_POD_IP", "127.0.0.1"},
+        {"TANDEM_CONFIG", options.configPath},
+        {"MASTER_ADDR", "127.0.0.1"},
+        {"MASTER_PORT", std::to_string(masterPort)},
+        {"WORLD_SIZE", std::to_string(workers)},
+        {"RANK", std::to_string(rank)},
+        {"LOCAL_RANK", std::to_string(rank)},
+        {"NODE_RANK", "0"},
+    };
+    // Share the cores: each worker's GEMMs get cores/workers threads unless the user chose.
+    if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr) environment["OPENBLAS_NUM_THREADS"] = gemmThreads;
+    int stdoutPipe[2], stderrPipe[2];
+    if (pipe2(stdoutPipe, O_CLOEXEC) != 0 || pipe2(stderrPipe, O_CLOEXEC) != 0) {
+      result.exitCode = kExitInternal;
+      result.failure = std::string("cannot create pipes: ") + std::strerror(errno);
+      return result;
+    }
+    group[rank].rank = rank;
+    group[rank].pid = spawnWorker(options, rank, environment, stdoutPipe, stderrPipe);
+    close(stdoutPipe[1]);
+    close(stderrPipe[1]);
+    group[rank].stdoutFd = stdoutPipe[0];
+    group[rank].stderrFd = stderrPipe[0];
+  }
+
+  ProgressDisplay display(options.quiet);
+  auto handleLine = [&](Worker& worker, const std::string& line, bool fromStdout) {
+    if (fromStdout && line.size() > 1 && line[0] == '@') {
+      const auto space = line.find(' ');
+      const std::string kind = line.substr(1, space == std::string::npos ? std::string::npos : space - 1);
+      nlohmann::json payload = nlohmann::json::parse(space == std::string::npos ? "{}" : line.substr(space + 1), nullptr, false);
+      if (!payload.is_discarded() && worker.rank == 0) {
+        if (kind == "progress") return display.update(payload);
+        if (kind == "summary") {
+          result.summary = payload;
+          return;
+        }
+        if (kind == "eval") return;  // also logged by the worker in words
+      }
+    }
+    display.beforeOutput();
+    (fromStdout ? std::cout : std::cerr) << "[rank " << worker.rank << "] " << line << std::endl;
+    display.afterOutput();
+  };
+  auto drain = [&](Worker& worker, int& fd, std::string& partial, bool fromStdout) {
+    char buffer[8192];
+    const ssize_t count = read(fd, buffer, sizeof(buffer));
+    if (count <= 0) {
+      if (!partial.empty()) handleLine(worker, partial, fromStdout);
+      partial.clear();
+      close(fd);
+      fd = -1;
+      return;
+    }
+    partial.append(buffer, static_cast<size_t>(count));
+    size_t newline;
+    while ((newline = partial.find('\n')) != std::string::npos) {
+      handleLine(worker, partial.substr(0, newline), fromStdout);
+      partial.erase(0, newline + 1);
+    }
+  };
+
+  std::optional<Clock::time_point> stopDeadline;  // set once we began stopping the group
+  bool killed = false;
+  auto beginStop = [&] {
+    if (stopDeadline) return;
+    stopDeadline = Clock::now() + options.stopGrace;
+    for (auto& worker : group)
+      if (!worker.exited) kill(worker.pid, SIGTERM);
+  };
+
+  for (;;) {
+    std::vector<pollfd> fds;
+    std::vector<std::pair<Worker*, bool>> owners;
+    for (auto& worker : group) {
+      if (worker.stdoutFd >= 0) {
+        fds.push_back({worker.stdoutFd, POLLIN, 0});
+        owners.emplace_back(&worker, true);
+      }
+      if (worker.stderrFd >= 0) {
+        fds.push_back({worker.stderrFd, POLLIN, 0});
+        owners.emplace_back(&worker, false);
+      }
+    }
+    if (!fds.empty()) poll(fds.data(), fds.size(), 100);
+    for (size_t i = 0; i < fds.size(); ++i) {
+      if ((fds[i].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+      Worker& worker = *owners[i].first;
+      if (owners[i].second)
+        drain(worker, worker.stdoutFd, worker.stdoutPartial, true);
+      else
+        drain(worker, worker.stderrFd, worker.stderrPartial, false);
+    }
+
+    for (auto& worker : group) {
+      if (worker.exited) continue;
+      if (waitpid(worker.pid, &worker.waitStatus, WNOHANG) != worker.pid) continue;
+      worker.exited = true;
+      const bool clean = WIFEXITED(worker.waitStatus) && WEXITSTATUS(worker.waitStatus) == 0;
+      if (!clean && result.failedRank < 0 && !stopDeadline) {
+        result.failedRank = worker.rank;
+        result.exitCode = WIFEXITED(worker.waitStatus) ? WEXITSTATUS(worker.waitStatus) : 128 + WTERMSIG(worker.waitStatus);
+        result.failure = "worker rank " + std::to_string(worker.rank) + " " + describeExit(worker.waitStatus);
+        display.beforeOutput();
+        std::cerr << "tandem: " << result.failure << "; stopping the other workers" << std::endl;
+        beginStop();
+      }
+    }
+    if (interruptSignal != 0 && !stopDeadline) {
+      result.interrupted = true;
+      display.beforeOutput();
+      std::cerr << "\ntandem: " << strsignal(interruptSignal) << ": stopping all workers" << std::endl;
+      beginStop();
+    }
+    if (stopDeadline && !killed && Clock::now() >= *stopDeadline) {
+      for (auto& worker : group)
+        if (!worker.exited) kill(worker.pid, SIGKILL);
+      killed = true;
+    }
+    const bool allExited = std::all_of(group.begin(), group.end(), [](const Worker& w) { return w.exited; });
+    const bool allDrained =
+        std::all_of(group.begin(), group.end(), [](const Worker& w) { return w.stdoutFd < 0 && w.stderrFd < 0; });
+    if (allExited && allDrained) break;
+    if (allExited && fds.empty()) break;
+  }
+  display.finish();
+  signal(SIGINT, SIG_DFL);
+  signal(SIGTERM, SIG_DFL);
+  if (result.interrupted && result.exitCode == 0) result.exitCode = 128 + interruptSignal;
+  result.wallSeconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return result;
+}
+
+}  // namespace tandem::launch

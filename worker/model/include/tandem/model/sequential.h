@@ -1,0 +1,63 @@
+// Sequential: a stack of layers with one flat parameter buffer and one flat gradient buffer, laid out
+// in layer order. Backward runs from the last layer to the first and reports each finished layer, so a
+// caller can start communicating that layer's gradients while the rest of backward runs.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tandem/model/layer.h"
+
+namespace tandem::model {
+
+class Sequential {
+ public:
+  // trailingGradientSlots: extra floats after the last gradient (e.g. a loss sum that rides along with
+  // the first all-reduce bucket); they are not parameters and no optimizer touches them.
+  explicit Sequential(std::vector<std::unique_ptr<Layer>> layers, int64_t trailingGradientSlots = 0);
+
+  size_t layerCount() const { return layers_.size(); }
+  const Layer& layer(size_t index) const { return *layers_[index]; }
+  int64_t parameterCount() const { return parameterCount_; }
+  // [offset, offset + count) of layer `index` in the flat buffers.
+  std::pair<int64_t, int64_t> parameterRange(size_t index) const { return ranges_[index]; }
+  float* parameters() { return parameters_.data(); }
+  const float* parameters() const { return parameters_.data(); }
+  float* gradients() { return gradients_.data(); }
+  float* trailingGradientSlots() { return gradients_.data() + parameterCount_; }
+  int64_t trailingGradientSlotCount() const { return gradients_.size() - parameterCount_; }
+  int64_t forwardMacsPerSample() const;
+
+  // Same seed, same parameters: every rank initialises identically.
+  void initialize(uint64_t seed);
+  void zeroGradients() { gradients_.zero(); }
+
+  // input (batch, in) -> output (batch, out). Keeps every activation for backward; `input` must stay
+  // alive until backward returns.
+  const Tensor& forward(const Tensor& input);
+  // gradOutput: dL/doutput of the last forward. onLayerDone(i) is called once layer i's parameter
+  // gradients are final.
+  void backward(const Tensor& gradOutput, const std::function<void(size_t)>& onLayerDone = {});
+
+  // One line per layer: name, parameters.
+  std::string describe() const;
+
+ private:
+  std::vector<std::unique_ptr<Layer>> layers_;
+  std::vector<std::pair<int64_t, int64_t>> ranges_;
+  int64_t parameterCount_ = 0;
+  FloatBuffer parameters_;
+  FloatBuffer gradients_;
+  const Tensor* input_ = nullptr;
+  std::vector<Tensor> activations_;  // activations_[i] = output of layer i
+  Tensor gradientA_, gradientB_;     // ping-pong buffers for dL/dactivation
+};
+
+// The mlp family: in -> hidden... -> classes, an activation after every hidden linear layer.
+std::unique_ptr<Sequential> buildMlp(int64_t inputFeatures, const std::vector<int64_t>& hidden, int64_t classes,
+                                     ActivationKind activation, int64_t trailingGradientSlots = 0);
+
+}  // namespace tandem::model
