@@ -22,6 +22,9 @@ std::string describeNode(const YAML::Node& node) {
   }
 }
 
+// A quoted scalar ("4") is a string in YAML (and to the Kubernetes API server), never a number.
+bool isQuoted(const YAML::Node& node) { return node.IsScalar() && node.Tag() == "!"; }
+
 std::string joinWords(const std::vector<std::string>& words) {
   std::string out;
   for (size_t i = 0; i < words.size(); ++i) out += (i == 0 ? "" : ", ") + words[i];
@@ -53,7 +56,7 @@ class MapReader {
   void integer(const std::string& key, int64_t& out, int64_t minimum, bool required = false) {
     YAML::Node value = take(key);
     if (!checkPresence(key, value, required)) return;
-    if (!value.IsScalar()) return typeError(key, "an integer", value);
+    if (!value.IsScalar() || isQuoted(value)) return typeError(key, "an integer", value);
     try {
       out = value.as<int64_t>();
     } catch (const YAML::Exception&) {
@@ -66,7 +69,7 @@ class MapReader {
   void number(const std::string& key, double& out, double minimum, bool exclusive) {
     YAML::Node value = take(key);
     if (!checkPresence(key, value, false)) return;
-    if (!value.IsScalar()) return typeError(key, "a number", value);
+    if (!value.IsScalar() || isQuoted(value)) return typeError(key, "a number", value);
     try {
       out = value.as<double>();
     } catch (const YAML::Exception&) {
@@ -82,7 +85,7 @@ class MapReader {
   void boolean(const std::string& key, bool& out) {
     YAML::Node value = take(key);
     if (!checkPresence(key, value, false)) return;
-    if (!value.IsScalar()) return typeError(key, "true or false", value);
+    if (!value.IsScalar() || isQuoted(value)) return typeError(key, "true or false", value);
     try {
       out = value.as<bool>();
     } catch (const YAML::Exception&) {
@@ -113,7 +116,7 @@ class MapReader {
       const std::string itemPath = pathOf(key) + "[" + std::to_string(i) + "]";
       int64_t item = 0;
       try {
-        if (!value[i].IsScalar()) throw YAML::Exception(YAML::Mark::null_mark(), "");
+        if (!value[i].IsScalar() || isQuoted(value[i])) throw YAML::Exception(YAML::Mark::null_mark(), "");
         item = value[i].as<int64_t>();
       } catch (const YAML::Exception&) {
         errors_.push_back({itemPath, "expected an integer, got " + describeNode(value[i])});

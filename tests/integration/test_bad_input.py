@@ -1,0 +1,176 @@
+"""Bad input never starts training: each case fails fast with the exit code of DESIGN.md §3 and one line
+that names the field, file or peer. Covers the manifest (tandem validate and tandem run), the dataset,
+and the rendezvous (unreachable, wrong token, another config hash)."""
+
+import gzip
+import os
+import shutil
+import socket
+import subprocess
+import time
+import unittest
+
+from tandem_testlib import FASHION_MNIST, WORKER, TempDirTest, kill_quietly, manifest, run, tandem
+
+EXIT_INVALID_CONFIG = 2
+EXIT_BAD_DATA = 3
+EXIT_REFUSED = 4
+EXIT_PEER_LOST = 129
+
+
+def started_training(output):
+    return "@progress" in output or "epoch 1/" in output
+
+
+class ManifestErrors(TempDirTest):
+    """Each bad manifest: `tandem validate` and `tandem run` exit 2 naming the field; nothing trains."""
+
+    def assert_rejected(self, text, expected_line):
+        path = self.write("job.yaml", text)
+        for command in (["validate", path], ["run", path]):
+            result = tandem(*command, timeout=60)
+            self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, (command, result.stdout, result.stderr))
+            self.assertIn(expected_line, result.stderr, (command, result.stderr))
+            self.assertFalse(started_training(result.stdout + result.stderr))
+
+    def test_malformed_yaml(self):
+        self.assert_rejected("apiVersion: tandem.dev/v1alpha1\nspec: {workers: [1, 2\n", "malformed YAML")
+
+    def test_unknown_field(self):
+        text = manifest(workers=1).replace("globalBatchSize: 256", "globalBatchSiz: 256")
+        self.assert_rejected(text, "spec.training.globalBatchSiz: unknown field")
+
+    def test_wrong_type(self):
+        text = manifest().replace("workers: 1", "workers: four")
+        self.assert_rejected(text, 'spec.workers: expected an integer, got "four"')
+
+    def test_batch_not_divisible(self):
+        self.assert_rejected(manifest(workers=4, global_batch=250),
+                             "spec.training.globalBatchSize: 250 is not divisible by 4 workers")
+
+    def test_missing_required_field(self):
+        text = manifest().replace("  name: itest\n", "  labels: {team: ml}\n")
+        self.assert_rejected(text, "metadata.name: required field is missing")
+
+    def test_workers_override_checked(self):
+        path = self.write("job.yaml", manifest(workers=1, global_batch=250))
+        result = tandem("run", path, "--workers", "4", timeout=60)
+        self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, result.stderr)
+        self.assertIn("spec.training.globalBatchSize: 250 is not divisible by 4 workers (with --workers 4)", result.stderr)
+
+    def test_valid_manifest_passes_validate(self):
+        path = self.write("job.yaml", manifest(workers=4))
+        result = tandem("validate", path, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("valid DistributedTrainingJob default/itest", result.stdout)
+
+
+class DatasetErrors(TempDirTest):
+    def test_missing_dataset_directory(self):
+        path = self.write("job.yaml", manifest(data_path="/nonexistent/fashion-mnist"))
+        result = tandem("run", path, timeout=60)
+        self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, result.stderr)
+        self.assertIn("spec.data.path: dataset directory /nonexistent/fashion-mnist does not exist", result.stderr)
+        # The worker on its own (as in a pod) names it too, with the bad-data code.
+        result = run([WORKER, "--config", path], timeout=60, env={"TANDEM_RANK": "0", "TANDEM_WORLD_SIZE": "1"})
+        self.assertEqual(result.returncode, EXIT_BAD_DATA, result.stderr)
+        self.assertIn("/nonexistent/fashion-mnist does not exist", result.stderr)
+
+    def copy_dataset(self):
+        directory = os.path.join(self.tmp, "fmnist")
+        shutil.copytree(FASHION_MNIST, directory)
+        return directory
+
+    def test_truncated_compressed_idx(self):
+        directory = self.copy_dataset()
+        images = os.path.join(directory, "train-images-idx3-ubyte.gz")
+        size = os.path.getsize(images)
+        with open(images, "r+b") as f:
+            f.truncate(size // 2)
+        result = tandem("run", self.write("job.yaml", manifest(data_path=directory)), timeout=120)
+        self.assertEqual(result.returncode, EXIT_BAD_DATA, result.stderr)
+        self.assertIn(images, result.stderr)
+        self.assertIn("worker rank 0 exited with code 3", result.stderr)
+        self.assertFalse(started_training(result.stdout))
+
+    def test_truncated_uncompressed_idx(self):
+        directory = self.copy_dataset()
+        labels = os.path.join(directory, "t10k-labels-idx1-ubyte")
+        with gzip.open(labels + ".gz", "rb") as f:
+            content = f.read()
+        os.remove(labels + ".gz")
+        with open(labels, "wb") as f:
+            f.write(content[:5000])
+        result = tandem("run", self.write("job.yaml", manifest(data_path=directory)), timeout=120)
+        self.assertEqual(result.returncode, EXIT_BAD_DATA, result.stderr)
+        self.assertIn(f"{labels}: truncated: the header promises 10000 values but the file holds 4992", result.stderr)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RendezvousErrors(TempDirTest):
+    """Workers started by hand, as the operator's pods would be, with the environment of DESIGN.md §3."""
+
+    def worker_env(self, rank, port, token="secret-token-1", world=2):
+        return {"TANDEM_RANK": str(rank), "TANDEM_WORLD_SIZE": str(world), "TANDEM_GENERATION": "0",
+                "TANDEM_RDZV_ENDPOINT": f"127.0.0.1:{port}", "TANDEM_RDZV_TOKEN": token,
+                "TANDEM_POD_IP": "127.0.0.1", "TANDEM_JOB": "default/itest"}
+
+    def start_worker(self, config, env, timeout_seconds):
+        full_env = dict(os.environ)
+        full_env.update(env)
+        return subprocess.Popen([WORKER, "--config", config, "--rendezvous-timeout", str(timeout_seconds)],
+                                env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def test_unreachable_rendezvous_fails_within_its_deadline(self):
+        config = self.write("job.yaml", manifest(workers=2, data_kind="synthetic", samples=1024))
+        started = time.monotonic()
+        result = run([WORKER, "--config", config, "--rendezvous-timeout", "2"], timeout=30,
+                     env=self.worker_env(1, free_port()))
+        elapsed = time.monotonic() - started
+        self.assertEqual(result.returncode, EXIT_PEER_LOST, result.stderr)
+        self.assertIn("cannot reach the rendezvous at 127.0.0.1:", result.stderr)
+        self.assertIn("within 2.0s", result.stderr)
+        self.assertLess(elapsed, 10, "the worker must give up at its deadline, not hang")
+        self.assertFalse(started_training(result.stdout + result.stderr))
+
+    def refused_pair(self, rank1_config, rank1_token):
+        """Rank 0 with the reference config and token; rank 1 with the given ones. Returns both outputs."""
+        config = self.write("job.yaml", manifest(workers=2, data_kind="synthetic", samples=1024))
+        port = free_port()
+        rank0 = self.start_worker(config, self.worker_env(0, port), 6)
+        try:
+            time.sleep(0.3)
+            rank1 = run([WORKER, "--config", rank1_config or config, "--rendezvous-timeout", "6"], timeout=60,
+                        env=self.worker_env(1, port, token=rank1_token))
+            out0, err0 = rank0.communicate(timeout=30)
+        finally:
+            kill_quietly(rank0.pid)
+            rank0.wait()
+        self.assertFalse(started_training(rank1.stdout + out0))
+        return rank1, err0
+
+    def test_wrong_token_is_refused_and_logged(self):
+        rank1, rank0_log = self.refused_pair(None, "not-the-token")
+        self.assertEqual(rank1.returncode, EXIT_REFUSED, rank1.stderr)
+        self.assertIn("Join refused: wrong rendezvous token", rank1.stderr)
+        self.assertIn("refused Join from rank 1", rank0_log)
+        self.assertIn("wrong rendezvous token", rank0_log)
+        self.assertNotIn("secret-token-1", rank0_log + rank1.stderr, "the token must never be logged")
+
+    def test_other_config_hash_is_refused_and_logged(self):
+        other = self.write("other.yaml", manifest(workers=2, data_kind="synthetic", samples=1024, hidden=(64,)))
+        rank1, rank0_log = self.refused_pair(other, "secret-token-1")
+        self.assertEqual(rank1.returncode, EXIT_REFUSED, rank1.stderr)
+        self.assertIn("differs from rank 0's", rank1.stderr)
+        self.assertIn("the ranks were given different job specs", rank1.stderr)
+        self.assertIn("refused Join from rank 1", rank0_log)
+        self.assertIn("config hash", rank0_log)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,84 @@
+"""`tandem run` supervises its workers: a dead worker stops the group within 10 s and is named with its
+exit code; Ctrl-C stops everyone; killing tandem itself leaves no orphan workers."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import unittest
+
+from tandem_testlib import TANDEM, TempDirTest, children_of, kill_quietly, manifest, wait_for, worker_pids
+
+
+def rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        for entry in f.read().split(b"\0"):
+            if entry.startswith(b"TANDEM_RANK="):
+                return int(entry.split(b"=", 1)[1])
+    raise AssertionError(f"process {pid} has no TANDEM_RANK")
+
+
+class Supervision(TempDirTest):
+    def start_job(self, workers=2):
+        # Long enough (synthetic data, many epochs) that it is still training when we interfere.
+        config = self.write("job.yaml", manifest(workers=workers, data_kind="synthetic", samples=8192, epochs=2000))
+        process = subprocess.Popen([TANDEM, "run", config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        self.addCleanup(self.cleanup, process)
+        # Collect stderr in the background so the pipe never fills.
+        self.stderr_lines = []
+        threading.Thread(target=lambda: self.stderr_lines.extend(process.stderr), daemon=True).start()
+        # Wait for the first progress line: every worker is then training.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            if line.startswith("epoch "):
+                threading.Thread(target=lambda: process.stdout.read(), daemon=True).start()
+                workers_now = children_of(process.pid)
+                self.assertEqual(len(workers_now), workers, "one child process per worker")
+                # Ordered by rank, read from each worker's environment.
+                return process, sorted(workers_now, key=rank_of)
+        self.fail("the job never reported progress: " + "".join(self.stderr_lines)[-3000:])
+
+    def cleanup(self, process):
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+    def assert_no_orphans(self, pids):
+        alive = lambda: [pid for pid in pids if pid in worker_pids()]
+        self.assertTrue(wait_for(lambda: not alive(), 10), f"orphan workers still running: {alive()}")
+
+    def test_dead_worker_stops_the_group_and_is_named(self):
+        process, pids = self.start_job(workers=2)
+        os.kill(pids[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = process.wait(timeout=30)
+        self.assertLess(time.monotonic() - killed_at, 10, "the other workers must be stopped within 10 s")
+        stderr = "".join(self.stderr_lines)
+        self.assertIn("worker rank 1 was killed by signal 9", stderr)
+        self.assertEqual(code, 128 + 9)
+        self.assert_no_orphans(pids)
+
+    def test_ctrl_c_stops_every_worker(self):
+        process, pids = self.start_job(workers=2)
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+        code = process.wait(timeout=30)
+        self.assertEqual(code, 130)
+        self.assertIn("interrupted; all workers stopped", "".join(self.stderr_lines))
+        self.assert_no_orphans(pids)
+
+    def test_killing_tandem_kills_its_workers(self):
+        process, pids = self.start_job(workers=2)
+        process.kill()
+        process.wait(timeout=10)
+        self.assert_no_orphans(pids)
+
+
+if __name__ == "__main__":
+    unittest.main()
