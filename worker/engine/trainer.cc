@@ -107,7 +107,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
 
   Tensor inputs, gradLogits;
   std::vector<int32_t> labels;
-  const auto onLayerDone = [&](size_t layer) { allReduce.onLayerDone(layer); };
+  const auto onGradientsReady = [&](int64_t offset) { allReduce.onGradientsReady(offset); };
   TrainingSummary summary;
   double evalSeconds = 0.0;
   const auto loopStart = Clock::now();
@@ -122,7 +122,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     *network->trailingGradientSlots() = static_cast<float>(kernels::softmax_cross_entropy(
         logits.rows(), logits.cols(), logits.data(), labels.data(), 1.0f / static_cast<float>(globalBatch),
         gradLogits.data(), nullptr));
-    network->backward(gradLogits, onLayerDone);
+    network->backward(gradLogits, onGradientsReady);
     TANDEM_RETURN_IF_ERROR(allReduce.finish().withContext("step " + std::to_string(step + 1)));
     const double loss = *network->trailingGradientSlots() / static_cast<double>(globalBatch);
     const double lr = optim::learningRate(schedule, step);

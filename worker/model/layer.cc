@@ -1,5 +1,6 @@
 #include "tandem/model/layer.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "tandem/kernels/elementwise.h"
@@ -31,12 +32,26 @@ void Linear::forward(const Tensor& input, Tensor& output) {
                 output.data(), out_);
 }
 
-void Linear::backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput) {
+void Linear::setGradientChunkFloats(int64_t floats) { chunkRows_ = std::clamp<int64_t>(floats / in_, 1, out_); }
+
+std::vector<int64_t> Linear::gradientReadyOffsets() const {
+  std::vector<int64_t> offsets{in_ * out_};  // the bias
+  for (int64_t end = out_; end > 0; end -= chunkRows_) offsets.push_back(std::max<int64_t>(0, end - chunkRows_) * in_);
+  return offsets;
+}
+
+void Linear::backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput,
+                      const GradientsReady& ready) {
   const int64_t batch = input.rows();
-  // dW (out, in) += dY^T (out, batch) * X (batch, in)
-  kernels::gemm(Transpose::kYes, Transpose::kNo, out_, in_, batch, 1.0f, gradOutput.data(), out_, input.data(), in_,
-                1.0f, weightGrad_, in_);
   kernels::bias_backward(batch, out_, gradOutput.data(), biasGrad_);
+  if (ready) ready(in_ * out_);
+  // dW[rows] (rows, in) += dY[:, rows]^T (rows, batch) * X (batch, in), last rows first.
+  for (int64_t end = out_; end > 0; end -= chunkRows_) {
+    const int64_t begin = std::max<int64_t>(0, end - chunkRows_);
+    kernels::gemm(Transpose::kYes, Transpose::kNo, end - begin, in_, batch, 1.0f, gradOutput.data() + begin, out_,
+                  input.data(), in_, 1.0f, weightGrad_ + begin * in_, in_);
+    if (ready) ready(begin * in_);
+  }
   if (gradInput != nullptr) {
     gradInput->reshape({batch, in_});
     // dX (batch, in) = dY (batch, out) * W (out, in)
@@ -53,7 +68,8 @@ void Activation::forward(const Tensor& input, Tensor& output) {
     kernels::gelu_forward(input.size(), input.data(), output.data());
 }
 
-void Activation::backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput) {
+void Activation::backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput,
+                          const GradientsReady&) {
   if (gradInput == nullptr) return;
   gradInput->reshape(input.shape());
   if (kind_ == ActivationKind::kRelu)

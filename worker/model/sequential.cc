@@ -40,16 +40,34 @@ const Tensor& Sequential::forward(const Tensor& input) {
   return *current;
 }
 
-void Sequential::backward(const Tensor& gradOutput, const std::function<void(size_t)>& onLayerDone) {
+void Sequential::backward(const Tensor& gradOutput, const std::function<void(int64_t)>& onGradientsReady) {
   const Tensor* gradient = &gradOutput;
   for (size_t i = layers_.size(); i-- > 0;) {
     const Tensor& layerInput = i == 0 ? *input_ : activations_[i - 1];
     // The first layer's input gradient is never needed: skip that GEMM.
     Tensor* gradInput = i == 0 ? nullptr : (gradient == &gradientA_ ? &gradientB_ : &gradientA_);
-    layers_[i]->backward(layerInput, activations_[i], *gradient, gradInput);
-    if (onLayerDone) onLayerDone(i);
+    const int64_t layerOffset = ranges_[i].first;
+    GradientsReady ready;
+    if (onGradientsReady && ranges_[i].second > 0)
+      ready = [&](int64_t localOffset) { onGradientsReady(layerOffset + localOffset); };
+    layers_[i]->backward(layerInput, activations_[i], *gradient, gradInput, ready);
     gradient = gradInput;
   }
+  if (onGradientsReady) onGradientsReady(0);
+}
+
+void Sequential::setGradientChunkFloats(int64_t floats) {
+  for (auto& layer : layers_) layer->setGradientChunkFloats(floats);
+}
+
+std::vector<int64_t> Sequential::gradientReadyOffsets() const {
+  std::vector<int64_t> offsets;
+  for (size_t i = layers_.size(); i-- > 0;) {
+    if (ranges_[i].second == 0) continue;
+    for (int64_t local : layers_[i]->gradientReadyOffsets()) offsets.push_back(ranges_[i].first + local);
+  }
+  if (offsets.empty() || offsets.back() != 0) offsets.push_back(0);
+  return offsets;
 }
 
 std::string Sequential::describe() const {

@@ -5,13 +5,19 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "tandem/common/random.h"
 #include "tandem/tensor/tensor.h"
 
 namespace tandem::model {
+
+// Called during backward with an offset into the layer's own parameters: every parameter gradient at
+// or after it is final. Offsets only decrease within one backward.
+using GradientsReady = std::function<void(int64_t localOffset)>;
 
 class Layer {
  public:
@@ -29,13 +35,20 @@ class Layer {
   // input (batch, in) -> output (batch, out); output is reshaped by the layer.
   virtual void forward(const Tensor& input, Tensor& output) = 0;
   // Accumulates parameter gradients (+=) and, when gradInput is not null, writes dL/dinput.
-  virtual void backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput) = 0;
+  // Reports finished parameter gradients through `ready` (may be empty) as soon as they are final.
+  virtual void backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput,
+                        const GradientsReady& ready) = 0;
+  // Lets a layer finish its parameter gradients in pieces of about this many floats, so that their
+  // communication can start before the whole layer is done. The default: one piece.
+  virtual void setGradientChunkFloats(int64_t floats) {}
+  // The local offsets backward reports through `ready`, in the order it reports them (descending).
+  virtual std::vector<int64_t> gradientReadyOffsets() const { return {0}; }
 };
 
 // y = x W^T + b, W (out, in), b (out). Initialised like PyTorch's nn.Linear: U(-1/sqrt(in), 1/sqrt(in)).
 class Linear final : public Layer {
  public:
-  Linear(int64_t inFeatures, int64_t outFeatures) : in_(inFeatures), out_(outFeatures) {}
+  Linear(int64_t inFeatures, int64_t outFeatures) : in_(inFeatures), out_(outFeatures), chunkRows_(outFeatures) {}
   std::string name() const override { return "linear(" + std::to_string(in_) + "->" + std::to_string(out_) + ")"; }
   int64_t inputFeatures() const override { return in_; }
   int64_t outputFeatures() const override { return out_; }
@@ -44,10 +57,15 @@ class Linear final : public Layer {
   void bindParameters(float* parameters, float* gradients) override;
   void initialize(Random& random) override;
   void forward(const Tensor& input, Tensor& output) override;
-  void backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput) override;
+  // Bias gradient first, then the weight gradient in row chunks from the last row up, then dL/dinput.
+  void backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput,
+                const GradientsReady& ready) override;
+  void setGradientChunkFloats(int64_t floats) override;
+  std::vector<int64_t> gradientReadyOffsets() const override;
 
  private:
   int64_t in_, out_;
+  int64_t chunkRows_;               // weight-gradient rows finished per piece
   float* weight_ = nullptr;       // (out, in)
   float* bias_ = nullptr;         // (out)
   float* weightGrad_ = nullptr;   // (out, in)
@@ -63,7 +81,8 @@ class Activation final : public Layer {
   int64_t inputFeatures() const override { return features_; }
   int64_t outputFeatures() const override { return features_; }
   void forward(const Tensor& input, Tensor& output) override;
-  void backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput) override;
+  void backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput,
+                const GradientsReady& ready) override;
 
  private:
   ActivationKind kind_;

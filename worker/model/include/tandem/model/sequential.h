@@ -1,6 +1,7 @@
 // Sequential: a stack of layers with one flat parameter buffer and one flat gradient buffer, laid out
-// in layer order. Backward runs from the last layer to the first and reports each finished layer, so a
-// caller can start communicating that layer's gradients while the rest of backward runs.
+// in layer order. Backward runs from the last layer to the first and reports, as it goes, the flat
+// offset from which on every gradient is final, so a caller can start communicating those gradients
+// while the rest of backward runs.
 #pragma once
 
 #include <functional>
@@ -38,9 +39,14 @@ class Sequential {
   // input (batch, in) -> output (batch, out). Keeps every activation for backward; `input` must stay
   // alive until backward returns.
   const Tensor& forward(const Tensor& input);
-  // gradOutput: dL/doutput of the last forward. onLayerDone(i) is called once layer i's parameter
-  // gradients are final.
-  void backward(const Tensor& gradOutput, const std::function<void(size_t)>& onLayerDone = {});
+  // gradOutput: dL/doutput of the last forward. onGradientsReady(offset) says that every gradient at
+  // flat offset >= offset is final; offsets only decrease, and the last call is 0.
+  void backward(const Tensor& gradOutput, const std::function<void(int64_t)>& onGradientsReady = {});
+
+  // Layers finish their gradients in pieces of about this many floats (see Layer::setGradientChunkFloats).
+  void setGradientChunkFloats(int64_t floats);
+  // Every flat offset backward reports, in the order it reports them (descending).
+  std::vector<int64_t> gradientReadyOffsets() const;
 
   // One line per layer: name, parameters.
   std::string describe() const;
