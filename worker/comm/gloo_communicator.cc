@@ -43,7 +43,9 @@ Status guarded(const std::string& what, const std::function<void()>& call) {
     return Status::Ok();
   } catch (const gloo::IoException& error) {
     const std::string message = error.what();
-    const bool timedOut = message.find("imed out") != std::string::npos || message.find("imeout") != std::string::npos;
+    // Gloo says "Timed out"; our store adapter passes on the store's DEADLINE_EXCEEDED status text.
+    const bool timedOut = message.find("imed out") != std::string::npos || message.find("imeout") != std::string::npos ||
+                          message.find("DEADLINE_EXCEEDED") != std::string::npos;
     return Status(timedOut ? StatusCode::kDeadlineExceeded : StatusCode::kAborted,
                   what + " failed: " + (timedOut ? "a peer did not answer in time: " : "a peer connection broke: ") + message,
                   __FILE__, __LINE__);

@@ -25,6 +25,15 @@ std::string describeNode(const YAML::Node& node) {
 // A quoted scalar ("4") is a string in YAML (and to the Kubernetes API server), never a number.
 bool isQuoted(const YAML::Node& node) { return node.IsScalar() && node.Tag() == "!"; }
 
+// A mapping key as text. Keys are normally scalars, but YAML allows a list or mapping as a key, and
+// as<std::string>() would throw on those; parseManifest promises never to throw.
+std::string keyText(const YAML::Node& key) {
+  if (key.IsScalar()) return key.Scalar();
+  YAML::Emitter out;
+  out << YAML::Flow << key;
+  return out.c_str();
+}
+
 std::string joinWords(const std::vector<std::string>& words) {
   std::string out;
   for (size_t i = 0; i < words.size(); ++i) out += (i == 0 ? "" : ", ") + words[i];
@@ -136,7 +145,7 @@ class MapReader {
   void finish() {
     if (!present()) return;
     for (const auto& entry : node_) {
-      const std::string key = entry.first.as<std::string>();
+      const std::string key = keyText(entry.first);
       if (std::find(known_.begin(), known_.end(), key) == known_.end())
         errors_.push_back({pathOf(key), "unknown field (known fields: " + joinWords(known_) + ")"});
     }
@@ -339,7 +348,7 @@ ParseResult parseManifest(const std::string& yamlText, const std::string& source
   metadata.text("namespace", job.nameSpace);
   // The rest of ObjectMeta (labels, annotations, uid, ...) is the API server's business.
   if (metadata.present()) {
-    for (const auto& entry : root["metadata"]) metadata.anything(entry.first.as<std::string>());
+    for (const auto& entry : root["metadata"]) metadata.anything(keyText(entry.first));
   }
   metadata.finish();
   if (!root["metadata"].IsDefined()) errors.push_back({"metadata", "required field is missing"});

@@ -48,7 +48,7 @@ struct TrainerOptions {
   int worldSize = 1;
   comm::Communicator* communicator = nullptr;  // null when worldSize == 1
   int64_t maxSteps = 0;                        // 0: the spec decides
-  int64_t bucketCapFloats = 25 * 1024 * 1024 / 4;  // 25 MiB, PyTorch DDP's default         // 256 KiB buckets
+  int64_t bucketCapFloats = 25 * 1024 * 1024 / 4;  // 25 MiB, PyTorch DDP's default
   std::string dumpParametersPath;              // rank 0 writes the final parameters (raw float32)
   std::string lossLogPath;                     // rank 0 writes "step loss" per step
   const std::atomic<bool>* stopRequested = nullptr;
