@@ -23,7 +23,7 @@ using namespace tandem;
 const char* kUsage =
     "usage:\n"
     "  tandem run FILE [--workers N] [--max-steps N] [--dump-params FILE] [--loss-log FILE]\n"
-    "                  [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--quiet]\n"
+    "                  [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB] [--quiet]\n"
     "  tandem validate FILE\n"
     "  tandem version\n";
 
@@ -79,7 +79,8 @@ int run(const std::vector<std::string>& arguments) {
     } else if (argument == "--quiet") {
       options.quiet = true;
     } else if (argument == "--max-steps" || argument == "--dump-params" || argument == "--loss-log" ||
-               argument == "--rendezvous-timeout" || argument == "--collective-timeout") {
+               argument == "--rendezvous-timeout" || argument == "--collective-timeout" ||
+               argument == "--bucket-cap-mb") {
       options.workerArguments.push_back(argument);
       options.workerArguments.push_back(value());
     } else if (!argument.empty() && argument[0] == '-') {

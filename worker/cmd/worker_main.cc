@@ -6,6 +6,7 @@
 //   @summary {"steps":..,"testAccuracy":..,"samplesPerSecond":..,...}
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
@@ -44,11 +45,12 @@ struct WorkerArguments {
   std::string lossLogPath;
   double rendezvousTimeoutSeconds = 120;
   double collectiveTimeoutSeconds = 30;
+  double bucketCapMegabytes = 25;  // PyTorch DDP's default bucket_cap_mb
 };
 
 const char* kUsage =
     "usage: tandem-worker [--config FILE] [--max-steps N] [--dump-params FILE] [--loss-log FILE]\n"
-    "                     [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS]\n"
+    "                     [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB]\n"
     "Identity comes from TANDEM_RANK, TANDEM_WORLD_SIZE, TANDEM_GENERATION, TANDEM_RDZV_ENDPOINT,\n"
     "TANDEM_RDZV_TOKEN, TANDEM_POD_IP and TANDEM_CONFIG (DESIGN.md §3).\n";
 
@@ -66,6 +68,7 @@ StatusOr<int64_t> parseInteger(const std::string& name, const std::string& text)
   return static_cast<int64_t>(value);
 }
 
+// A positive number (seconds, megabytes).
 StatusOr<double> parseSeconds(const std::string& name, const std::string& text) {
   char* end = nullptr;
   const double value = std::strtod(text.c_str(), &end);
@@ -103,6 +106,8 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
       TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds(flag, value));
     } else if (flag == "--collective-timeout") {
       TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds(flag, value));
+    } else if (flag == "--bucket-cap-mb") {
+      TANDEM_ASSIGN_OR_RETURN(arguments.bucketCapMegabytes, parseSeconds(flag, value));
     } else {
       return TANDEM_ERROR(StatusCode::kInvalidArgument, "unknown option " + flag + "\n" + kUsage);
     }
@@ -257,6 +262,7 @@ int run(int argc, char** argv) {
   options.worldSize = identity->worldSize;
   options.communicator = communicator.get();
   options.maxSteps = arguments->maxSteps;
+  options.bucketCapFloats = std::max<int64_t>(1, static_cast<int64_t>(arguments->bucketCapMegabytes * 1024 * 1024 / 4));
   options.dumpParametersPath = arguments->dumpParametersPath;
   options.lossLogPath = arguments->lossLogPath;
   options.stopRequested = &stopRequested;
