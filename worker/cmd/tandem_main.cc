@@ -3,7 +3,10 @@
 //   tandem validate FILE                  checks a manifest and starts nothing
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <climits>
+#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -23,7 +26,8 @@ using namespace tandem;
 const char* kUsage =
     "usage:\n"
     "  tandem run FILE [--workers N] [--max-steps N] [--dump-params FILE] [--loss-log FILE]\n"
-    "                  [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB] [--quiet]\n"
+    "                  [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB]\n"
+    "                  [--grace-seconds SECONDS] [--quiet]\n"
     "  tandem validate FILE\n"
     "  tandem version\n";
 
@@ -39,6 +43,58 @@ std::string siblingBinary(const std::string& name) {
   if (length <= 0) return name;
   self[length] = '\0';
   return (std::filesystem::path(self).parent_path() / name).string();
+}
+
+struct RunOutcome {
+  launch::LocalJobResult last;
+  int64_t restarts = 0;     // counted against backoffLimit
+  int64_t preemptions = 0;  // SIGTERM exits (143): restarted without counting
+  int64_t stepsLost = 0;    // steps trained again after restarts
+  double wallSeconds = 0.0;
+  std::string verdict;      // why the run was not restarted
+};
+
+// spec.runPolicy for local runs: a failed generation is stopped whole and restarted as the next
+// generation (the workers resume from their checkpoint), unless the policy says otherwise.
+RunOutcome runWithRestarts(launch::LocalJobOptions options) {
+  const auto& policy = options.spec.runPolicy;
+  RunOutcome outcome;
+  int64_t previousLastStep = -1;
+  for (int64_t generation = 0;; ++generation) {
+    options.generation = generation;
+    outcome.last = launch::runLocalJob(options);
+    const auto& result = outcome.last;
+    outcome.wallSeconds += result.wallSeconds;
+    if (previousLastStep >= 0) outcome.stepsLost += std::max<int64_t>(0, previousLastStep - result.resumedFromStep);
+    previousLastStep = result.lastStep;
+    if (result.exitCode == 0 || result.interrupted) return outcome;
+
+    const bool preempted = result.exitCode == kExitTerminated;
+    if (policy.restartPolicy == "Never") {
+      outcome.verdict = "restartPolicy Never: not restarting";
+      return outcome;
+    }
+    if (policy.restartPolicy == "ExitCode" && !isRetryableExit(result.exitCode)) {
+      outcome.verdict = "restartPolicy ExitCode: exit code " + std::to_string(result.exitCode) +
+                        " is permanent (1-127), not restarting";
+      return outcome;
+    }
+    if (preempted) {
+      ++outcome.preemptions;
+    } else {
+      if (outcome.restarts >= policy.backoffLimit) {
+        outcome.verdict = "backoffLimit " + std::to_string(policy.backoffLimit) + " reached";
+        return outcome;
+      }
+      ++outcome.restarts;
+    }
+    // Exponential back-off between generations, as Kubernetes does for failed pods.
+    const auto delay = std::chrono::milliseconds(std::min<int64_t>(5000, 200LL << std::min<int64_t>(outcome.restarts, 5)));
+    std::cerr << "tandem: " << (preempted ? "preempted (SIGTERM): " : "") << "restarting as generation " << generation + 1
+              << " in " << delay.count() << " ms (restart " << outcome.restarts << " of backoffLimit "
+              << policy.backoffLimit << (preempted ? ", preemptions do not count" : "") << ")" << std::endl;
+    std::this_thread::sleep_for(delay);
+  }
 }
 
 int validate(const std::vector<std::string>& arguments) {
@@ -80,7 +136,7 @@ int run(const std::vector<std::string>& arguments) {
       options.quiet = true;
     } else if (argument == "--max-steps" || argument == "--dump-params" || argument == "--loss-log" ||
                argument == "--rendezvous-timeout" || argument == "--collective-timeout" ||
-               argument == "--bucket-cap-mb") {
+               argument == "--bucket-cap-mb" || argument == "--grace-seconds") {
       options.workerArguments.push_back(argument);
       options.workerArguments.push_back(value());
     } else if (!argument.empty() && argument[0] == '-') {
@@ -118,20 +174,26 @@ int run(const std::vector<std::string>& arguments) {
   options.workerBinary = siblingBinary("tandem-worker");
   std::cerr << "tandem: running " << spec.jobKey() << " with " << spec.workers << " local worker"
             << (spec.workers == 1 ? "" : "s") << "\n";
-  launch::LocalJobResult result = launch::runLocalJob(options);
+  const RunOutcome outcome = runWithRestarts(options);
+  const launch::LocalJobResult& result = outcome.last;
   if (result.summary) {
     const auto& summary = *result.summary;
     const double accuracy = summary.value("testAccuracy", 0.0) * 100.0;
-    std::printf("summary: %s  test accuracy %.2f%%  test loss %.4f  steps %lld  wall %.1f s  train %.1f s  %.0f samples/s\n",
+    std::printf("summary: %s  test accuracy %.2f%%  test loss %.4f  steps %lld  wall %.1f s  train %.1f s  %.0f samples/s"
+                "  restarts %lld (%lld preemptions)  steps lost %lld\n",
                 spec.jobKey().c_str(), accuracy, summary.value("testLoss", 0.0),
-                static_cast<long long>(summary.value("steps", int64_t{0})), result.wallSeconds,
-                summary.value("trainSeconds", 0.0), summary.value("samplesPerSecond", 0.0));
+                static_cast<long long>(summary.value("steps", int64_t{0})), outcome.wallSeconds,
+                summary.value("trainSeconds", 0.0), summary.value("samplesPerSecond", 0.0),
+                static_cast<long long>(outcome.restarts + outcome.preemptions),
+                static_cast<long long>(outcome.preemptions), static_cast<long long>(outcome.stepsLost));
     std::fflush(stdout);
   }
   if (result.interrupted) {
     std::cerr << "tandem: interrupted; all workers stopped\n";
   } else if (result.exitCode != 0) {
-    std::cerr << "tandem: job failed: " << result.failure << "\n";
+    std::cerr << "tandem: job failed: " << result.failure << (outcome.verdict.empty() ? "" : "; " + outcome.verdict)
+              << " (restarts " << outcome.restarts << " of backoffLimit " << options.spec.runPolicy.backoffLimit << ", "
+              << outcome.preemptions << " preemptions, steps lost " << outcome.stepsLost << ")\n";
   }
   return result.exitCode;
 }

@@ -46,11 +46,13 @@ struct WorkerArguments {
   double rendezvousTimeoutSeconds = 120;
   double collectiveTimeoutSeconds = 30;
   double bucketCapMegabytes = 25;  // PyTorch DDP's default bucket_cap_mb
+  double graceSeconds = 30;        // after SIGTERM: time to finish the step and checkpoint
 };
 
 const char* kUsage =
     "usage: tandem-worker [--config FILE] [--max-steps N] [--dump-params FILE] [--loss-log FILE]\n"
     "                     [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB]\n"
+    "                     [--grace-seconds SECONDS]\n"
     "Identity comes from TANDEM_RANK, TANDEM_WORLD_SIZE, TANDEM_GENERATION, TANDEM_RDZV_ENDPOINT,\n"
     "TANDEM_RDZV_TOKEN, TANDEM_POD_IP and TANDEM_CONFIG (DESIGN.md §3).\n";
 
@@ -106,6 +108,8 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
       TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds(flag, value));
     } else if (flag == "--collective-timeout") {
       TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds(flag, value));
+    } else if (flag == "--grace-seconds") {
+      TANDEM_ASSIGN_OR_RETURN(arguments.graceSeconds, parseSeconds(flag, value));
     } else if (flag == "--bucket-cap-mb") {
       TANDEM_ASSIGN_OR_RETURN(arguments.bucketCapMegabytes, parseSeconds(flag, value));
     } else {
@@ -266,6 +270,8 @@ int run(int argc, char** argv) {
   options.dumpParametersPath = arguments->dumpParametersPath;
   options.lossLogPath = arguments->lossLogPath;
   options.stopRequested = &stopRequested;
+  options.graceSeconds = arguments->graceSeconds;
+  options.onResume = [](int64_t step) { emit("resume", {{"step", step}}); };
   options.onProgress = [](const engine::Progress& progress) {
     emit("progress", {{"step", progress.step},
                       {"totalSteps", progress.totalSteps},
@@ -291,6 +297,8 @@ int run(int argc, char** argv) {
   }
   if (identity->rank == 0) {
     emit("summary", {{"steps", summary->steps},
+                     {"resumedFromStep", summary->resumedFromStep},
+                     {"checkpointsWritten", summary->checkpointsWritten},
                      {"finalLoss", summary->finalLoss},
                      {"testAccuracy", summary->finalEval.accuracy},
                      {"testLoss", summary->finalEval.loss},

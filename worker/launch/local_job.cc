@@ -182,7 +182,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
         {"TANDEM_JOB", options.spec.jobKey()},
         {"TANDEM_RANK", std::to_string(rank)},
         {"TANDEM_WORLD_SIZE", std::to_string(workers)},
-        {"TANDEM_GENERATION", "0"},
+        {"TANDEM_GENERATION", std::to_string(options.generation)},
         {"TANDEM_RDZV_ENDPOINT", "127.0.0.1:" + std::to_string(rendezvousPort)},
         {"TANDEM_RDZV_TOKEN", token},
         {"TANDEM_POD_IP", "127.0.0.1"},
@@ -217,7 +217,18 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
       const std::string kind = line.substr(1, space == std::string::npos ? std::string::npos : space - 1);
       nlohmann::json payload = nlohmann::json::parse(space == std::string::npos ? "{}" : line.substr(space + 1), nullptr, false);
       if (!payload.is_discarded() && worker.rank == 0) {
-        if (kind == "progress") return display.update(payload);
+        if (kind == "progress") {
+          result.lastStep = payload.value("step", result.lastStep);
+          return display.update(payload);
+        }
+        if (kind == "resume") {
+          result.resumedFromStep = payload.value("step", int64_t{0});
+          display.beforeOutput();
+          std::cerr << "tandem: generation " << options.generation << " resumed from step " << result.resumedFromStep
+                    << std::endl;
+          display.afterOutput();
+          return;
+        }
         if (kind == "summary") {
           result.summary = payload;
           return;

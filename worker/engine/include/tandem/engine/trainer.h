@@ -34,6 +34,8 @@ struct EvalResult {
 
 struct TrainingSummary {
   int64_t steps = 0;
+  int64_t resumedFromStep = 0;     // 0: started fresh
+  int64_t checkpointsWritten = 0;
   double finalLoss = 0.0;
   EvalResult finalEval;
   double trainSeconds = 0.0;       // the training loop, evaluation excluded
@@ -51,13 +53,22 @@ struct TrainerOptions {
   int64_t bucketCapFloats = 25 * 1024 * 1024 / 4;  // 25 MiB, PyTorch DDP's default
   std::string dumpParametersPath;              // rank 0 writes the final parameters (raw float32)
   std::string lossLogPath;                     // rank 0 writes "step loss" per step
+  // Checkpoints: <spec.checkpoint.dir>/<job name>; off when spec.checkpoint.dir is empty.
+  // On SIGTERM (stopRequested) the ranks agree to stop after the same step; rank 0 then writes a
+  // checkpoint if the last one is more than everySteps/2 steps old and it fits in the grace period.
+  double graceSeconds = 30.0;
   const std::atomic<bool>* stopRequested = nullptr;
   std::function<void(const Progress&)> onProgress;  // rank 0, after every step
   std::function<void(const EvalResult&)> onEval;    // rank 0
+  std::function<void(int64_t step)> onResume;        // rank 0, when training resumes from a checkpoint
 };
 
-// Runs the whole training. Returns CANCELLED when stopRequested was set at a step boundary.
+// Runs the whole training, resuming from the newest valid checkpoint when there is one. Returns
+// CANCELLED when a stop was requested (on any rank) and honoured at a step boundary.
 StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::TrainTest& data);
+
+// "mlp 784-256-128-10 relu": what a checkpoint must match to be resumed.
+std::string describeModel(const manifest::JobSpec& spec, const data::Dataset& train);
 
 // Total optimizer steps the spec (and an override) asks for on a dataset of `trainSamples`.
 int64_t plannedSteps(const manifest::JobSpec& spec, int64_t trainSamples, int64_t maxStepsOverride);

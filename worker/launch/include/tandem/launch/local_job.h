@@ -22,6 +22,7 @@ struct LocalJobOptions {
   std::vector<std::string> workerArguments;  // extra flags for every worker
   std::chrono::milliseconds stopGrace{5000};  // SIGTERM, then SIGKILL after this
   bool quiet = false;                // no progress display (logs still flow)
+  int64_t generation = 0;            // TANDEM_GENERATION: the job's restart count
 };
 
 struct LocalJobResult {
@@ -31,6 +32,8 @@ struct LocalJobResult {
   bool interrupted = false;          // Ctrl-C / SIGTERM to tandem itself
   double wallSeconds = 0.0;
   std::optional<nlohmann::json> summary;  // rank 0's @summary
+  int64_t lastStep = 0;              // the last step rank 0 reported finished
+  int64_t resumedFromStep = 0;       // the checkpoint step rank 0 resumed from (0: fresh start)
 };
 
 // Blocks until every worker has exited.

@@ -1,0 +1,341 @@
+"""Checkpoints and fault tolerance through `tandem run` with real processes: a run that is killed
+(SIGKILL, SIGTERM, mid-checkpoint) or whose newest checkpoint is damaged ends bitwise identical to an
+uninterrupted run, with the same loss log; a full or unwritable checkpoint directory does not stop
+training; restart policies and backoffLimit are honoured; a hung peer is detected within the
+collective timeout."""
+
+import glob
+import os
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+import unittest
+
+from tandem_testlib import TANDEM, TempDirTest, children_of, kill_quietly, manifest, read_floats, tandem, wait_for
+
+STEPS = 300
+EVERY = 25
+
+
+def job(ckpt_dir, workers=4, restart_policy="OnFailure", backoff_limit=3, data_path=None):
+    extra = (f"  checkpoint: {{dir: {ckpt_dir}, everySteps: {EVERY}, keep: 3}}\n"
+             f"  runPolicy: {{restartPolicy: {restart_policy}, backoffLimit: {backoff_limit}}}\n")
+    kwargs = {"data_path": data_path} if data_path else {}
+    return manifest(name="ft", workers=workers, epochs=2, extra_spec=extra, **kwargs)
+
+
+def rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        for entry in f.read().split(b"\0"):
+            if entry.startswith(b"TANDEM_RANK="):
+                return int(entry.split(b"=", 1)[1])
+    return -1
+
+
+def last_logged_step(path):
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+        return int(lines[-1].split()[0]) if lines else 0
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class FaultTolerance(TempDirTest):
+    reference = None  # (params, loss log) of the uninterrupted run, shared by the tests of this class
+
+    def run_job(self, name, config_text, steps=STEPS, env=None, interfere=None, timeout=300):
+        """Runs `tandem run` to the end; `interfere(process, loss_log)` runs alongside. Returns
+        (completed process, parameters, loss log text)."""
+        config = self.write(f"{name}.yaml", config_text)
+        params = os.path.join(self.tmp, f"{name}.params")
+        loss_log = os.path.join(self.tmp, f"{name}.loss")
+        full_env = dict(os.environ, **(env or {}))
+        process = subprocess.Popen([TANDEM, "run", config, "--max-steps", str(steps), "--dump-params", params,
+                                    "--loss-log", loss_log, "--quiet", "--collective-timeout", "5"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                                   start_new_session=True)
+        output = {}
+        reader = threading.Thread(target=lambda: output.update(zip(("stdout", "stderr"), process.communicate())))
+        reader.start()
+        try:
+            if interfere:
+                interfere(process, loss_log)
+            reader.join(timeout)
+            self.assertFalse(reader.is_alive(), "tandem run did not finish")
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            reader.join()
+        process.stdout_text, process.stderr_text = output.get("stdout", ""), output.get("stderr", "")
+        loss = ""
+        if os.path.exists(loss_log):
+            with open(loss_log) as f:
+                loss = f.read()
+        values = read_floats(params) if os.path.exists(params) else None
+        return process, values, loss
+
+    def uninterrupted(self):
+        if FaultTolerance.reference is None:
+            process, params, loss = self.run_job("reference", job(os.path.join(self.tmp, "ref-ckpt")))
+            self.assertEqual(process.returncode, 0, process.stderr_text[-3000:])
+            self.assertEqual(len(loss.splitlines()), STEPS)
+            FaultTolerance.reference = (params, loss)
+        return FaultTolerance.reference
+
+    def assert_same_as_uninterrupted(self, process, params, loss):
+        self.assertEqual(process.returncode, 0, process.stderr_text[-4000:])
+        reference_params, reference_loss = self.uninterrupted()
+        self.assertIsNotNone(params)
+        self.assertEqual(params.tobytes(), reference_params.tobytes(), "parameters must be bitwise identical")
+        self.assertEqual(loss.splitlines(), reference_loss.splitlines(), "loss log must match line for line")
+
+    def workers_of(self, process):
+        assert wait_for(lambda: len(children_of(process.pid)) >= 1, 30)
+        return {rank_of(pid): pid for pid in children_of(process.pid)}
+
+    def test_sigkill_at_a_random_step_resumes_exactly(self):
+        kill_step = random.Random().randint(40, 260)
+        victim_rank = random.Random().randint(0, 3)
+        print(f"SIGKILL of rank {victim_rank} at step {kill_step}")
+
+        def interfere(process, loss_log):
+            self.assertTrue(wait_for(lambda: last_logged_step(loss_log) >= kill_step, 120))
+            os.kill(self.workers_of(process)[victim_rank], signal.SIGKILL)
+
+        process, params, loss = self.run_job("killed", job(os.path.join(self.tmp, "ckpt")), interfere=interfere)
+        self.assert_same_as_uninterrupted(process, params, loss)
+        self.assertIn("restarts 1 (0 preemptions)", process.stdout_text)
+        resumed = int(re.search(r"generation 1 resumed from step (\d+)", process.stderr_text).group(1))
+        self.assertEqual(resumed % EVERY, 0)
+        self.assertGreater(resumed, 0)
+        lost = int(re.search(r"steps lost (\d+)", process.stdout_text).group(1))
+        self.assertGreaterEqual(lost, kill_step - resumed)
+        self.assertLess(lost, EVERY + 40, "a failure costs the steps since the last checkpoint")
+
+    def test_sigterm_checkpoints_and_restarts_without_counting(self):
+        # Far enough past a periodic checkpoint (more than everySteps/2) that the stop writes its own.
+        stop_step = EVERY * random.Random().randint(2, 9) + random.Random().randint(EVERY // 2 + 2, EVERY - 5)
+
+        def interfere(process, loss_log):
+            self.assertTrue(wait_for(lambda: last_logged_step(loss_log) >= stop_step, 120))
+            os.kill(self.workers_of(process)[2], signal.SIGTERM)
+
+        process, params, loss = self.run_job("preempted", job(os.path.join(self.tmp, "ckpt"), backoff_limit=0),
+                                             interfere=interfere)
+        self.assert_same_as_uninterrupted(process, params, loss)
+        self.assertIn("preempted (SIGTERM)", process.stderr_text)
+        self.assertIn("restarts 1 (1 preemptions)", process.stdout_text)
+        self.assertIn("steps lost 0", process.stdout_text,
+                      "the stop checkpoint is taken at the stop step:\n" + process.stderr_text[-5000:])
+        self.assertIn("stop requested: writing a checkpoint of step", process.stderr_text)
+
+    def test_sigterm_soon_after_a_checkpoint_skips_the_stop_checkpoint(self):
+        stop_step = EVERY * random.Random().randint(2, 9) + 1
+
+        def interfere(process, loss_log):
+            self.assertTrue(wait_for(lambda: last_logged_step(loss_log) >= stop_step, 120))
+            os.kill(self.workers_of(process)[1], signal.SIGTERM)
+
+        process, params, loss = self.run_job("preempted-early", job(os.path.join(self.tmp, "ckpt")), interfere=interfere)
+        self.assert_same_as_uninterrupted(process, params, loss)
+        self.assertNotIn("stop requested: writing a checkpoint", process.stderr_text)
+        lost = int(re.search(r"steps lost (\d+)", process.stdout_text).group(1))
+        self.assertLessEqual(lost, EVERY // 2, "at most everySteps/2 steps since the last checkpoint")
+
+    def test_kill_during_checkpoint_write_ignores_the_partial_one(self):
+        ckpt = os.path.join(self.tmp, "ckpt")
+        root = os.path.join(ckpt, "ft")
+
+        def interfere(process, loss_log):
+            # Wait for a complete checkpoint and a write in progress after it, then kill the writer.
+            self.assertTrue(wait_for(lambda: glob.glob(os.path.join(root, "step-*")) and
+                                     glob.glob(os.path.join(root, ".tmp-step-*")), 120, interval=0.01))
+            complete = sorted(glob.glob(os.path.join(root, "step-*")))
+            os.kill(self.workers_of(process)[0], signal.SIGKILL)
+            self.partial = sorted(glob.glob(os.path.join(root, ".tmp-step-*")))
+            self.complete_at_kill = complete
+
+        process, params, loss = self.run_job("mid-write", job(ckpt), env={"TANDEM_FAULT_CHECKPOINT_DELAY_MS": "700"},
+                                             interfere=interfere)
+        self.assert_same_as_uninterrupted(process, params, loss)
+        self.assertTrue(self.partial, "the kill must have hit a checkpoint in progress")
+        resumed = int(re.search(r"generation 1 resumed from step (\d+)", process.stderr_text).group(1))
+        newest_complete = int(os.path.basename(self.complete_at_kill[-1])[5:])
+        partial_step = int(re.search(r"step-(\d+)", self.partial[-1]).group(1))
+        self.assertEqual(resumed, newest_complete)
+        self.assertGreater(partial_step, resumed)
+        self.assertFalse(glob.glob(os.path.join(root, ".tmp-*")), "debris of the killed write is cleaned up")
+
+    def resume_after(self, damage):
+        """Runs half-way (a stop right after a checkpoint), damages the newest checkpoint with `damage`,
+        then runs to the end: the result must equal the uninterrupted run."""
+        ckpt = os.path.join(self.tmp, "ckpt")
+        first, _, _ = self.run_job("first-half", job(ckpt), steps=150)
+        self.assertEqual(first.returncode, 0, first.stderr_text[-3000:])
+        root = os.path.join(ckpt, "ft")
+        with open(os.path.join(root, "latest")) as f:
+            self.assertEqual(f.read().strip(), "step-00000150")
+        damage(root)
+        # The loss log of the first half is the second run's to continue.
+        os.replace(os.path.join(self.tmp, "first-half.loss"), os.path.join(self.tmp, "second-half.loss"))
+        return self.run_job("second-half", job(ckpt))
+
+    def flip_byte(self, root):
+        shard = os.path.join(root, "step-00000150", "stage-0.bin")
+        with open(shard, "r+b") as f:
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0x40]))
+
+    def test_flipped_byte_in_newest_checkpoint_falls_back(self):
+        process, params, loss = self.resume_after(self.flip_byte)
+        self.assert_same_as_uninterrupted(process, params, loss)
+        self.assertIn("skipping checkpoint step-00000150", process.stderr_text)
+        self.assertIn("SHA-256 does not match", process.stderr_text)
+        self.assertIn("resumed from step 125", process.stderr_text)
+
+    def test_truncated_newest_checkpoint_falls_back(self):
+        def truncate(root):
+            shard = os.path.join(root, "step-00000150", "stage-0.bin")
+            os.truncate(shard, os.path.getsize(shard) // 3)
+
+        process, params, loss = self.resume_after(truncate)
+        self.assert_same_as_uninterrupted(process, params, loss)
+        self.assertIn("stage-0.bin", process.stderr_text)
+        self.assertIn("(truncated?)", process.stderr_text)
+        self.assertIn("resumed from step 125", process.stderr_text)
+
+    def test_deleted_latest_still_resumes_from_the_newest(self):
+        process, params, loss = self.resume_after(lambda root: os.remove(os.path.join(root, "latest")))
+        self.assert_same_as_uninterrupted(process, params, loss)
+        self.assertIn("resumed from step 150", process.stderr_text)
+
+    def test_changed_model_shape_is_refused(self):
+        ckpt = os.path.join(self.tmp, "ckpt")
+        first, _, _ = self.run_job("small", job(ckpt), steps=30)
+        self.assertEqual(first.returncode, 0, first.stderr_text[-3000:])
+        other = job(ckpt, restart_policy="ExitCode").replace("hidden: [256, 128]", "hidden: [64]")
+        process, _, _ = self.run_job("other-shape", other, steps=60)
+        self.assertNotEqual(process.returncode, 0)
+        self.assertIn('holds model "mlp 784-256-128-10 relu" but this job trains "mlp 784-64-10 relu"',
+                      process.stderr_text)
+
+    def test_unwritable_checkpoint_directory_keeps_training(self):
+        blocker = self.write("not-a-directory", "a file where the checkpoint directory should be")
+        process, params, _ = self.run_job("unwritable", job(os.path.join(blocker, "ckpt"), workers=2), steps=60)
+        self.assertEqual(process.returncode, 0, process.stderr_text[-3000:])
+        self.assertIn("cannot create checkpoint directory", process.stderr_text)
+        self.assertIn("training continues", process.stderr_text)
+        self.assertIn("steps 60", process.stdout_text)
+
+    def test_full_disk_keeps_training_and_the_older_checkpoint(self):
+        mount_point = os.path.join(self.tmp, "small-disk")
+        os.mkdir(mount_point)
+        # Room for one checkpoint (2.8 MB) but not a second one beside it.
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mount_point],
+                                 capture_output=True, text=True)
+        self.assertEqual(mounted.returncode, 0, "the test needs root to mount a small tmpfs: " + mounted.stderr)
+        try:
+            self.check_full_disk(mount_point)
+        finally:
+            subprocess.run(["umount", "-l", mount_point])
+
+    def check_full_disk(self, mount_point):
+        process, _, _ = self.run_job("full", job(mount_point, workers=2), steps=80)
+        self.assertEqual(process.returncode, 0, process.stderr_text[-3000:])
+        self.assertIn("No space left on device", process.stderr_text)
+        self.assertIn("the last good checkpoint is step-00000025", process.stderr_text)
+        self.assertIn("steps 80", process.stdout_text)
+        root = os.path.join(mount_point, "ft")
+        self.assertEqual(sorted(os.listdir(root)), ["latest", "step-00000025"])
+        # And it is still a good checkpoint: a new run resumes from it.
+        again, _, _ = self.run_job("full-again", job(mount_point, workers=2), steps=30)
+        self.assertIn("resumed from step 25", again.stderr_text)
+
+
+class RestartPolicies(TempDirTest):
+    def start(self, text, steps=2000, env=None):
+        config = self.write("job.yaml", text)
+        process = subprocess.Popen([TANDEM, "run", config, "--max-steps", str(steps), "--quiet"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                   env=dict(os.environ, **(env or {})))
+        self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+        return process
+
+    def kill_a_worker_once_training(self, process, generation_workers=None):
+        self.assertTrue(wait_for(lambda: len(children_of(process.pid)) == 2, 60))
+        time.sleep(1.0)  # past start-up, into training
+        pids = children_of(process.pid)
+        os.kill(max(pids, key=rank_of), signal.SIGKILL)
+        return pids
+
+    def test_never_fails_on_the_first_death(self):
+        process = self.start(job(os.path.join(self.tmp, "ckpt"), workers=2, restart_policy="Never"))
+        self.kill_a_worker_once_training(process)
+        out, err = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 137, err[-2000:])
+        self.assertIn("worker rank 1 was killed by signal 9", err)
+        self.assertIn("restartPolicy Never: not restarting", err)
+        self.assertNotIn("restarting as generation", err)
+
+    def test_exit_code_policy_restarts_a_signal_death(self):
+        process = self.start(job(os.path.join(self.tmp, "ckpt"), workers=2, restart_policy="ExitCode"), steps=700)
+        self.kill_a_worker_once_training(process)
+        out, err = process.communicate(timeout=120)
+        self.assertEqual(process.returncode, 0, err[-2000:])
+        self.assertIn("restarting as generation 1", err)
+        self.assertIn("restarts 1 (0 preemptions)", out)
+
+    def broken_dataset(self):
+        directory = os.path.join(self.tmp, "broken")
+        os.mkdir(directory)
+        for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                     "t10k-labels-idx1-ubyte.gz"):
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(b"\x00\x00\x08\x03")  # an IDX header cut short: exit code 3, permanent
+        return directory
+
+    def test_exit_code_policy_does_not_restart_a_permanent_error(self):
+        process = self.start(job(os.path.join(self.tmp, "ckpt"), workers=2, restart_policy="ExitCode",
+                                 data_path=self.broken_dataset()))
+        out, err = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 3, err[-2000:])
+        self.assertIn("restartPolicy ExitCode: exit code 3 is permanent (1-127), not restarting", err)
+        self.assertNotIn("restarting as generation", err)
+
+    def test_backoff_limit_is_honoured_and_reported(self):
+        process = self.start(job(os.path.join(self.tmp, "ckpt"), workers=2, restart_policy="OnFailure",
+                                 backoff_limit=2, data_path=self.broken_dataset()))
+        out, err = process.communicate(timeout=120)
+        self.assertEqual(process.returncode, 3, err[-2000:])
+        self.assertEqual(err.count("restarting as generation"), 2)
+        self.assertIn("backoffLimit 2 reached", err)
+        self.assertIn("restarts 2 of backoffLimit 2", err)
+
+    def test_hung_peer_is_detected_within_the_collective_timeout(self):
+        config = self.write("job.yaml", job(os.path.join(self.tmp, "ckpt"), workers=2))
+        process = subprocess.Popen([TANDEM, "run", config, "--max-steps", "700", "--quiet", "--collective-timeout", "3"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+        self.assertTrue(wait_for(lambda: len(children_of(process.pid)) == 2, 60))
+        time.sleep(1.0)
+        hung = max(children_of(process.pid), key=rank_of)
+        os.kill(hung, signal.SIGSTOP)  # alive but silent: no connection closes, only a timeout can tell
+        stopped_at = time.monotonic()
+        self.assertTrue(wait_for(lambda: hung not in children_of(process.pid), 20),
+                        "the hung worker's generation must be torn down")
+        detected = time.monotonic() - stopped_at
+        out, err = process.communicate(timeout=120)
+        self.assertEqual(process.returncode, 0, err[-2000:])
+        self.assertLess(detected, 3 + 5 + 3, "timeout, then the grace period before SIGKILL")
+        self.assertIn("did not answer in time", err)
+        self.assertIn("restarts 1", out)
+
+
+if __name__ == "__main__":
+    unittest.main()

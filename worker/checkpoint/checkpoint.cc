@@ -1,0 +1,328 @@
+#include "tandem/checkpoint/checkpoint.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+namespace tandem::checkpoint {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr int kFormatVersion = 1;
+
+Status errnoError(StatusCode code, const std::string& what) {
+  const int saved = errno;
+  return Status(saved == ENOSPC || saved == EDQUOT ? StatusCode::kUnavailable : code,
+                what + ": " + std::strerror(saved), __FILE__, __LINE__);
+}
+
+std::string sha256Hex(const void* data, size_t size) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_Digest(data, size, digest, &length, EVP_sha256(), nullptr);
+  static const char* kHex = "0123456789abcdef";
+  std::string text;
+  for (unsigned int i = 0; i < length; ++i) {
+    text += kHex[digest[i] >> 4];
+    text += kHex[digest[i] & 15];
+  }
+  return text;
+}
+
+// Writes a whole file and fsyncs it before closing, so a rename after it publishes complete data.
+Status writeFileDurably(const std::string& path, const std::vector<std::pair<const void*, size_t>>& pieces) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return errnoError(StatusCode::kPermissionDenied, "cannot create " + path);
+  for (const auto& [data, size] : pieces) {
+    const char* cursor = static_cast<const char*>(data);
+    size_t left = size;
+    while (left > 0) {
+      const ssize_t written = ::write(fd, cursor, left);
+      if (written < 0) {
+        if (errno == EINTR) continue;
+        Status status = errnoError(StatusCode::kInternal, "cannot write " + path);
+        ::close(fd);
+        return status;
+      }
+      cursor += written;
+      left -= static_cast<size_t>(written);
+    }
+  }
+  if (::fsync(fd) != 0) {
+    Status status = errnoError(StatusCode::kInternal, "cannot fsync " + path);
+    ::close(fd);
+    return status;
+  }
+  if (::close(fd) != 0) return errnoError(StatusCode::kInternal, "cannot close " + path);
+  return Status::Ok();
+}
+
+Status fsyncDirectory(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return errnoError(StatusCode::kInternal, "cannot open directory " + path);
+  const int result = ::fsync(fd);
+  ::close(fd);
+  if (result != 0) return errnoError(StatusCode::kInternal, "cannot fsync directory " + path);
+  return Status::Ok();
+}
+
+StatusOr<std::string> readWholeFile(const std::string& path) {
+  FILE* file = std::fopen(path.c_str(), "rb");
+  if (file == nullptr) return errnoError(StatusCode::kNotFound, "cannot open " + path);
+  std::string content;
+  char buffer[1 << 16];
+  size_t read;
+  while ((read = std::fread(buffer, 1, sizeof(buffer), file)) > 0) content.append(buffer, read);
+  const bool failed = std::ferror(file) != 0;
+  std::fclose(file);
+  if (failed) return TANDEM_ERROR(StatusCode::kDataLoss, "cannot read " + path);
+  return content;
+}
+
+std::string shardName(int stage) { return "stage-" + std::to_string(stage) + ".bin"; }
+
+// Test-only fault injection: a pause between writing the shard and publishing the checkpoint, so a
+// test can kill the writer mid-checkpoint deterministically.
+void faultInjectionPause() {
+  if (const char* delay = std::getenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS"))
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(delay)));
+}
+
+}  // namespace
+
+std::string stepDirectoryName(int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof(name), "step-%08lld", static_cast<long long>(step));
+  return name;
+}
+
+CheckpointStore::CheckpointStore(std::string root, int64_t keep) : root_(std::move(root)), keep_(std::max<int64_t>(1, keep)) {}
+
+StatusOr<int64_t> CheckpointStore::write(const CheckpointState& state) {
+  std::error_code error;
+  fs::create_directories(root_, error);
+  if (error) return TANDEM_ERROR(StatusCode::kPermissionDenied, "cannot create checkpoint directory " + root_ + ": " + error.message());
+  const std::string finalDirectory = root_ + "/" + stepDirectoryName(state.step);
+  const std::string temporary = root_ + "/.tmp-" + stepDirectoryName(state.step) + "-" + std::to_string(::getpid());
+  // A writer killed mid-checkpoint leaves its temporary directory behind; there is one writer per
+  // store, so every temporary directory found now is such debris.
+  for (const auto& entry : fs::directory_iterator(root_, error))
+    if (entry.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(entry.path(), error);
+  if (::mkdir(temporary.c_str(), 0755) != 0) return errnoError(StatusCode::kPermissionDenied, "cannot create " + temporary);
+
+  auto attempt = [&]() -> StatusOr<int64_t> {
+    const size_t parameterBytes = state.parameters.size() * sizeof(float);
+    const size_t optimizerBytes = state.optimizerState.size() * sizeof(float);
+    // One pass for the checksum over both sections, as laid out in the file.
+    EVP_MD_CTX* context = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(context, EVP_sha256(), nullptr);
+    EVP_DigestUpdate(context, state.parameters.data(), parameterBytes);
+    EVP_DigestUpdate(context, state.optimizerState.data(), optimizerBytes);
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int length = 0;
+    EVP_DigestFinal_ex(context, digest, &length);
+    EVP_MD_CTX_free(context);
+    std::string checksum;
+    static const char* kHex = "0123456789abcdef";
+    for (unsigned int i = 0; i < length; ++i) (checksum += kHex[digest[i] >> 4]) += kHex[digest[i] & 15];
+
+    TANDEM_RETURN_IF_ERROR(writeFileDurably(temporary + "/" + shardName(state.stage),
+                                            {{state.parameters.data(), parameterBytes},
+                                             {state.optimizerState.data(), optimizerBytes}}));
+    faultInjectionPause();
+    nlohmann::json manifest = {
+        {"formatVersion", kFormatVersion},
+        {"job", state.job},
+        {"step", state.step},
+        {"optimizerSteps", state.optimizerSteps},
+        {"modelDescription", state.modelDescription},
+        {"trainingConfig", state.trainingConfig},
+        {"seed", state.seed},
+        {"dataPosition", {{"nextStep", state.step + 1}}},
+        {"shards",
+         {{{"stage", state.stage},
+           {"file", shardName(state.stage)},
+           {"bytes", parameterBytes + optimizerBytes},
+           {"sha256", checksum},
+           {"parameters", state.parameters.size()},
+           {"optimizerState", state.optimizerState.size()}}}},
+    };
+    const std::string text = manifest.dump(1);
+    TANDEM_RETURN_IF_ERROR(writeFileDurably(temporary + "/manifest.json", {{text.data(), text.size()}}));
+    TANDEM_RETURN_IF_ERROR(fsyncDirectory(temporary));
+    // A checkpoint of the same step may exist (written before a restart): replace it whole.
+    fs::remove_all(finalDirectory, error);
+    if (::rename(temporary.c_str(), finalDirectory.c_str()) != 0)
+      return errnoError(StatusCode::kInternal, "cannot rename " + temporary + " to " + finalDirectory);
+    TANDEM_RETURN_IF_ERROR(fsyncDirectory(root_));
+    const std::string latestTemporary = root_ + "/.latest.tmp";
+    const std::string latestText = stepDirectoryName(state.step) + "\n";
+    TANDEM_RETURN_IF_ERROR(writeFileDurably(latestTemporary, {{latestText.data(), latestText.size()}}));
+    if (::rename(latestTemporary.c_str(), (root_ + "/latest").c_str()) != 0)
+      return errnoError(StatusCode::kInternal, "cannot update " + root_ + "/latest");
+    TANDEM_RETURN_IF_ERROR(fsyncDirectory(root_));
+    return static_cast<int64_t>(parameterBytes + optimizerBytes + text.size());
+  };
+  auto written = attempt();
+  if (!written.ok()) {
+    fs::remove_all(temporary, error);
+    return written.status().withContext("checkpoint " + stepDirectoryName(state.step) + " not written");
+  }
+  Status pruned = removeOld();
+  if (!pruned.ok()) return pruned;
+  return written;
+}
+
+std::vector<int64_t> CheckpointStore::listSteps() const {
+  std::vector<int64_t> steps;
+  std::error_code error;
+  for (const auto& entry : fs::directory_iterator(root_, error)) {
+    const std::string name = entry.path().filename().string();
+    long long step = 0;
+    char tail = 0;
+    if (entry.is_directory() && std::sscanf(name.c_str(), "step-%lld%c", &step, &tail) == 1 &&
+        name == stepDirectoryName(step))
+      steps.push_back(step);
+  }
+  std::sort(steps.rbegin(), steps.rend());
+  return steps;
+}
+
+Status CheckpointStore::removeOld() const {
+  const auto steps = listSteps();
+  std::error_code error;
+  for (size_t i = static_cast<size_t>(keep_); i < steps.size(); ++i) {
+    fs::remove_all(root_ + "/" + stepDirectoryName(steps[i]), error);
+    if (error) return TANDEM_ERROR(StatusCode::kInternal, "cannot delete old checkpoint " + stepDirectoryName(steps[i]) + ": " + error.message());
+  }
+  return Status::Ok();
+}
+
+StatusOr<CheckpointState> CheckpointStore::read(int64_t step, int stage) const {
+  const std::string directory = root_ + "/" + stepDirectoryName(step);
+  TANDEM_ASSIGN_OR_RETURN(std::string manifestText, readWholeFile(directory + "/manifest.json"));
+  nlohmann::json manifest = nlohmann::json::parse(manifestText, nullptr, false);
+  if (manifest.is_discarded() || !manifest.is_object())
+    return TANDEM_ERROR(StatusCode::kDataLoss, directory + "/manifest.json: not valid JSON (truncated?)");
+  try {
+    if (manifest.at("formatVersion").get<int>() != kFormatVersion)
+      return TANDEM_ERROR(StatusCode::kDataLoss, directory + "/manifest.json: unknown format version");
+    CheckpointState state;
+    state.step = manifest.at("step").get<int64_t>();
+    if (state.step != step)
+      return TANDEM_ERROR(StatusCode::kDataLoss, directory + "/manifest.json: says step " + std::to_string(state.step));
+    state.optimizerSteps = manifest.at("optimizerSteps").get<int64_t>();
+    state.job = manifest.at("job").get<std::string>();
+    state.modelDescription = manifest.at("modelDescription").get<std::string>();
+    state.trainingConfig = manifest.at("trainingConfig").get<std::string>();
+    state.seed = manifest.at("seed").get<uint64_t>();
+    state.stage = stage;
+    const nlohmann::json* shard = nullptr;
+    for (const auto& candidate : manifest.at("shards"))
+      if (candidate.at("stage").get<int>() == stage) shard = &candidate;
+    if (shard == nullptr)
+      return TANDEM_ERROR(StatusCode::kDataLoss, directory + "/manifest.json: no shard for stage " + std::to_string(stage));
+    const std::string shardPath = directory + "/" + shard->at("file").get<std::string>();
+    TANDEM_ASSIGN_OR_RETURN(std::string bytes, readWholeFile(shardPath));
+    const size_t expectedBytes = shard->at("bytes").get<size_t>();
+    if (bytes.size() != expectedBytes)
+      return TANDEM_ERROR(StatusCode::kDataLoss, shardPath + ": " + std::to_string(bytes.size()) + " bytes, the manifest says " +
+                                                     std::to_string(expectedBytes) + " (truncated?)");
+    if (sha256Hex(bytes.data(), bytes.size()) != shard->at("sha256").get<std::string>())
+      return TANDEM_ERROR(StatusCode::kDataLoss, shardPath + ": SHA-256 does not match the manifest (corrupt)");
+    const size_t parameters = shard->at("parameters").get<size_t>();
+    const size_t optimizer = shard->at("optimizerState").get<size_t>();
+    if ((parameters + optimizer) * sizeof(float) != bytes.size())
+      return TANDEM_ERROR(StatusCode::kDataLoss, shardPath + ": section sizes do not add up");
+    state.parameters.resize(parameters);
+    state.optimizerState.resize(optimizer);
+    std::memcpy(state.parameters.data(), bytes.data(), parameters * sizeof(float));
+    std::memcpy(state.optimizerState.data(), bytes.data() + parameters * sizeof(float), optimizer * sizeof(float));
+    return state;
+  } catch (const nlohmann::json::exception& error) {
+    return TANDEM_ERROR(StatusCode::kDataLoss, directory + "/manifest.json: " + error.what());
+  }
+}
+
+StatusOr<std::optional<CheckpointState>> CheckpointStore::loadNewestValid(
+    const std::string& modelDescription, int stage, const std::function<void(const std::string&)>& warn) const {
+  for (int64_t step : listSteps()) {
+    auto state = read(step, stage);
+    if (!state.ok()) {
+      if (warn) warn("skipping checkpoint " + stepDirectoryName(step) + ": " + state.status().message());
+      continue;
+    }
+    if (state->modelDescription != modelDescription)
+      return TANDEM_ERROR(StatusCode::kFailedPrecondition,
+                          "checkpoint " + root_ + "/" + stepDirectoryName(step) + " holds model \"" + state->modelDescription +
+                              "\" but this job trains \"" + modelDescription +
+                              "\": refusing to resume (use another checkpoint.dir or job name to start over)");
+    return std::optional<CheckpointState>(std::move(state).value());
+  }
+  return std::optional<CheckpointState>();
+}
+
+AsyncCheckpointer::AsyncCheckpointer(CheckpointStore store, std::function<void(const Result&)> onWritten)
+    : store_(std::move(store)), onWritten_(std::move(onWritten)), writer_([this] { run(); }) {}
+
+AsyncCheckpointer::~AsyncCheckpointer() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  changed_.notify_all();
+  writer_.join();
+}
+
+void AsyncCheckpointer::submit(CheckpointState state) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [this] { return !writing_ && !pending_; });
+  pending_ = std::move(state);
+  changed_.notify_all();
+}
+
+std::optional<AsyncCheckpointer::Result> AsyncCheckpointer::drain() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [this] { return !writing_ && !pending_; });
+  return lastResult_;
+}
+
+void AsyncCheckpointer::run() {
+  for (;;) {
+    CheckpointState state;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      changed_.wait(lock, [this] { return stopping_ || pending_.has_value(); });
+      if (!pending_) return;  // stopping with nothing queued
+      state = std::move(*pending_);
+      pending_.reset();
+      writing_ = true;
+    }
+    Result result;
+    result.step = state.step;
+    const auto start = std::chrono::steady_clock::now();
+    auto written = store_.write(state);
+    result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    result.status = written.status();
+    result.bytes = written.ok() ? *written : 0;
+    if (onWritten_) onWritten_(result);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      writing_ = false;
+      lastResult_ = result;
+    }
+    changed_.notify_all();
+  }
+}
+
+}  // namespace tandem::checkpoint

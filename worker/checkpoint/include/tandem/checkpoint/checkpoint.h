@@ -1,0 +1,102 @@
+// Checkpoints (DESIGN.md §7): <root>/step-<NNNNNNNN>/ holds one shard per pipeline stage
+// (stage-<S>.bin: parameters then optimizer state, raw float32) and manifest.json (step, optimizer
+// steps, model description, training config, each shard's size and SHA-256). A checkpoint is written
+// into a hidden temporary directory, fsynced, renamed into place, and only then is `latest` replaced
+// (atomically, by rename); checkpoints beyond `keep` are deleted last. A failed write leaves every
+// earlier checkpoint untouched. Loading verifies sizes and checksums and falls back to older
+// checkpoints, saying why.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tandem/common/status.h"
+
+namespace tandem::checkpoint {
+
+struct CheckpointState {
+  int64_t step = 0;             // optimizer steps completed; training resumes at step + 1
+  int64_t optimizerSteps = 0;   // the optimizer's own counter (bias correction)
+  int stage = 0;                // pipeline stage this shard belongs to
+  std::string job;              // namespace/name
+  std::string modelDescription; // e.g. "mlp 784-256-128-10 relu": must match to resume
+  std::string trainingConfig;   // canonical training config: differences are logged, not refused
+  uint64_t seed = 0;            // data order and initialisation seed (the data position is `step`)
+  std::vector<float> parameters;
+  std::vector<float> optimizerState;
+};
+
+// "step-00000500"
+std::string stepDirectoryName(int64_t step);
+
+class CheckpointStore {
+ public:
+  // root: <checkpoint.dir>/<job name>; keep: how many complete checkpoints to retain.
+  CheckpointStore(std::string root, int64_t keep);
+
+  const std::string& root() const { return root_; }
+
+  // Writes durably (see the file comment); on failure nothing earlier is touched and the temporary
+  // directory is removed. Returns the bytes written.
+  StatusOr<int64_t> write(const CheckpointState& state);
+
+  // Steps of the complete checkpoint directories present, newest first (`latest` is not needed).
+  std::vector<int64_t> listSteps() const;
+
+  // Reads and verifies one checkpoint: manifest, sizes, SHA-256 of every shard.
+  StatusOr<CheckpointState> read(int64_t step, int stage = 0) const;
+
+  // The newest checkpoint that verifies, skipping (and reporting through `warn`) the ones that do
+  // not; nullopt when there is none. A checkpoint whose model differs is not skipped: it is an error
+  // (FAILED_PRECONDITION naming both models), since resuming would silently start over.
+  StatusOr<std::optional<CheckpointState>> loadNewestValid(const std::string& modelDescription, int stage,
+                                                           const std::function<void(const std::string&)>& warn) const;
+
+ private:
+  Status removeOld() const;
+  std::string root_;
+  int64_t keep_;
+};
+
+// Writes checkpoints in the background: snapshot() copies the state at a step boundary (the caller's
+// only cost) and a writer thread makes it durable while training goes on. A new snapshot waits until
+// the previous one is durable, so at most one write is in flight and they land in order.
+// Thread-safe for one producer.
+class AsyncCheckpointer {
+ public:
+  struct Result {
+    int64_t step = 0;
+    int64_t bytes = 0;
+    double seconds = 0.0;
+    Status status;
+  };
+  // onWritten runs on the writer thread after each attempt (success or failure).
+  AsyncCheckpointer(CheckpointStore store, std::function<void(const Result&)> onWritten);
+  ~AsyncCheckpointer();
+
+  // Takes ownership of the state; blocks only while an earlier write is still in flight.
+  void submit(CheckpointState state);
+  // Blocks until nothing is in flight. Returns the last attempt's result (if any).
+  std::optional<Result> drain();
+  const CheckpointStore& store() const { return store_; }
+
+ private:
+  void run();
+  CheckpointStore store_;
+  std::function<void(const Result&)> onWritten_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::optional<CheckpointState> pending_;
+  bool writing_ = false;
+  bool stopping_ = false;
+  std::optional<Result> lastResult_;
+  std::thread writer_;
+};
+
+}  // namespace tandem::checkpoint
