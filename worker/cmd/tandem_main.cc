@@ -64,6 +64,7 @@ RunOutcome runWithRestarts(launch::LocalJobOptions options) {
     options.generation = generation;
     outcome.last = launch::runLocalJob(options);
     const auto& result = outcome.last;
+    options.previousFailure = result.failureDetected;
     outcome.wallSeconds += result.wallSeconds;
     if (previousLastStep >= 0) outcome.stepsLost += std::max<int64_t>(0, previousLastStep - result.resumedFromStep);
     previousLastStep = result.lastStep;

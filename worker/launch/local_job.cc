@@ -219,6 +219,16 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
       if (!payload.is_discarded() && worker.rank == 0) {
         if (kind == "progress") {
           result.lastStep = payload.value("step", result.lastStep);
+          if (options.previousFailure && !result.recoverySeconds) {
+            result.recoverySeconds = std::chrono::duration<double>(Clock::now() - *options.previousFailure).count();
+            display.beforeOutput();
+            char line[160];
+            std::snprintf(line, sizeof(line), "tandem: recovered: generation %lld finished step %lld %.2f s after the failure",
+                          static_cast<long long>(options.generation), static_cast<long long>(result.lastStep),
+                          *result.recoverySeconds);
+            std::cerr << line << std::endl;
+            display.afterOutput();
+          }
           return display.update(payload);
         }
         if (kind == "resume") {
@@ -299,6 +309,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
         result.failedRank = worker.rank;
         result.exitCode = WIFEXITED(worker.waitStatus) ? WEXITSTATUS(worker.waitStatus) : 128 + WTERMSIG(worker.waitStatus);
         result.failure = "worker rank " + std::to_string(worker.rank) + " " + describeExit(worker.waitStatus);
+        result.failureDetected = Clock::now();
         display.beforeOutput();
         std::cerr << "tandem: " << result.failure << "; stopping the other workers" << std::endl;
         beginStop();

@@ -23,6 +23,8 @@ struct LocalJobOptions {
   std::chrono::milliseconds stopGrace{5000};  // SIGTERM, then SIGKILL after this
   bool quiet = false;                // no progress display (logs still flow)
   int64_t generation = 0;            // TANDEM_GENERATION: the job's restart count
+  // When the previous generation failed: the first step of this one reports the recovery time.
+  std::optional<std::chrono::steady_clock::time_point> previousFailure;
 };
 
 struct LocalJobResult {
@@ -34,6 +36,8 @@ struct LocalJobResult {
   std::optional<nlohmann::json> summary;  // rank 0's @summary
   int64_t lastStep = 0;              // the last step rank 0 reported finished
   int64_t resumedFromStep = 0;       // the checkpoint step rank 0 resumed from (0: fresh start)
+  std::optional<std::chrono::steady_clock::time_point> failureDetected;  // when the first worker died
+  std::optional<double> recoverySeconds;  // previousFailure to this generation's first step
 };
 
 // Blocks until every worker has exited.
