@@ -15,7 +15,10 @@
 #include <gloo/transport/unbound_buffer.h>
 
 #include <condition_variable>
+#include <algorithm>
+#include <cstdio>
 #include <deque>
+#include <tuple>
 #include <functional>
 #include <map>
 #include <future>
@@ -31,8 +34,9 @@ namespace {
 // slots of our own exchange all-reduce above those.
 constexpr uint64_t kPointToPointSlotBase = uint64_t{1} << 40;
 constexpr uint64_t kExchangeSlotBase = uint64_t{1} << 48;
-// Below this size (and always with 2 ranks) a power-of-two group all-reduces by recursive doubling.
-constexpr int64_t kRecursiveDoublingMaxBytes = int64_t{4} << 20;
+// Power-of-two groups all-reduce by recursive doubling up to this size (fewest rounds), and by
+// recursive halving then doubling above it (least traffic). Both add in the same order.
+constexpr int64_t kRecursiveDoublingMaxBytes = int64_t{256} << 10;
 
 bool isPowerOfTwo(int value) { return value > 0 && (value & (value - 1)) == 0; }
 
@@ -125,8 +129,13 @@ class PointToPointWork final : public Work {
 
 class GlooCommunicator final : public Communicator {
  public:
-  GlooCommunicator(std::shared_ptr<gloo::rendezvous::Context> context, std::chrono::milliseconds timeout)
-      : context_(std::move(context)), timeout_(timeout), executor_([this] { runExecutor(); }) {}
+  GlooCommunicator(std::shared_ptr<gloo::rendezvous::Context> context, GlooOptions options,
+                   std::shared_ptr<KeyValueStore> store)
+      : context_(std::move(context)),
+        options_(std::move(options)),
+        store_(std::move(store)),
+        timeout_(options_.timeout),
+        executor_([this] { runExecutor(); }) {}
 
   ~GlooCommunicator() override {
     {
@@ -143,9 +152,13 @@ class GlooCommunicator final : public Communicator {
   std::shared_ptr<Work> allReduceAsync(float* data, int64_t count) override {
     return std::make_shared<FutureWork>(submit([this, data, count] {
       const int64_t bytes = count * static_cast<int64_t>(sizeof(float));
-      if (isPowerOfTwo(size()) && (size() == 2 || bytes <= kRecursiveDoublingMaxBytes))
-        return guarded("all-reduce of " + std::to_string(count) + " floats",
-                       [&] { allReduceByRecursiveDoubling(data, count); });
+      if (isPowerOfTwo(size()))
+        return guarded("all-reduce of " + std::to_string(count) + " floats", [&] {
+          if (size() == 2 || bytes <= kRecursiveDoublingMaxBytes)
+            allReduceByRecursiveDoubling(data, count);
+          else
+            allReduceByHalvingDoubling(data, count);
+        });
       return guarded("all-reduce of " + std::to_string(count) + " floats", [&] {
         gloo::AllreduceOptions options(context_);
         options.setOutput(data, static_cast<size_t>(count));
@@ -179,6 +192,28 @@ class GlooCommunicator final : public Communicator {
     return postPointToPoint(data, bytes, peer, tag, /*isSend=*/false);
   }
 
+  StatusOr<std::unique_ptr<Communicator>> split(int color, int key) override {
+    // Every rank publishes (color, key) under this split's own prefix, reads everyone's, and connects
+    // a new mesh among the ranks of its color.
+    const std::string prefix = options_.keyPrefix + "/split-" + std::to_string(splitCount_++);
+    TANDEM_RETURN_IF_ERROR(store_->set(prefix + "/rank-" + std::to_string(rank()),
+                                       std::to_string(color) + " " + std::to_string(key)));
+    std::vector<std::tuple<int, int>> members;  // (key, rank) of my color
+    for (int peer = 0; peer < size(); ++peer) {
+      TANDEM_ASSIGN_OR_RETURN(std::string entry, store_->get(prefix + "/rank-" + std::to_string(peer), timeout_));
+      int peerColor = 0, peerKey = 0;
+      if (std::sscanf(entry.c_str(), "%d %d", &peerColor, &peerKey) != 2)
+        return TANDEM_ERROR(StatusCode::kInternal, "split: malformed entry from rank " + std::to_string(peer));
+      if (peerColor == color) members.emplace_back(peerKey, peer);
+    }
+    std::sort(members.begin(), members.end());
+    GlooOptions options = options_;
+    options.size = static_cast<int>(members.size());
+    options.rank = static_cast<int>(std::find(members.begin(), members.end(), std::make_tuple(key, rank())) - members.begin());
+    options.keyPrefix = prefix + "/color-" + std::to_string(color);
+    return createGlooCommunicator(options, store_);
+  }
+
   Status barrier() override {
     return submit([this] {
              return guarded("barrier", [&] {
@@ -195,29 +230,74 @@ class GlooCommunicator final : public Communicator {
   // Collectives get tags in issue order; every rank issues the same sequence, so tags match.
   uint32_t nextTag() { return tagCounter_++; }
 
+  // Adds theirs into data[0, count): the lower rank's value is the left operand, so both partners
+  // (and every rank, round after round) compute bitwise the same sums.
+  static void addInRankOrder(float* data, const float* theirs, int64_t count, bool mineIsLower) {
+    if (mineIsLower)
+      for (int64_t i = 0; i < count; ++i) data[i] = data[i] + theirs[i];
+    else
+      for (int64_t i = 0; i < count; ++i) data[i] = theirs[i] + data[i];
+  }
+
+  // Posts a send and a recv with the partner and waits for both.
+  void exchange(int partner, uint64_t slot, float* sendData, int64_t sendCount, float* recvData, int64_t recvCount) {
+    auto sendBuffer = context_->createUnboundBuffer(sendData, static_cast<size_t>(sendCount) * sizeof(float));
+    auto recvBuffer = context_->createUnboundBuffer(recvData, static_cast<size_t>(recvCount) * sizeof(float));
+    recvBuffer->recv(partner, slot);
+    sendBuffer->send(partner, slot);
+    if (!sendBuffer->waitSend(timeout_) || !recvBuffer->waitRecv(timeout_))
+      throw gloo::IoException("exchange with rank " + std::to_string(partner) + " was aborted");
+  }
+
+  // Bandwidth-optimal all-reduce for power-of-two groups: recursive halving (distance 1, 2, 4, ...:
+  // each round keeps half of the segment and adds the partner's copy of it), then recursive doubling
+  // back. Each element is summed in the same tree as allReduceByRecursiveDoubling:
+  // ((r0 + r1) + (r2 + r3)) + ...
+  void allReduceByHalvingDoubling(float* data, int64_t count) {
+    if (scratch_.size() < static_cast<size_t>(count)) scratch_.resize(count);
+    const uint64_t sequence = exchangeCounter_++;
+    const int me = rank();
+    std::vector<std::pair<int64_t, int64_t>> segments;  // the segment before each halving round
+    int64_t low = 0, high = count;
+    int round = 0;
+    for (int distance = 1; distance < size(); distance <<= 1, ++round) {
+      const int partner = me ^ distance;
+      const int64_t middle = low + (high - low) / 2;
+      const bool keepLower = (me & distance) == 0;
+      const int64_t keepLow = keepLower ? low : middle, keepHigh = keepLower ? middle : high;
+      const int64_t sendLow = keepLower ? middle : low, sendHigh = keepLower ? high : middle;
+      exchange(partner, kExchangeSlotBase + sequence * 64 + round, data + sendLow, sendHigh - sendLow, scratch_.data(),
+               keepHigh - keepLow);
+      addInRankOrder(data + keepLow, scratch_.data(), keepHigh - keepLow, me < partner);
+      segments.emplace_back(low, high);
+      low = keepLow;
+      high = keepHigh;
+    }
+    for (int distance = size() >> 1; distance >= 1; distance >>= 1, ++round) {
+      const int partner = me ^ distance;
+      const auto [outerLow, outerHigh] = segments.back();
+      segments.pop_back();
+      const int64_t otherLow = low == outerLow ? high : outerLow;
+      const int64_t otherHigh = low == outerLow ? outerHigh : low;
+      exchange(partner, kExchangeSlotBase + sequence * 64 + round, data + low, high - low, data + otherLow,
+               otherHigh - otherLow);
+      low = outerLow;
+      high = outerHigh;
+    }
+  }
+
   // All-reduce for power-of-two groups: log2(size) rounds; in round k each rank swaps its whole partial
   // sum with rank ^ 2^k and adds. Measured on loopback it takes one exchange's latency per round where
   // Gloo's ring takes 2(size-1) (2 ranks, 1 KiB: about 0.1 ms against 1.2 ms). The two partners add in
   // the same order (lower rank's value first), so every rank ends with bitwise identical sums.
   void allReduceByRecursiveDoubling(float* data, int64_t count) {
-    const size_t bytes = static_cast<size_t>(count) * sizeof(float);
     if (scratch_.size() < static_cast<size_t>(count)) scratch_.resize(count);
     const uint64_t sequence = exchangeCounter_++;
-    auto sendBuffer = context_->createUnboundBuffer(data, bytes);
-    auto recvBuffer = context_->createUnboundBuffer(scratch_.data(), bytes);
     const int me = rank();
     for (int distance = 1, round = 0; distance < size(); distance <<= 1, ++round) {
       const int partner = me ^ distance;
-      const uint64_t slot = kExchangeSlotBase + sequence * 64 + round;
-      recvBuffer->recv(partner, slot);
-      sendBuffer->send(partner, slot);
-      if (!sendBuffer->waitSend(timeout_) || !recvBuffer->waitRecv(timeout_))
-        throw gloo::IoException("exchange with rank " + std::to_string(partner) + " was aborted");
-      const float* theirs = scratch_.data();
-      if (me < partner)
-        for (int64_t i = 0; i < count; ++i) data[i] = data[i] + theirs[i];
-      else
-        for (int64_t i = 0; i < count; ++i) data[i] = theirs[i] + data[i];
+      exchange(partner, kExchangeSlotBase + sequence * 64 + round, data, count, scratch_.data(), count);
+      addInRankOrder(data, scratch_.data(), count, me < partner);
     }
   }
 
@@ -261,6 +341,9 @@ class GlooCommunicator final : public Communicator {
   }
 
   std::shared_ptr<gloo::rendezvous::Context> context_;
+  GlooOptions options_;
+  std::shared_ptr<KeyValueStore> store_;
+  int splitCount_ = 0;  // split() is called on one thread, the same sequence on every rank
   std::chrono::milliseconds timeout_;
   uint32_t tagCounter_ = 0;       // touched only on the executor thread
   uint64_t exchangeCounter_ = 0;  // likewise
@@ -306,11 +389,11 @@ StatusOr<std::unique_ptr<Communicator>> createGlooCommunicator(const GlooOptions
     auto device = gloo::transport::tcp::CreateDevice(attributes);
     context = std::make_shared<gloo::rendezvous::Context>(options.rank, options.size);
     context->setTimeout(options.timeout);
-    GlooStoreAdapter adapter(std::move(store), options.keyPrefix, options.timeout);
+    GlooStoreAdapter adapter(store, options.keyPrefix, options.timeout);
     context->connectFullMesh(adapter, device);
   });
   if (!status.ok()) return status;
-  return std::unique_ptr<Communicator>(std::make_unique<GlooCommunicator>(std::move(context), options.timeout));
+  return std::unique_ptr<Communicator>(std::make_unique<GlooCommunicator>(std::move(context), options, store));
 }
 
 }  // namespace tandem::comm

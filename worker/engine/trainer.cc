@@ -4,8 +4,10 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include "tandem/checkpoint/checkpoint.h"
@@ -14,6 +16,7 @@
 #include "tandem/model/sequential.h"
 #include "tandem/optim/optimizer.h"
 #include "tandem/parallel/data_parallel.h"
+#include "tandem/parallel/pipeline_schedule.h"
 
 namespace tandem::engine {
 namespace {
@@ -22,29 +25,121 @@ using Clock = std::chrono::steady_clock;
 
 double secondsSince(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
-// Accuracy and mean loss on the test set: each rank evaluates its contiguous slice, then one
-// all-reduce of (correct, loss sum) gives the totals.
-StatusOr<EvalResult> evaluate(model::Sequential& model, const data::Dataset& test, int rank, int worldSize,
-                              comm::Communicator* communicator) {
-  const int64_t begin = test.count * rank / worldSize;
-  const int64_t end = test.count * (rank + 1) / worldSize;
+// Sums the gradients of a step's microbatches pairwise, as a binary tree in microbatch order:
+// ((g0 + g1) + (g2 + g3)) + ... With power-of-two degrees this is the very order in which data-parallel
+// replicas' partial sums meet in the recursive-doubling all-reduce, so a run split into D replicas of M
+// microbatches computes bitwise the same gradient as one worker with D x M microbatches of the same size.
+class PairwiseAccumulator {
+ public:
+  explicit PairwiseAccumulator(int64_t size) : size_(size) {}
+
+  void add(const float* gradients) {
+    if (depth_ == buffers_.size()) buffers_.emplace_back(size_);
+    std::copy(gradients, gradients + size_, buffers_[depth_].data());
+    levels_.resize(depth_ + 1);
+    levels_[depth_++] = 0;
+    // Merge equal-level neighbours: the earlier (lower) partial sum is always the left operand.
+    while (depth_ >= 2 && levels_[depth_ - 1] == levels_[depth_ - 2]) {
+      float* left = buffers_[depth_ - 2].data();
+      const float* right = buffers_[depth_ - 1].data();
+      for (int64_t i = 0; i < size_; ++i) left[i] = left[i] + right[i];
+      ++levels_[depth_ - 2];
+      --depth_;
+    }
+  }
+
+  // Writes the total to `out` and resets. Unequal levels (M not a power of two) fold right to left.
+  void finish(float* out) {
+    for (; depth_ >= 2; --depth_) {
+      float* left = buffers_[depth_ - 2].data();
+      const float* right = buffers_[depth_ - 1].data();
+      for (int64_t i = 0; i < size_; ++i) left[i] = left[i] + right[i];
+    }
+    if (depth_ == 1) std::copy(buffers_[0].data(), buffers_[0].data() + size_, out);
+    depth_ = 0;
+  }
+
+ private:
+  int64_t size_;
+  size_t depth_ = 0;
+  std::vector<FloatBuffer> buffers_;  // reused across steps
+  std::vector<int> levels_;
+};
+
+// The layout of this rank in the job: rank = replica * stages + stage (DESIGN.md §6).
+struct Topology {
+  int stages = 1, replicas = 1, stage = 0, replica = 0, microBatches = 1;
+  comm::Communicator* world = nullptr;         // null with one rank
+  comm::Communicator* dataParallel = nullptr;  // my stage's replicas; null when replicas == 1
+  comm::Communicator* pipeline = nullptr;      // my replica's stages; null when stages == 1
+  std::unique_ptr<comm::Communicator> ownedDataParallel, ownedPipeline;
+  bool firstStage() const { return stage == 0; }
+  bool lastStage() const { return stage == stages - 1; }
+  // Data-parallel rank 0 of each stage keeps that stage's checkpoints.
+  bool writesCheckpoints() const { return replica == 0; }
+};
+
+StatusOr<Topology> makeTopology(const TrainerOptions& options) {
+  Topology topology;
+  topology.stages = static_cast<int>(options.spec.parallelism.pipelineStages);
+  topology.replicas = options.worldSize / topology.stages;
+  topology.stage = options.rank % topology.stages;
+  topology.replica = options.rank / topology.stages;
+  topology.microBatches = static_cast<int>(options.spec.parallelism.microBatches);
+  topology.world = options.worldSize > 1 ? options.communicator : nullptr;
+  if (topology.world == nullptr) return topology;
+  // With one of the two degrees at 1 the other group is the whole world: no new mesh needed.
+  if (topology.stages == 1) {
+    topology.dataParallel = topology.world;
+  } else if (topology.replicas > 1) {
+    TANDEM_ASSIGN_OR_RETURN(topology.ownedDataParallel, topology.world->split(topology.stage, topology.replica));
+    topology.dataParallel = topology.ownedDataParallel.get();
+  }
+  if (topology.replicas == 1) {
+    topology.pipeline = topology.stages > 1 ? topology.world : nullptr;
+  } else if (topology.stages > 1) {
+    TANDEM_ASSIGN_OR_RETURN(topology.ownedPipeline, topology.world->split(topology.replica, topology.stage));
+    topology.pipeline = topology.ownedPipeline.get();
+  }
+  return topology;
+}
+
+// Tags of the activations and gradients of microbatch m between neighbouring stages.
+uint32_t activationTag(int microBatch) { return 2u * static_cast<uint32_t>(microBatch); }
+uint32_t gradientTag(int microBatch) { return 2u * static_cast<uint32_t>(microBatch) + 1u; }
+
+// Accuracy and mean loss on the test set: each replica evaluates its contiguous slice through its
+// pipeline; the last stages count, and one all-reduce over the world gives the totals.
+StatusOr<EvalResult> evaluate(model::Sequential& model, const data::Dataset& test, const Topology& topology) {
+  const int64_t begin = test.count * topology.replica / topology.replicas;
+  const int64_t end = test.count * (topology.replica + 1) / topology.replicas;
   constexpr int64_t kEvalBatch = 1000;
   Tensor inputs;
   std::vector<int32_t> labels;
   std::vector<int64_t> indices;
+  model::Activations activations;
   double correct = 0.0, lossSum = 0.0;
   for (int64_t first = begin; first < end; first += kEvalBatch) {
     indices.clear();
     for (int64_t i = first; i < std::min(end, first + kEvalBatch); ++i) indices.push_back(i);
-    test.gather(indices, inputs, labels);
-    const Tensor& logits = model.forward(inputs);
+    const int64_t rows = static_cast<int64_t>(indices.size());
+    test.gather(indices, inputs, labels);  // labels for the last stage, inputs for the first
+    if (!topology.firstStage()) {
+      inputs.reshape({rows, model.layer(0).inputFeatures()});
+      TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(inputs.data(), inputs.size() * 4, topology.stage - 1, 0));
+    }
+    const Tensor& output = model.forward(inputs, activations);
+    if (!topology.lastStage()) {
+      TANDEM_RETURN_IF_ERROR(topology.pipeline->send(output.data(), output.size() * 4, topology.stage + 1, 0));
+      continue;
+    }
     int64_t batchCorrect = 0;
-    lossSum += kernels::softmax_cross_entropy(logits.rows(), logits.cols(), logits.data(), labels.data(), 0.0f,
+    lossSum += kernels::softmax_cross_entropy(output.rows(), output.cols(), output.data(), labels.data(), 0.0f,
                                               nullptr, &batchCorrect);
     correct += static_cast<double>(batchCorrect);
   }
   float totals[2] = {static_cast<float>(correct), static_cast<float>(lossSum)};
-  if (communicator != nullptr && worldSize > 1) TANDEM_RETURN_IF_ERROR(communicator->allReduce(totals, 2));
+  if (topology.world != nullptr) TANDEM_RETURN_IF_ERROR(topology.world->allReduce(totals, 2));
   EvalResult result;
   result.samples = test.count;
   result.accuracy = totals[0] / static_cast<double>(test.count);
@@ -90,44 +185,118 @@ Status truncateLossLog(const std::string& path, int64_t step) {
   return Status::Ok();
 }
 
-// Rank 0 finds the newest valid checkpoint and hands its state to every rank by broadcast, so only
-// rank 0 needs to see the checkpoint volume. Returns the step to resume after (0: fresh start).
-StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const std::string& modelDescription,
-                                        const std::string& trainingConfig, model::Sequential& network,
-                                        optim::Optimizer& optimizer, comm::Communicator* communicator) {
-  int64_t header[2] = {0, 0};  // step, optimizer steps
-  std::optional<checkpoint::CheckpointState> state;
-  if (options.rank == 0) {
-    checkpoint::CheckpointStore store(options.spec.checkpoint.dir + "/" + options.spec.name, options.spec.checkpoint.keep);
-    auto found = store.loadNewestValid(modelDescription, 0, [](const std::string& warning) { log::warning() << warning; });
-    if (!found.ok()) return found.status();
-    state = std::move(found).value();
-    if (state) {
+// Where a stage keeps its checkpoints: <dir>/<job name> without pipelines, <dir>/<job name>/stage-<s>
+// with them (each stage's shards are verified and published on their own; the stages then agree on
+// the newest step that every one of them holds).
+std::string checkpointRoot(const manifest::JobSpec& spec, const Topology& topology) {
+  std::string root = spec.checkpoint.dir + "/" + spec.name;
+  if (topology.stages > 1) root += "/stage-" + std::to_string(topology.stage);
+  return root;
+}
+
+// The stages' checkpoint writers (replica 0 of each stage: ranks 0..stages-1) list the steps they hold
+// that verify; rank 0 picks the newest step every stage holds and broadcasts it; each writer loads its
+// shard and hands it to its stage's replicas. Returns the step to resume after (0: fresh start).
+StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Topology& topology,
+                                        const std::string& modelDescription, const std::string& trainingConfig,
+                                        model::Sequential& network, optim::Optimizer& optimizer) {
+  const checkpoint::CheckpointStore store(checkpointRoot(options.spec, topology), options.spec.checkpoint.keep);
+  std::vector<int64_t> validSteps;
+  std::map<int64_t, checkpoint::CheckpointState> loaded;
+  if (topology.writesCheckpoints()) {
+    for (int64_t step : store.listSteps()) {
+      auto state = store.read(step, topology.stage);
+      if (!state.ok()) {
+        log::warning() << "skipping checkpoint " << checkpoint::stepDirectoryName(step) << ": " << state.status().message();
+        continue;
+      }
+      if (state->modelDescription != modelDescription)
+        return TANDEM_ERROR(StatusCode::kFailedPrecondition,
+                            "checkpoint " + store.root() + "/" + checkpoint::stepDirectoryName(step) + " holds model \"" +
+                                state->modelDescription + "\" but this job trains \"" + modelDescription +
+                                "\": refusing to resume (use another checkpoint.dir or job name to start over)");
       if (state->parameters.size() != static_cast<size_t>(network.parameterCount()) ||
           state->optimizerState.size() != static_cast<size_t>(optimizer.stateSize()))
         return TANDEM_ERROR(StatusCode::kFailedPrecondition,
-                            store.root() + "/" + checkpoint::stepDirectoryName(state->step) +
+                            store.root() + "/" + checkpoint::stepDirectoryName(step) +
                                 ": optimizer state of another size (was the optimizer kind changed?)");
-      if (state->trainingConfig != trainingConfig)
-        log::warning() << "resuming " << checkpoint::stepDirectoryName(state->step)
-                       << " with a changed training configuration (allowed: learning rate, steps, ...). Checkpoint:\n"
-                       << state->trainingConfig << "now:\n" << trainingConfig;
-      header[0] = state->step;
-      header[1] = state->optimizerSteps;
-      std::copy(state->parameters.begin(), state->parameters.end(), network.parameters());
-      std::copy(state->optimizerState.begin(), state->optimizerState.end(), optimizer.state());
-      log::info() << "resuming from " << store.root() << "/" << checkpoint::stepDirectoryName(state->step);
+      validSteps.push_back(step);
+      loaded.emplace(step, std::move(state).value());
     }
   }
-  if (communicator != nullptr) {
-    TANDEM_RETURN_IF_ERROR(communicator->broadcast(header, sizeof(header), 0).withContext("sharing the checkpoint step"));
-    if (header[0] > 0) {
-      TANDEM_RETURN_IF_ERROR(communicator->broadcast(network.parameters(), network.parameterCount() * 4, 0));
-      TANDEM_RETURN_IF_ERROR(communicator->broadcast(optimizer.state(), optimizer.stateSize() * 4, 0));
+  int64_t chosen = validSteps.empty() ? 0 : validSteps.front();
+  if (topology.stages > 1 && topology.replica == 0) {
+    // Replica 0's pipeline holds exactly the writers; its rank 0 is the world's rank 0.
+    if (topology.stage > 0) {
+      int64_t count = static_cast<int64_t>(validSteps.size());
+      TANDEM_RETURN_IF_ERROR(topology.pipeline->send(&count, sizeof(count), 0, 0));
+      if (count > 0) TANDEM_RETURN_IF_ERROR(topology.pipeline->send(validSteps.data(), count * 8, 0, 1));
+    } else {
+      std::set<int64_t> common(validSteps.begin(), validSteps.end());
+      for (int stage = 1; stage < topology.stages; ++stage) {
+        int64_t count = 0;
+        TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(&count, sizeof(count), stage, 0));
+        std::vector<int64_t> theirs(count);
+        if (count > 0) TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(theirs.data(), count * 8, stage, 1));
+        std::set<int64_t> both;
+        for (int64_t step : theirs)
+          if (common.count(step)) both.insert(step);
+        common = both;
+      }
+      chosen = common.empty() ? 0 : *common.rbegin();
+      if (!validSteps.empty() && chosen != validSteps.front())
+        log::warning() << "the newest checkpoint all " << topology.stages << " stages hold is step " << chosen;
     }
   }
-  optimizer.setStepsTaken(header[1]);
-  return header[0];
+  if (topology.world != nullptr)
+    TANDEM_RETURN_IF_ERROR(topology.world->broadcast(&chosen, sizeof(chosen), 0).withContext("sharing the checkpoint step"));
+  if (chosen == 0) return int64_t{0};
+
+  int64_t optimizerSteps = 0;
+  if (topology.writesCheckpoints()) {
+    auto found = loaded.find(chosen);
+    if (found == loaded.end())
+      return TANDEM_ERROR(StatusCode::kInternal, "stage " + std::to_string(topology.stage) + " lacks the agreed checkpoint " +
+                                                     checkpoint::stepDirectoryName(chosen));
+    const checkpoint::CheckpointState& state = found->second;
+    if (state.trainingConfig != trainingConfig)
+      log::warning() << "resuming " << checkpoint::stepDirectoryName(chosen)
+                     << " with a changed training configuration (allowed: learning rate, steps, ...). Checkpoint:\n"
+                     << state.trainingConfig << "now:\n" << trainingConfig;
+    std::copy(state.parameters.begin(), state.parameters.end(), network.parameters());
+    std::copy(state.optimizerState.begin(), state.optimizerState.end(), optimizer.state());
+    optimizerSteps = state.optimizerSteps;
+    log::info() << "resuming from " << store.root() << "/" << checkpoint::stepDirectoryName(chosen);
+  }
+  if (topology.dataParallel != nullptr) {
+    TANDEM_RETURN_IF_ERROR(topology.dataParallel->broadcast(&optimizerSteps, sizeof(optimizerSteps), 0));
+    TANDEM_RETURN_IF_ERROR(topology.dataParallel->broadcast(network.parameters(), network.parameterCount() * 4, 0));
+    TANDEM_RETURN_IF_ERROR(topology.dataParallel->broadcast(optimizer.state(), optimizer.stateSize() * 4, 0));
+  }
+  optimizer.setStepsTaken(optimizerSteps);
+  return chosen;
+}
+
+// Rank 0 gathers every stage's parameters (replica 0's pipeline) and writes them in model order.
+Status dumpParameters(const std::string& path, const Topology& topology, model::Sequential& network) {
+  if (topology.replica != 0) return Status::Ok();
+  if (topology.stage > 0) {
+    int64_t count = network.parameterCount();
+    TANDEM_RETURN_IF_ERROR(topology.pipeline->send(&count, sizeof(count), 0, 0));
+    return topology.pipeline->send(network.parameters(), count * 4, 0, 1);
+  }
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(network.parameters()),
+            static_cast<std::streamsize>(network.parameterCount() * sizeof(float)));
+  for (int stage = 1; stage < topology.stages; ++stage) {
+    int64_t count = 0;
+    TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(&count, sizeof(count), stage, 0));
+    std::vector<float> values(count);
+    TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(values.data(), count * 4, stage, 1));
+    out.write(reinterpret_cast<const char*>(values.data()), static_cast<std::streamsize>(count * sizeof(float)));
+  }
+  if (!out) return TANDEM_ERROR(StatusCode::kInvalidArgument, path + ": cannot write parameters");
+  return Status::Ok();
 }
 
 }  // namespace
@@ -140,19 +309,48 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
                         "spec.training.globalBatchSize: " + std::to_string(globalBatch) + " is larger than the " +
                             std::to_string(data.train.count) + " training samples");
   const bool isLeader = options.rank == 0;
-  comm::Communicator* communicator = options.worldSize > 1 ? options.communicator : nullptr;
+  TANDEM_ASSIGN_OR_RETURN(Topology topology, makeTopology(options));
+  const int stages = topology.stages, microBatches = topology.microBatches;
 
-  // Two trailing gradient slots ride with the first all-reduce bucket: the local loss sum, and this
-  // rank's stop vote (so every rank stops after the same step when any one was asked to).
-  constexpr int64_t kLossSlot = 0, kStopSlot = 1;
-  auto network = model::buildMlp(data.train.features, spec.model.mlp.hidden, data.train.classes,
-                                 activationOf(spec), /*trailingGradientSlots=*/2);
-  network->initialize(static_cast<uint64_t>(spec.training.seed));
-  if (communicator != nullptr)  // identical by seed already; the broadcast makes it a guarantee
-    TANDEM_RETURN_IF_ERROR(communicator->broadcast(network->parameters(),
-                                                   network->parameterCount() * static_cast<int64_t>(sizeof(float)), 0)
+  // Partition the linear layers into contiguous stages, balanced by forward multiply-adds (which, for
+  // linear layers, is also the parameter count and the backward cost).
+  const auto& hidden = spec.model.mlp.hidden;
+  std::vector<int64_t> widths{data.train.features};
+  widths.insert(widths.end(), hidden.begin(), hidden.end());
+  widths.push_back(data.train.classes);
+  std::vector<double> costs;
+  for (size_t k = 0; k + 1 < widths.size(); ++k) costs.push_back(static_cast<double>(widths[k] * widths[k + 1]));
+  const std::vector<size_t> starts = parallel::partitionLayers(costs, stages);
+  const size_t firstLinear = starts[topology.stage];
+  const size_t endLinear = topology.stage + 1 < stages ? starts[topology.stage + 1] : costs.size();
+  if (isLeader && stages > 1) {
+    std::ostringstream partition;
+    for (int stage = 0; stage < stages; ++stage) {
+      const size_t first = starts[stage], end = stage + 1 < stages ? starts[stage + 1] : costs.size();
+      double macs = 0;
+      int64_t parameters = 0;
+      for (size_t k = first; k < end; ++k) {
+        macs += costs[k];
+        parameters += widths[k] * widths[k + 1] + widths[k + 1];
+      }
+      partition << "\n  stage " << stage << ": linear layers " << first << "-" << end - 1 << ", " << parameters
+                << " parameters, " << 6 * macs / 1e6 << " MFLOP per sample (forward + backward, estimated)";
+    }
+    log::info() << "pipeline of " << stages << " stages x " << topology.replicas << " replicas, " << microBatches
+                << " microbatches, " << spec.parallelism.schedule << "; partition by estimated FLOPs:" << partition.str();
+  }
+
+  // Without a pipeline, two trailing gradient slots ride with the first all-reduce bucket: the local
+  // loss sum and this rank's stop vote (so every rank stops after the same step when any one was asked).
+  // With a pipeline, the last stages hold the loss, so both travel in one small world all-reduce.
+  const bool metricsInGradients = stages == 1;
+  auto network = model::buildMlpSlice(data.train.features, hidden, data.train.classes, activationOf(spec), firstLinear,
+                                      endLinear, metricsInGradients ? 2 : 0);
+  network->initialize(static_cast<uint64_t>(spec.training.seed), 2 * firstLinear);
+  if (topology.dataParallel != nullptr)  // identical by seed already; the broadcast makes it a guarantee
+    TANDEM_RETURN_IF_ERROR(topology.dataParallel->broadcast(network->parameters(), network->parameterCount() * 4, 0)
                                .withContext("sharing initial parameters"));
-  if (isLeader) log::info() << "model mlp:\n" << network->describe();
+  if (isLeader) log::info() << "model mlp" << (stages > 1 ? " (stage 0)" : "") << ":\n" << network->describe();
 
   optim::OptimizerOptions optimizerOptions;
   optimizerOptions.kind = spec.optimizer.kind;
@@ -164,22 +362,28 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   optimizerOptions.nesterov = spec.optimizer.nesterov;
   optim::Optimizer optimizer(optimizerOptions, network->parameterCount());
 
-  const std::string modelDescription = describeModel(spec, data.train);
+  std::string modelDescription = describeModel(spec, data.train);
+  if (stages > 1) modelDescription += ", stage " + std::to_string(topology.stage) + " of " + std::to_string(stages);
   const std::string trainingConfig = manifest::canonicalTrainingConfig(spec);
   const bool checkpointing = !spec.checkpoint.dir.empty();
   int64_t firstStep = 0;
   if (checkpointing) {
-    TANDEM_ASSIGN_OR_RETURN(firstStep, restoreFromCheckpoint(options, modelDescription, trainingConfig, *network,
-                                                             optimizer, communicator));
+    TANDEM_ASSIGN_OR_RETURN(firstStep, restoreFromCheckpoint(options, topology, modelDescription, trainingConfig, *network,
+                                                             optimizer));
     if (firstStep > 0 && isLeader && options.onResume) options.onResume(firstStep);
   }
 
-  data::ShardedBatches batches(data.train.count, globalBatch, static_cast<uint64_t>(spec.training.seed), options.rank,
-                               options.worldSize);
+  data::ShardedBatches batches(data.train.count, globalBatch, static_cast<uint64_t>(spec.training.seed), topology.replica,
+                               topology.replicas);
+  const int64_t microBatchSize = batches.localBatch() / microBatches;
   const int64_t totalSteps = plannedSteps(spec, data.train.count, options.maxSteps);
   optim::ScheduleOptions schedule{spec.optimizer.schedule, spec.optimizer.lr, spec.optimizer.warmupSteps, totalSteps};
-  parallel::BucketedAllReduce allReduce(*network, communicator, options.bucketCapFloats);
-  if (isLeader && communicator != nullptr) log::info() << allReduce.describe();
+  parallel::BucketedAllReduce allReduce(*network, topology.dataParallel, options.bucketCapFloats);
+  if (isLeader && topology.dataParallel != nullptr) log::info() << allReduce.describe();
+  const std::vector<parallel::PipelineOp> operations =
+      parallel::pipelineSchedule(spec.parallelism.schedule, stages, topology.stage, microBatches);
+  if (stages > 1 && topology.replica == 0)
+    log::info() << "stage " << topology.stage << " schedule: " << parallel::describeSchedule(operations);
 
   std::unique_ptr<std::ofstream> lossLog;
   if (isLeader && !options.lossLogPath.empty()) {
@@ -189,17 +393,17 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   }
 
   TrainingSummary summary;
+  summary.stage = topology.stage;
   summary.resumedFromStep = firstStep;
   summary.steps = firstStep;
-  // Only data-parallel rank 0 writes (one stage today). Failures are logged; training goes on and
-  // the earlier checkpoints stay.
+  // Failures are logged; training goes on and the earlier checkpoints stay.
   std::atomic<int64_t> lastDurableStep{firstStep};
   std::atomic<double> lastWriteSeconds{0.0};
   std::atomic<int64_t> checkpointsWritten{0};
   std::unique_ptr<checkpoint::AsyncCheckpointer> checkpointer;
-  if (checkpointing && isLeader) {
+  if (checkpointing && topology.writesCheckpoints()) {
     checkpointer = std::make_unique<checkpoint::AsyncCheckpointer>(
-        checkpoint::CheckpointStore(spec.checkpoint.dir + "/" + spec.name, spec.checkpoint.keep),
+        checkpoint::CheckpointStore(checkpointRoot(spec, topology), spec.checkpoint.keep),
         [&](const checkpoint::AsyncCheckpointer::Result& result) {
           if (result.status.ok()) {
             lastDurableStep = result.step;
@@ -219,6 +423,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     checkpoint::CheckpointState state;
     state.step = step;
     state.optimizerSteps = optimizer.stepsTaken();
+    state.stage = topology.stage;
     state.job = spec.jobKey();
     state.modelDescription = modelDescription;
     state.trainingConfig = trainingConfig;
@@ -228,28 +433,114 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     checkpointer->submit(std::move(state));
   };
 
-  Tensor inputs, gradLogits;
-  std::vector<int32_t> labels;
-  const auto onGradientsReady = [&](int64_t offset) { allReduce.onGradientsReady(offset); };
+  // Per-microbatch state: inputs (data or the previous stage's activations), activations kept for
+  // backward, dL/doutput (from the loss or the next stage), dL/dinput (sent back).
+  std::vector<Tensor> inputs(microBatches), gradOutputs(microBatches), gradInputs(microBatches);
+  std::vector<model::Activations> activations(microBatches);
+  std::vector<std::vector<int32_t>> labels(microBatches);
+  std::vector<int64_t> microIndices;
+  std::vector<std::shared_ptr<comm::Work>> sends;
+  const int64_t inFeatures = network->layer(0).inputFeatures();
+  const int64_t outFeatures = network->layer(network->layerCount() - 1).outputFeatures();
+  const std::function<void(int64_t)> onGradientsReady = [&](int64_t offset) { allReduce.onGradientsReady(offset); };
+  const std::function<void(int64_t)> noHook;
+  PairwiseAccumulator accumulator(network->parameterCount());
   double evalSeconds = 0.0;
-  std::optional<std::chrono::steady_clock::time_point> stopDeadline;
+  std::optional<Clock::time_point> stopDeadline;
   const auto loopStart = Clock::now();
+  // Blocks on a neighbour; the time counts as pipeline idle.
+  auto waitIdle = [&](const std::shared_ptr<comm::Work>& work) {
+    const auto start = Clock::now();
+    Status status = work->wait();
+    summary.idleSeconds += secondsSince(start);
+    return status;
+  };
+
   for (int64_t step = firstStep; step < totalSteps; ++step) {
     const bool stopVote = options.stopRequested != nullptr && options.stopRequested->load();
     if (stopVote && !stopDeadline)
       stopDeadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(options.graceSeconds * 1000));
     log::setStep(step + 1);
-    data.train.gather(batches.shard(step), inputs, labels);
+    const std::vector<int64_t>& shard = batches.shard(step);
     network->zeroGradients();
-    const Tensor& logits = network->forward(inputs);
-    gradLogits.reshape(logits.shape());
-    network->trailingGradientSlots()[kLossSlot] = static_cast<float>(kernels::softmax_cross_entropy(
-        logits.rows(), logits.cols(), logits.data(), labels.data(), 1.0f / static_cast<float>(globalBatch),
-        gradLogits.data(), nullptr));
-    network->trailingGradientSlots()[kStopSlot] = stopVote ? 1.0f : 0.0f;
-    network->backward(gradLogits, onGradientsReady);
+    double lossSum = 0.0;
+    int live = 0;
+    int64_t liveBytes = 0;
+    for (size_t o = 0; o < operations.size(); ++o) {
+      const parallel::PipelineOp op = operations[o];
+      const int m = op.microBatch;
+      if (op.kind == parallel::PipelineOpKind::kForward) {
+        // Labels are needed by the last stage, inputs by the first; gather fills both.
+        microIndices.assign(shard.begin() + m * microBatchSize, shard.begin() + (m + 1) * microBatchSize);
+        if (topology.firstStage() || topology.lastStage()) data.train.gather(microIndices, inputs[m], labels[m]);
+        if (!topology.firstStage()) {
+          inputs[m].reshape({microBatchSize, inFeatures});
+          TANDEM_RETURN_IF_ERROR(waitIdle(topology.pipeline->recvAsync(inputs[m].data(), inputs[m].size() * 4,
+                                                                        topology.stage - 1, activationTag(m))));
+        }
+        const auto start = Clock::now();
+        const Tensor& output = network->forward(inputs[m], activations[m]);
+        ++live;
+        liveBytes += activations[m].bytes();
+        summary.peakMicroBatchesInFlight = std::max(summary.peakMicroBatchesInFlight, live);
+        summary.peakActivationBytes = std::max(summary.peakActivationBytes, liveBytes);
+        if (topology.lastStage()) {
+          gradOutputs[m].reshape(output.shape());
+          lossSum += kernels::softmax_cross_entropy(output.rows(), output.cols(), output.data(), labels[m].data(),
+                                                    1.0f / static_cast<float>(globalBatch), gradOutputs[m].data(), nullptr);
+          summary.forwardSeconds += secondsSince(start);
+        } else {
+          summary.forwardSeconds += secondsSince(start);
+          sends.push_back(topology.pipeline->sendAsync(output.data(), output.size() * 4, topology.stage + 1, activationTag(m)));
+        }
+        continue;
+      }
+      if (!topology.lastStage()) {
+        gradOutputs[m].reshape({microBatchSize, outFeatures});
+        TANDEM_RETURN_IF_ERROR(waitIdle(topology.pipeline->recvAsync(gradOutputs[m].data(), gradOutputs[m].size() * 4,
+                                                                      topology.stage + 1, gradientTag(m))));
+      }
+      const bool lastBackward = o + 1 == operations.size();
+      const auto start = Clock::now();
+      if (microBatches == 1) {
+        if (metricsInGradients) {
+          network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
+          network->trailingGradientSlots()[1] = stopVote ? 1.0f : 0.0f;
+        }
+        // One microbatch: its backward finalises the gradients and launches the buckets as it goes.
+        network->backward(activations[m], gradOutputs[m], onGradientsReady,
+                          topology.firstStage() ? nullptr : &gradInputs[m]);
+      } else {
+        network->zeroGradients();
+        network->backward(activations[m], gradOutputs[m], noHook, topology.firstStage() ? nullptr : &gradInputs[m]);
+        accumulator.add(network->gradients());
+        if (lastBackward) {
+          accumulator.finish(network->gradients());
+          if (metricsInGradients) {
+            network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
+            network->trailingGradientSlots()[1] = stopVote ? 1.0f : 0.0f;
+          }
+          onGradientsReady(0);
+        }
+      }
+      summary.backwardSeconds += secondsSince(start);
+      --live;
+      liveBytes -= activations[m].bytes();
+      if (!topology.firstStage())
+        sends.push_back(topology.pipeline->sendAsync(gradInputs[m].data(), gradInputs[m].size() * 4, topology.stage - 1,
+                                                     gradientTag(m)));
+    }
+    for (auto& send : sends) TANDEM_RETURN_IF_ERROR(waitIdle(send));
+    sends.clear();
     TANDEM_RETURN_IF_ERROR(allReduce.finish().withContext("step " + std::to_string(step + 1)));
-    const double loss = network->trailingGradientSlots()[kLossSlot] / static_cast<double>(globalBatch);
+    float metrics[2] = {static_cast<float>(lossSum), stopVote ? 1.0f : 0.0f};
+    if (metricsInGradients) {
+      metrics[0] = network->trailingGradientSlots()[0];
+      metrics[1] = network->trailingGradientSlots()[1];
+    } else if (topology.world != nullptr) {
+      TANDEM_RETURN_IF_ERROR(topology.world->allReduce(metrics, 2).withContext("step " + std::to_string(step + 1)));
+    }
+    const double loss = metrics[0] / static_cast<double>(globalBatch);
     const double lr = optim::learningRate(schedule, step);
     optimizer.step(network->parameters(), network->gradients(), lr);
     summary.finalLoss = loss;
@@ -274,8 +565,8 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       progress.etaSeconds = static_cast<double>(totalSteps - progress.step) * trainSeconds / stepsHere;
       options.onProgress(progress);
     }
-    // Every rank saw the same votes (they were summed with the gradients): stop together, here.
-    if (network->trailingGradientSlots()[kStopSlot] > 0.0f) {
+    // Every rank saw the same votes (they were summed): stop together, here.
+    if (metrics[1] > 0.0f) {
       // The grace period runs from this rank's own signal, or from now when another rank was asked.
       if (!stopDeadline)
         stopDeadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(options.graceSeconds * 1000));
@@ -296,7 +587,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     const bool evalDue = spec.training.evalEvery > 0 && (step + 1) % spec.training.evalEvery == 0 && step + 1 < totalSteps;
     if (evalDue) {
       const auto evalStart = Clock::now();
-      TANDEM_ASSIGN_OR_RETURN(EvalResult eval, evaluate(*network, data.test, options.rank, options.worldSize, communicator));
+      TANDEM_ASSIGN_OR_RETURN(EvalResult eval, evaluate(*network, data.test, topology));
       eval.step = step + 1;
       if (isLeader && options.onEval) options.onEval(eval);
       evalSeconds += secondsSince(evalStart);
@@ -307,6 +598,13 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       static_cast<double>((summary.steps - firstStep) * globalBatch) / std::max(summary.trainSeconds, 1e-9);
   summary.exposedAllReduceSeconds = allReduce.exposedSeconds();
   summary.allReduceBytes = allReduce.bytesReduced();
+  const double busy = summary.forwardSeconds + summary.backwardSeconds;
+  summary.bubbleRatio = summary.idleSeconds / std::max(summary.idleSeconds + busy, 1e-12);
+  if (stages > 1 && topology.replica == 0)
+    log::info() << "stage " << topology.stage << ": forward " << summary.forwardSeconds << " s, backward "
+                << summary.backwardSeconds << " s, idle " << summary.idleSeconds << " s, bubble ratio "
+                << summary.bubbleRatio << ", peak activations " << summary.peakMicroBatchesInFlight << " microbatches ("
+                << summary.peakActivationBytes << " bytes)";
   // The finished model is a checkpoint too: a restart after the end resumes at the end.
   if (checkpointer) {
     if (lastSubmittedStep != summary.steps) snapshot(summary.steps);
@@ -314,17 +612,11 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   }
   summary.checkpointsWritten = checkpointsWritten;
 
-  TANDEM_ASSIGN_OR_RETURN(summary.finalEval,
-                          evaluate(*network, data.test, options.rank, options.worldSize, communicator));
+  TANDEM_ASSIGN_OR_RETURN(summary.finalEval, evaluate(*network, data.test, topology));
   summary.finalEval.step = summary.steps;
   if (isLeader && options.onEval) options.onEval(summary.finalEval);
-
-  if (isLeader && !options.dumpParametersPath.empty()) {
-    std::ofstream out(options.dumpParametersPath, std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(network->parameters()),
-              static_cast<std::streamsize>(network->parameterCount() * sizeof(float)));
-    if (!out) return TANDEM_ERROR(StatusCode::kInvalidArgument, options.dumpParametersPath + ": cannot write parameters");
-  }
+  if (!options.dumpParametersPath.empty())
+    TANDEM_RETURN_IF_ERROR(dumpParameters(options.dumpParametersPath, topology, *network));
   return summary;
 }
 

@@ -259,10 +259,6 @@ void readSpec(MapReader& spec, JobSpec& job, std::vector<FieldError>& errors) {
 // Valid manifests that this build cannot train yet: refused up front rather than failing mid-run.
 void appendUnimplemented(const JobSpec& job, std::vector<FieldError>& errors) {
   const std::string notYet = " is not implemented in this build yet";
-  if (job.parallelism.pipelineStages > 1)
-    errors.push_back({"spec.parallelism.pipelineStages", "pipeline parallelism" + notYet + " (use 1)"});
-  if (job.parallelism.microBatches > 1)
-    errors.push_back({"spec.parallelism.microBatches", "gradient accumulation over microbatches" + notYet + " (use 1)"});
   if (job.model.present && job.model.kind == "gpt")
     errors.push_back({"spec.model.kind", "the gpt family" + notYet + " (use mlp)"});
   if (job.data.kind == "text") errors.push_back({"spec.data.kind", "text data" + notYet});

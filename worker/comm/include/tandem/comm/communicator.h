@@ -38,6 +38,10 @@ class Communicator {
   Status send(const void* data, int64_t bytes, int peer, uint32_t tag) { return sendAsync(data, bytes, peer, tag)->wait(); }
   Status recv(void* data, int64_t bytes, int peer, uint32_t tag) { return recvAsync(data, bytes, peer, tag)->wait(); }
   virtual Status barrier() = 0;
+
+  // Collective over this communicator: ranks that pass the same color form a new communicator, ranked
+  // by (key, rank). Used for a stage's data-parallel group and a replica's pipeline.
+  virtual StatusOr<std::unique_ptr<Communicator>> split(int color, int key) = 0;
 };
 
 // The key-value store a communicator bootstraps from (the rendezvous, or memory in tests).

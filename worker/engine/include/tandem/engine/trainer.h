@@ -42,6 +42,15 @@ struct TrainingSummary {
   double samplesPerSecond = 0.0;   // global samples per second of the training loop
   double exposedAllReduceSeconds = 0.0;
   int64_t allReduceBytes = 0;
+  // Pipeline accounting of this rank's stage over the whole run: compute time of forwards (loss
+  // included) and backwards, time blocked on the neighbouring stages, and idle / (idle + busy).
+  int stage = 0;
+  double forwardSeconds = 0.0;
+  double backwardSeconds = 0.0;
+  double idleSeconds = 0.0;
+  double bubbleRatio = 0.0;
+  int peakMicroBatchesInFlight = 0;
+  int64_t peakActivationBytes = 0;
 };
 
 struct TrainerOptions {

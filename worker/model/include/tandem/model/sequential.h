@@ -14,6 +14,15 @@
 
 namespace tandem::model {
 
+// What backward needs from one forward: the input and every layer's output. A pipeline stage keeps one
+// per microbatch in flight.
+struct Activations {
+  const Tensor* input = nullptr;
+  std::vector<Tensor> outputs;  // outputs[i] = output of layer i
+  // Bytes of the activations held (the input belongs to the caller and is not counted).
+  int64_t bytes() const;
+};
+
 class Sequential {
  public:
   // trailingGradientSlots: extra floats after the last gradient (e.g. a loss sum that rides along with
@@ -32,8 +41,9 @@ class Sequential {
   int64_t trailingGradientSlotCount() const { return gradients_.size() - parameterCount_; }
   int64_t forwardMacsPerSample() const;
 
-  // Same seed, same parameters: every rank initialises identically.
-  void initialize(uint64_t seed);
+  // Same seed, same parameters: every rank initialises identically. firstLayerIndex is this stack's
+  // position in the whole model, so a pipeline stage draws exactly what the unsplit model would.
+  void initialize(uint64_t seed, size_t firstLayerIndex = 0);
   void zeroGradients() { gradients_.zero(); }
 
   // input (batch, in) -> output (batch, out). Keeps every activation for backward; `input` must stay
@@ -42,6 +52,12 @@ class Sequential {
   // gradOutput: dL/doutput of the last forward. onGradientsReady(offset) says that every gradient at
   // flat offset >= offset is final; offsets only decrease, and the last call is 0.
   void backward(const Tensor& gradOutput, const std::function<void(int64_t)>& onGradientsReady = {});
+
+  // The same with caller-held activations (one set per microbatch in flight). gradInput, when not
+  // null, receives dL/dinput (a pipeline stage sends it to the previous stage).
+  const Tensor& forward(const Tensor& input, Activations& activations);
+  void backward(const Activations& activations, const Tensor& gradOutput,
+                const std::function<void(int64_t)>& onGradientsReady, Tensor* gradInput);
 
   // Layers finish their gradients in pieces of about this many floats (see Layer::setGradientChunkFloats).
   void setGradientChunkFloats(int64_t floats);
@@ -57,13 +73,19 @@ class Sequential {
   int64_t parameterCount_ = 0;
   FloatBuffer parameters_;
   FloatBuffer gradients_;
-  const Tensor* input_ = nullptr;
-  std::vector<Tensor> activations_;  // activations_[i] = output of layer i
-  Tensor gradientA_, gradientB_;     // ping-pong buffers for dL/dactivation
+  Activations activations_;      // for forward(input) / backward(gradOutput)
+  Tensor gradientA_, gradientB_;  // ping-pong buffers for dL/dactivation
 };
 
 // The mlp family: in -> hidden... -> classes, an activation after every hidden linear layer.
 std::unique_ptr<Sequential> buildMlp(int64_t inputFeatures, const std::vector<int64_t>& hidden, int64_t classes,
                                      ActivationKind activation, int64_t trailingGradientSlots = 0);
+
+// Linear layers [firstLinear, endLinear) of that mlp, each with the activation that follows it in the
+// whole model (the model's last linear layer has none). Layer i of the result is layer
+// 2 * firstLinear + i of the whole model.
+std::unique_ptr<Sequential> buildMlpSlice(int64_t inputFeatures, const std::vector<int64_t>& hidden, int64_t classes,
+                                          ActivationKind activation, size_t firstLinear, size_t endLinear,
+                                          int64_t trailingGradientSlots = 0);
 
 }  // namespace tandem::model
