@@ -178,7 +178,7 @@ StatusOr<int64_t> CheckpointStore::write(const CheckpointState& state) {
     fs::remove_all(temporary, error);
     return written.status().withContext("checkpoint " + stepDirectoryName(state.step) + " not written");
   }
-  Status pruned = removeOld();
+  Status pruned = removeOld(state.step);
   if (!pruned.ok()) return pruned;
   return written;
 }
@@ -198,8 +198,13 @@ std::vector<int64_t> CheckpointStore::listSteps() const {
   return steps;
 }
 
-Status CheckpointStore::removeOld() const {
-  const auto steps = listSteps();
+Status CheckpointStore::removeOld(int64_t written) const {
+  // Retention counts back from the checkpoint just written. A newer step can only be one that resume
+  // skipped as unverifiable: it neither counts against `keep` nor is deleted here (writing that step
+  // again replaces it), so it cannot push the fresh checkpoints out.
+  std::vector<int64_t> steps;
+  for (int64_t step : listSteps())
+    if (step <= written) steps.push_back(step);
   std::error_code error;
   for (size_t i = static_cast<size_t>(keep_); i < steps.size(); ++i) {
     fs::remove_all(root_ + "/" + stepDirectoryName(steps[i]), error);

@@ -59,7 +59,8 @@ class CheckpointStore {
                                                            const std::function<void(const std::string&)>& warn) const;
 
  private:
-  Status removeOld() const;
+  // Deletes the checkpoints beyond `keep`, counting back from `written` (the step just written).
+  Status removeOld(int64_t written) const;
   std::string root_;
   int64_t keep_;
 };
