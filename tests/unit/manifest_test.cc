@@ -108,14 +108,23 @@ TEST(ParseManifest, FullManifestIsValidAndEveryFieldLands) {
   EXPECT_FALSE(spec.hasCustomCommand);
 }
 
-// The DESIGN.md §2 example itself (two stages, eight microbatches) is schema-valid: anything refused is
-// refused only as not implemented in this build.
-TEST(ParseManifest, DesignExampleFailsOnlyOnUnimplementedFeatures) {
+// The DESIGN.md §2 example itself (two stages, eight microbatches) is valid now that pipelines exist.
+TEST(ParseManifest, DesignExampleWithPipelineIsValid) {
   std::string text = replace(kFullManifest, "pipelineStages: 1", "pipelineStages: 2");
   text = replace(text, "microBatches: 1", "microBatches: 8");
   const ParseResult result = parseManifest(text, "design.yaml");
-  for (const auto& error : result.errors)
-    EXPECT_NE(error.message.find("not implemented"), std::string::npos) << error.toString();
+  ASSERT_TRUE(result.ok()) << allErrors(result);
+  EXPECT_EQ(result.spec.parallelism.pipelineStages, 2);
+  EXPECT_EQ(result.spec.dataParallel(), 2);
+}
+
+TEST(ParseManifest, BatchNotDivisibleByDataParallelTimesMicroBatches) {
+  std::string text = replace(kFullManifest, "pipelineStages: 1", "pipelineStages: 2");
+  text = replace(text, "microBatches: 1", "microBatches: 6");
+  const ParseResult result = parseManifest(text, "design.yaml");
+  ASSERT_EQ(result.errors.size(), 1u) << allErrors(result);
+  EXPECT_EQ(result.errors[0].toString(),
+            "spec.training.globalBatchSize: 256 is not divisible by data-parallel degree (2) x microBatches (6) = 12");
 }
 
 TEST(ParseManifest, MinimalManifestIsValid) {

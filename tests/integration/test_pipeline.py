@@ -1,0 +1,164 @@
+"""Pipeline model parallelism and hybrid pipeline x data parallelism through `tandem run`:
+equivalence with one worker (bitwise, for both schedules), validation of bad layouts, the 1F1B
+activation bound, and a SIGKILL of a middle stage resumed from its checkpoint."""
+
+import os
+import random
+import re
+import signal
+import subprocess
+import threading
+import unittest
+
+from tandem_testlib import TANDEM, TempDirTest, children_of, read_floats, relative_error, tandem, wait_for
+
+HIDDEN = "[512, 512, 512, 512]"  # the example mlp with extra hidden layers: 784-512-512-512-512-10
+# Equal GEMM threading on every side: OpenBLAS' blocking (hence float rounding) depends on it.
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1"}
+
+
+def pipeline_job(workers, stages, micro_batches, schedule="1F1B", hidden=HIDDEN, extra=""):
+    return f"""apiVersion: tandem.dev/v1alpha1
+kind: DistributedTrainingJob
+metadata: {{name: pipe}}
+spec:
+  workers: {workers}
+  parallelism: {{pipelineStages: {stages}, microBatches: {micro_batches}, schedule: {schedule}}}
+  model: {{kind: mlp, mlp: {{hidden: {hidden}, activation: relu}}}}
+  data: {{kind: fashion-mnist, path: /usr/share/datasets/fashion-mnist}}
+  optimizer: {{kind: adamw, lr: 1.0e-3}}
+  training: {{globalBatchSize: 256, epochs: 1, seed: 1}}
+{extra}"""
+
+
+class PipelineEquivalence(TempDirTest):
+    """50 steps of the same global batch: a pipeline (P=2, P=4) and a hybrid (P=2 x D=2) end with the very
+    parameters of one worker that accumulates the same microbatches (bitwise, so well within 1e-5)."""
+
+    def parameters(self, name, text):
+        path = os.path.join(self.tmp, f"{name}.bin")
+        result = tandem("run", self.write(f"{name}.yaml", text), "--max-steps", "50", "--dump-params", path, "--quiet",
+                        env=ONE_THREAD)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        return read_floats(path), result.stderr
+
+    def check(self, workers, stages, micro_batches, reference_micro_batches):
+        reference, _ = self.parameters("single", pipeline_job(1, 1, reference_micro_batches))
+        self.assertEqual(len(reference), 784 * 512 + 512 + 3 * (512 * 512 + 512) + 512 * 10 + 10)
+        for schedule in ("GPipe", "1F1B"):
+            values, log = self.parameters(f"p{stages}-{schedule}", pipeline_job(workers, stages, micro_batches, schedule))
+            self.assertIn(f"pipeline of {stages} stages x {workers // stages} replicas", log)
+            relative, largest = relative_error(values, reference)
+            print(f"P={stages} D={workers // stages} M={micro_batches} {schedule} vs 1 worker with "
+                  f"{reference_micro_batches} microbatches: relative error {relative:.3g}, largest {largest:.3g}")
+            self.assertEqual(values.tobytes(), reference.tobytes())
+            self.assertLessEqual(relative, 1e-5)
+
+    def test_two_stages(self):
+        self.check(workers=2, stages=2, micro_batches=4, reference_micro_batches=4)
+
+    def test_four_stages(self):
+        self.check(workers=4, stages=4, micro_batches=4, reference_micro_batches=4)
+
+    def test_two_stages_by_two_replicas(self):
+        # Each replica takes half the batch in 4 microbatches: 8 microbatches of 32 in all.
+        self.check(workers=4, stages=2, micro_batches=4, reference_micro_batches=8)
+
+    def test_one_microbatch_pipeline_equals_the_unsplit_step(self):
+        reference, _ = self.parameters("single-m1", pipeline_job(1, 1, 1))
+        values, _ = self.parameters("p2-m1", pipeline_job(2, 2, 1))
+        self.assertEqual(values.tobytes(), reference.tobytes())
+
+
+class PipelineValidation(TempDirTest):
+    def rejected(self, text, expected):
+        result = tandem("validate", self.write("job.yaml", text), timeout=60)
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertIn(expected, result.stderr)
+
+    def test_workers_not_divisible_by_stages(self):
+        self.rejected(pipeline_job(3, 2, 4), "spec.parallelism.pipelineStages: 2 does not divide spec.workers (3)")
+
+    def test_more_stages_than_layers(self):
+        self.rejected(pipeline_job(4, 4, 4, hidden="[64, 32]"),
+                      "spec.parallelism.pipelineStages: 4 stages but the mlp model has only 3 layers")
+
+    def test_batch_not_divisible_by_data_parallel_times_microbatches(self):
+        self.rejected(pipeline_job(4, 2, 6),
+                      "spec.training.globalBatchSize: 256 is not divisible by data-parallel degree (2) x microBatches (6) = 12")
+
+
+class ActivationMemory(TempDirTest):
+    """Each stage reports its peak of microbatches in flight: GPipe holds all M, 1F1B at most P - stage."""
+
+    def peaks(self, schedule):
+        result = tandem("run", self.write("job.yaml", pipeline_job(4, 4, 8, schedule)), "--max-steps", "5", "--quiet")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        found = {int(stage): (int(micro), int(size)) for stage, micro, size in re.findall(
+            r"stage (\d+): forward .* peak activations (\d+) microbatches \((\d+) bytes\)", result.stderr)}
+        self.assertEqual(sorted(found), [0, 1, 2, 3], result.stderr[-3000:])
+        return found
+
+    def test_one_f_one_b_bounds_activations_by_stages(self):
+        for stage, (micro, _) in self.peaks("1F1B").items():
+            self.assertLessEqual(micro, 4 - stage, f"stage {stage}")
+            self.assertEqual(micro, 4 - stage)
+        for stage, (micro, _) in self.peaks("GPipe").items():
+            self.assertEqual(micro, 8, f"stage {stage}")
+
+
+class PipelineFaultTolerance(TempDirTest):
+    def run_to_end(self, name, text, interfere=None):
+        config = self.write(f"{name}.yaml", text)
+        params = os.path.join(self.tmp, f"{name}.bin")
+        loss_log = os.path.join(self.tmp, f"{name}.loss")
+        process = subprocess.Popen([TANDEM, "run", config, "--max-steps", "150", "--dump-params", params, "--loss-log",
+                                    loss_log, "--quiet", "--collective-timeout", "5"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        output = {}
+        reader = threading.Thread(target=lambda: output.update(zip(("out", "err"), process.communicate())))
+        reader.start()
+        try:
+            if interfere:
+                interfere(process, loss_log)
+            reader.join(300)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            reader.join()
+        self.assertEqual(process.returncode, 0, output.get("err", "")[-4000:])
+        with open(loss_log) as f:
+            return read_floats(params), f.read(), output["out"], output["err"]
+
+    def test_sigkill_of_a_middle_stage_resumes_exactly(self):
+        extra = f"  checkpoint: {{dir: {self.tmp}/CKPT, everySteps: 20, keep: 2}}\n"
+        reference = self.run_to_end("reference", pipeline_job(4, 4, 4, extra=extra.replace("CKPT", "ref")))
+        kill_step = random.Random().randint(30, 120)
+        print(f"SIGKILL of stage 2 at step {kill_step}")
+
+        def interfere(process, loss_log):
+            def reached():
+                try:
+                    with open(loss_log) as f:
+                        lines = f.read().splitlines()
+                    return bool(lines) and int(lines[-1].split()[0]) >= kill_step
+                except (OSError, ValueError):
+                    return False
+            self.assertTrue(wait_for(reached, 120))
+            for pid in children_of(process.pid):
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if b"TANDEM_RANK=2\0" in f.read():
+                        os.kill(pid, signal.SIGKILL)
+
+        params, loss, out, err = self.run_to_end("killed", pipeline_job(4, 4, 4, extra=extra.replace("CKPT", "ckpt")),
+                                                 interfere)
+        self.assertIn("restarts 1", out)
+        self.assertRegex(err, r"generation 1 resumed from step [1-9]\d*")
+        self.assertEqual(params.tobytes(), reference[0].tobytes())
+        self.assertEqual(loss.splitlines(), reference[1].splitlines())
+        for stage in range(4):
+            self.assertTrue(os.listdir(os.path.join(self.tmp, "ckpt", "pipe", f"stage-{stage}")))
+
+
+if __name__ == "__main__":
+    unittest.main()
