@@ -58,6 +58,14 @@ class ManifestErrors(TempDirTest):
         self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, result.stderr)
         self.assertIn("spec.training.globalBatchSize: 250 is not divisible by 4 workers (with --workers 4)", result.stderr)
 
+    def test_every_example_manifest_validates(self):
+        examples = os.path.join(os.path.dirname(__file__), "..", "..", "manifests", "examples")
+        names = sorted(n for n in os.listdir(examples) if n.endswith(".yaml"))
+        self.assertGreaterEqual(len(names), 3)
+        for name in names:
+            result = tandem("validate", os.path.join(examples, name), timeout=60)
+            self.assertEqual(result.returncode, 0, f"{name}: {result.stderr}")
+
     def test_valid_manifest_passes_validate(self):
         path = self.write("job.yaml", manifest(workers=4))
         result = tandem("validate", path, timeout=60)

@@ -79,6 +79,11 @@ void Dataset::gather(const std::vector<int64_t>& indices, Tensor& x, std::vector
   }
 }
 
+void Dataset::gatherLabels(const std::vector<int64_t>& indices, std::vector<int32_t>& y) const {
+  y.resize(indices.size());
+  for (size_t i = 0; i < indices.size(); ++i) y[i] = labels[indices[i]];
+}
+
 StatusOr<IdxArray> readIdx(const std::string& path) {
   TANDEM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, readMaybeGzip(path));
   if (bytes.size() < 4 || bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08)

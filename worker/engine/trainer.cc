@@ -466,18 +466,32 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     double lossSum = 0.0;
     int live = 0;
     int64_t liveBytes = 0;
+    // Post every receive of the step up front: Gloo moves a message once its receive is posted, so a
+    // neighbour's activations and gradients arrive while this stage computes instead of on demand.
+    std::vector<std::shared_ptr<comm::Work>> activationRecvs(microBatches), gradientRecvs(microBatches);
+    for (int m = 0; m < microBatches && stages > 1; ++m) {
+      if (!topology.firstStage()) {
+        inputs[m].reshape({microBatchSize, inFeatures});
+        activationRecvs[m] = topology.pipeline->recvAsync(inputs[m].data(), inputs[m].size() * 4, topology.stage - 1,
+                                                          activationTag(m));
+      }
+      if (!topology.lastStage()) {
+        gradOutputs[m].reshape({microBatchSize, outFeatures});
+        gradientRecvs[m] = topology.pipeline->recvAsync(gradOutputs[m].data(), gradOutputs[m].size() * 4,
+                                                        topology.stage + 1, gradientTag(m));
+      }
+    }
     for (size_t o = 0; o < operations.size(); ++o) {
       const parallel::PipelineOp op = operations[o];
       const int m = op.microBatch;
       if (op.kind == parallel::PipelineOpKind::kForward) {
         // Labels are needed by the last stage, inputs by the first; gather fills both.
         microIndices.assign(shard.begin() + m * microBatchSize, shard.begin() + (m + 1) * microBatchSize);
-        if (topology.firstStage() || topology.lastStage()) data.train.gather(microIndices, inputs[m], labels[m]);
-        if (!topology.firstStage()) {
-          inputs[m].reshape({microBatchSize, inFeatures});
-          TANDEM_RETURN_IF_ERROR(waitIdle(topology.pipeline->recvAsync(inputs[m].data(), inputs[m].size() * 4,
-                                                                        topology.stage - 1, activationTag(m))));
-        }
+        if (topology.firstStage())
+          data.train.gather(microIndices, inputs[m], labels[m]);
+        else if (topology.lastStage())
+          data.train.gatherLabels(microIndices, labels[m]);
+        if (!topology.firstStage()) TANDEM_RETURN_IF_ERROR(waitIdle(activationRecvs[m]));
         const auto start = Clock::now();
         const Tensor& output = network->forward(inputs[m], activations[m]);
         ++live;
@@ -495,11 +509,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
         }
         continue;
       }
-      if (!topology.lastStage()) {
-        gradOutputs[m].reshape({microBatchSize, outFeatures});
-        TANDEM_RETURN_IF_ERROR(waitIdle(topology.pipeline->recvAsync(gradOutputs[m].data(), gradOutputs[m].size() * 4,
-                                                                      topology.stage + 1, gradientTag(m))));
-      }
+      if (!topology.lastStage()) TANDEM_RETURN_IF_ERROR(waitIdle(gradientRecvs[m]));
       const bool lastBackward = o + 1 == operations.size();
       const auto start = Clock::now();
       if (microBatches == 1) {

@@ -20,6 +20,8 @@ struct Dataset {
 
   // Copies the rows `indices` into x (n, features) and y (n).
   void gather(const std::vector<int64_t>& indices, Tensor& x, std::vector<int32_t>& y) const;
+  // Only the labels (a last pipeline stage needs no inputs).
+  void gatherLabels(const std::vector<int64_t>& indices, std::vector<int32_t>& y) const;
 };
 
 struct TrainTest {
