@@ -116,6 +116,18 @@ def children_of(pid):
     return found
 
 
+def rank_of(pid):
+    """TANDEM_RANK of a running worker, read from its environment (-1 if it has none)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for entry in f.read().split(b"\0"):
+                if entry.startswith(b"TANDEM_RANK="):
+                    return int(entry.split(b"=", 1)[1])
+    except OSError:
+        pass
+    return -1
+
+
 def wait_for(predicate, timeout, interval=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

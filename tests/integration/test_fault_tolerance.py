@@ -14,7 +14,7 @@ import threading
 import time
 import unittest
 
-from tandem_testlib import TANDEM, TempDirTest, children_of, kill_quietly, manifest, read_floats, tandem, wait_for
+from tandem_testlib import TANDEM, TempDirTest, children_of, manifest, rank_of, read_floats, wait_for
 
 STEPS = 300
 EVERY = 25
@@ -25,14 +25,6 @@ def job(ckpt_dir, workers=4, restart_policy="OnFailure", backoff_limit=3, data_p
              f"  runPolicy: {{restartPolicy: {restart_policy}, backoffLimit: {backoff_limit}}}\n")
     kwargs = {"data_path": data_path} if data_path else {}
     return manifest(name="ft", workers=workers, epochs=2, extra_spec=extra, **kwargs)
-
-
-def rank_of(pid):
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        for entry in f.read().split(b"\0"):
-            if entry.startswith(b"TANDEM_RANK="):
-                return int(entry.split(b"=", 1)[1])
-    return -1
 
 
 def last_logged_step(path):

@@ -8,15 +8,7 @@ import threading
 import time
 import unittest
 
-from tandem_testlib import TANDEM, TempDirTest, children_of, kill_quietly, manifest, wait_for, worker_pids
-
-
-def rank_of(pid):
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        for entry in f.read().split(b"\0"):
-            if entry.startswith(b"TANDEM_RANK="):
-                return int(entry.split(b"=", 1)[1])
-    raise AssertionError(f"process {pid} has no TANDEM_RANK")
+from tandem_testlib import TANDEM, TempDirTest, children_of, manifest, rank_of, wait_for, worker_pids
 
 
 class Supervision(TempDirTest):
