@@ -1,8 +1,10 @@
 """Pipeline benchmark: measured bubble ratio per schedule, stages and microbatches next to the
 theoretical (P-1)/(M+P-1), and peak activation memory per stage for GPipe and 1F1B.
 
-Model: mlp 784-2048-784-2048-784-10, whose four big layers cost the same (784 x 2048 multiply-adds
-each), so P=2 and P=4 stages are balanced as the theory assumes; fashion-mnist, D=1. The microbatch
+Model: mlp 784-3072-521-3072-521-10. A step costs each linear layer 3 x its multiply-adds (forward,
+weight gradient, input gradient), except the first, which needs no input gradient: so a first layer of
+784 x 3072 and three of ~1.6M multiply-adds cost the same, and P=2 and P=4 stages are balanced as the
+theory assumes; fashion-mnist, D=1. The microbatch
 size is fixed (64 samples), so the global batch is 64 x M: per-microbatch work stays the same, as the
 theory assumes, and activation memory shows what a schedule keeps alive.
 Bubble ratio of a stage = time blocked on its neighbours / (that + its forward and backward compute);
@@ -30,7 +32,7 @@ metadata: {{name: bubble}}
 spec:
   workers: {stages}
   parallelism: {{pipelineStages: {stages}, microBatches: {micro_batches}, schedule: {schedule}}}
-  model: {{kind: mlp, mlp: {{hidden: [2048, 784, 2048, 784], activation: relu}}}}
+  model: {{kind: mlp, mlp: {{hidden: [3072, 521, 3072, 521], activation: relu}}}}
   data: {{kind: fashion-mnist, path: /usr/share/datasets/fashion-mnist}}
   optimizer: {{kind: adamw, lr: 1.0e-4}}
   training: {{globalBatchSize: {64 * micro_batches}, epochs: 1, seed: 1}}

@@ -14,13 +14,16 @@ from tandem_testlib import TANDEM, TempDirTest, children_of, manifest, rank_of, 
 class Supervision(TempDirTest):
     def start_job(self, workers=2):
         # Long enough (synthetic data, many epochs) that it is still training when we interfere.
-        config = self.write("job.yaml", manifest(workers=workers, data_kind="synthetic", samples=8192, epochs=2000))
+        # restartPolicy Never: this is about stopping the group, not restarting it (test_fault_tolerance).
+        config = self.write("job.yaml", manifest(workers=workers, data_kind="synthetic", samples=8192, epochs=2000,
+                                                 extra_spec="  runPolicy: {restartPolicy: Never}\n"))
         process = subprocess.Popen([TANDEM, "run", config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    start_new_session=True)
         self.addCleanup(self.cleanup, process)
         # Collect stderr in the background so the pipe never fills.
         self.stderr_lines = []
-        threading.Thread(target=lambda: self.stderr_lines.extend(process.stderr), daemon=True).start()
+        self.stderr_reader = threading.Thread(target=lambda: self.stderr_lines.extend(process.stderr), daemon=True)
+        self.stderr_reader.start()
         # Wait for the first progress line: every worker is then training.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -52,6 +55,7 @@ class Supervision(TempDirTest):
         killed_at = time.monotonic()
         code = process.wait(timeout=30)
         self.assertLess(time.monotonic() - killed_at, 10, "the other workers must be stopped within 10 s")
+        self.stderr_reader.join(10)
         stderr = "".join(self.stderr_lines)
         self.assertIn("worker rank 1 was killed by signal 9", stderr)
         self.assertEqual(code, 128 + 9)
@@ -61,6 +65,7 @@ class Supervision(TempDirTest):
         process, pids = self.start_job(workers=2)
         os.killpg(process.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
         code = process.wait(timeout=30)
+        self.stderr_reader.join(10)
         self.assertEqual(code, 130)
         self.assertIn("interrupted; all workers stopped", "".join(self.stderr_lines))
         self.assert_no_orphans(pids)

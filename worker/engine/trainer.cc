@@ -312,14 +312,16 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   TANDEM_ASSIGN_OR_RETURN(Topology topology, makeTopology(options));
   const int stages = topology.stages, microBatches = topology.microBatches;
 
-  // Partition the linear layers into contiguous stages, balanced by forward multiply-adds (which, for
-  // linear layers, is also the parameter count and the backward cost).
+  // Partition the linear layers into contiguous stages, balanced by estimated compute: per sample, a
+  // linear layer's forward, weight-gradient and input-gradient GEMMs each cost its multiply-adds, and
+  // the first layer skips the input gradient.
   const auto& hidden = spec.model.mlp.hidden;
   std::vector<int64_t> widths{data.train.features};
   widths.insert(widths.end(), hidden.begin(), hidden.end());
   widths.push_back(data.train.classes);
   std::vector<double> costs;
-  for (size_t k = 0; k + 1 < widths.size(); ++k) costs.push_back(static_cast<double>(widths[k] * widths[k + 1]));
+  for (size_t k = 0; k + 1 < widths.size(); ++k)
+    costs.push_back(static_cast<double>(widths[k] * widths[k + 1]) * (k == 0 ? 2.0 : 3.0));
   const std::vector<size_t> starts = parallel::partitionLayers(costs, stages);
   const size_t firstLinear = starts[topology.stage];
   const size_t endLinear = topology.stage + 1 < stages ? starts[topology.stage + 1] : costs.size();
@@ -327,14 +329,14 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     std::ostringstream partition;
     for (int stage = 0; stage < stages; ++stage) {
       const size_t first = starts[stage], end = stage + 1 < stages ? starts[stage + 1] : costs.size();
-      double macs = 0;
+      double multiplyAdds = 0;  // forward + backward, per sample
       int64_t parameters = 0;
       for (size_t k = first; k < end; ++k) {
-        macs += costs[k];
+        multiplyAdds += costs[k];
         parameters += widths[k] * widths[k + 1] + widths[k + 1];
       }
       partition << "\n  stage " << stage << ": linear layers " << first << "-" << end - 1 << ", " << parameters
-                << " parameters, " << 6 * macs / 1e6 << " MFLOP per sample (forward + backward, estimated)";
+                << " parameters, " << 2 * multiplyAdds / 1e6 << " MFLOP per sample (forward + backward, estimated)";
     }
     log::info() << "pipeline of " << stages << " stages x " << topology.replicas << " replicas, " << microBatches
                 << " microbatches, " << spec.parallelism.schedule << "; partition by estimated FLOPs:" << partition.str();
