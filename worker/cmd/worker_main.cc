@@ -24,6 +24,7 @@
 #include "tandem/engine/trainer.h"
 #include "tandem/kernels/gemm.h"
 #include "tandem/manifest/job_spec.h"
+#include "tandem/metrics/worker_metrics.h"
 #include "tandem/rendezvous/rendezvous.h"
 
 namespace {
@@ -47,12 +48,13 @@ struct WorkerArguments {
   double collectiveTimeoutSeconds = 30;
   double bucketCapMegabytes = 25;  // PyTorch DDP's default bucket_cap_mb
   double graceSeconds = 30;        // after SIGTERM: time to finish the step and checkpoint
+  int64_t metricsPort = 9400;      // 0: no metrics endpoint; TANDEM_METRICS_PORT overrides
 };
 
 const char* kUsage =
     "usage: tandem-worker [--config FILE] [--max-steps N] [--dump-params FILE] [--loss-log FILE]\n"
     "                     [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB]\n"
-    "                     [--grace-seconds SECONDS]\n"
+    "                     [--grace-seconds SECONDS] [--metrics-port PORT]\n"
     "Identity comes from TANDEM_RANK, TANDEM_WORLD_SIZE, TANDEM_GENERATION, TANDEM_RDZV_ENDPOINT,\n"
     "TANDEM_RDZV_TOKEN, TANDEM_POD_IP and TANDEM_CONFIG (DESIGN.md §3).\n";
 
@@ -85,6 +87,9 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
   if (auto timeout = environment("TANDEM_RDZV_TIMEOUT_SECONDS")) {
     TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds("TANDEM_RDZV_TIMEOUT_SECONDS", *timeout));
   }
+  if (auto port = environment("TANDEM_METRICS_PORT")) {
+    TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parseInteger("TANDEM_METRICS_PORT", *port));
+  }
   if (auto timeout = environment("TANDEM_COLLECTIVE_TIMEOUT_SECONDS")) {
     TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds("TANDEM_COLLECTIVE_TIMEOUT_SECONDS", *timeout));
   }
@@ -108,6 +113,8 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
       TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds(flag, value));
     } else if (flag == "--collective-timeout") {
       TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds(flag, value));
+    } else if (flag == "--metrics-port") {
+      TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parseInteger(flag, value));
     } else if (flag == "--grace-seconds") {
       TANDEM_ASSIGN_OR_RETURN(arguments.graceSeconds, parseSeconds(flag, value));
     } else if (flag == "--bucket-cap-mb") {
@@ -260,8 +267,21 @@ int run(int argc, char** argv) {
     log::info() << "connected to " << identity->worldSize - 1 << " peers";
   }
 
+  std::unique_ptr<metrics::WorkerMetrics> workerMetrics;
+  if (arguments->metricsPort > 0) {
+    auto started = metrics::WorkerMetrics::start("0.0.0.0:" + std::to_string(arguments->metricsPort), spec.jobKey(),
+                                                 identity->rank,
+                                                 identity->rank % static_cast<int>(spec.parallelism.pipelineStages));
+    if (!started.ok()) return fail(started.status());
+    workerMetrics = std::move(started).value();
+    workerMetrics->setRestarts(identity->generation);
+    workerMetrics->setGpuMemoryBytes(0);
+    log::info() << "metrics at http://" << identity->podAddress << ":" << workerMetrics->port() << "/metrics";
+  }
+
   engine::TrainerOptions options;
   options.spec = spec;
+  options.metrics = workerMetrics.get();
   options.rank = identity->rank;
   options.worldSize = identity->worldSize;
   options.communicator = communicator.get();

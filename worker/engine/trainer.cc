@@ -411,6 +411,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
             lastDurableStep = result.step;
             lastWriteSeconds = result.seconds;
             ++checkpointsWritten;
+            if (options.metrics != nullptr) options.metrics->observeCheckpoint(result.seconds, result.bytes);
             log::info() << "checkpoint " << checkpoint::stepDirectoryName(result.step) << " written: " << result.bytes
                         << " bytes in " << result.seconds << " s";
           } else {
@@ -463,6 +464,9 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     if (stopVote && !stopDeadline)
       stopDeadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(options.graceSeconds * 1000));
     log::setStep(step + 1);
+    const auto stepStart = Clock::now();
+    const double exposedBefore = allReduce.exposedSeconds();
+    const int64_t bytesBefore = allReduce.bytesReduced();
     const std::vector<int64_t>& shard = batches.shard(step);
     network->zeroGradients();
     double lossSum = 0.0;
@@ -557,6 +561,15 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     optimizer.step(network->parameters(), network->gradients(), lr);
     summary.finalLoss = loss;
     summary.steps = step + 1;
+    if (options.metrics != nullptr) {
+      // Samples are counted once per replica, by its first stage, so a sum over ranks is the job's.
+      options.metrics->observeStep(secondsSince(stepStart), topology.firstStage() ? batches.localBatch() : 0, 0);
+      options.metrics->setLoss(loss);
+      options.metrics->setLearningRate(lr);
+      options.metrics->observeAllReduce(allReduce.exposedSeconds() - exposedBefore, allReduce.bytesReduced() - bytesBefore);
+      const double busy = summary.forwardSeconds + summary.backwardSeconds;
+      options.metrics->setPipelineBubbleRatio(summary.idleSeconds / std::max(summary.idleSeconds + busy, 1e-12));
+    }
 
     if (lossLog) {
       char line[64];
@@ -601,6 +614,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       const auto evalStart = Clock::now();
       TANDEM_ASSIGN_OR_RETURN(EvalResult eval, evaluate(*network, data.test, topology));
       eval.step = step + 1;
+      if (options.metrics != nullptr) options.metrics->setEvalAccuracy(eval.accuracy);
       if (isLeader && options.onEval) options.onEval(eval);
       evalSeconds += secondsSince(evalStart);
     }
@@ -626,6 +640,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
 
   TANDEM_ASSIGN_OR_RETURN(summary.finalEval, evaluate(*network, data.test, topology));
   summary.finalEval.step = summary.steps;
+  if (options.metrics != nullptr) options.metrics->setEvalAccuracy(summary.finalEval.accuracy);
   if (isLeader && options.onEval) options.onEval(summary.finalEval);
   if (!options.dumpParametersPath.empty())
     TANDEM_RETURN_IF_ERROR(dumpParameters(options.dumpParametersPath, topology, *network));

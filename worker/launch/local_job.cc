@@ -194,6 +194,12 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
         {"LOCAL_RANK", std::to_string(rank)},
         {"NODE_RANK", "0"},
     };
+    // Each local worker serves its metrics on its own free port (pods all use 9400).
+    const int metricsPort = freePort();
+    environment["TANDEM_METRICS_PORT"] = std::to_string(metricsPort);
+    result.metricsPorts.push_back(metricsPort);
+    if (!options.quiet || options.generation == 0)
+      std::cerr << "tandem: rank " << rank << " metrics at http://127.0.0.1:" << metricsPort << "/metrics" << std::endl;
     // Share the cores: each worker's GEMMs get cores/workers threads unless the user chose.
     if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr) environment["OPENBLAS_NUM_THREADS"] = gemmThreads;
     int stdoutPipe[2], stderrPipe[2];

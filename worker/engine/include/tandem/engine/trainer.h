@@ -11,6 +11,7 @@
 #include "tandem/common/status.h"
 #include "tandem/data/dataset.h"
 #include "tandem/manifest/job_spec.h"
+#include "tandem/metrics/worker_metrics.h"
 
 namespace tandem::engine {
 
@@ -67,6 +68,7 @@ struct TrainerOptions {
   // checkpoint if the last one is more than everySteps/2 steps old and it fits in the grace period.
   double graceSeconds = 30.0;
   const std::atomic<bool>* stopRequested = nullptr;
+  metrics::WorkerMetrics* metrics = nullptr;   // optional Prometheus metrics of this rank
   std::function<void(const Progress&)> onProgress;  // rank 0, after every step
   std::function<void(const EvalResult&)> onEval;    // rank 0
   std::function<void(int64_t step)> onResume;        // rank 0, when training resumes from a checkpoint
