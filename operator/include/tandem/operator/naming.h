@@ -1,0 +1,53 @@
+// The names the operator gives to everything it creates for a DistributedTrainingJob, and the labels,
+// ports and paths of the process contract (DESIGN.md §3). One place, so that the reconciler, the
+// executor and the tests agree.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace tandem::operator_core {
+
+inline constexpr const char* kJobApiVersion = "tandem.dev/v1alpha1";
+inline constexpr const char* kJobKind = "DistributedTrainingJob";
+
+// Labels on every worker pod. The Service selects on kJobLabel only, so all generations resolve.
+inline constexpr const char* kJobLabel = "tandem.dev/job";
+inline constexpr const char* kRankLabel = "tandem.dev/rank";
+inline constexpr const char* kGenerationLabel = "tandem.dev/generation";
+
+inline constexpr int kRendezvousPort = 29400;  // rank 0 serves Rendezvous here (DESIGN.md §4)
+inline constexpr int kMasterPort = 29500;      // MASTER_PORT for torchrun-style scripts (custom mode)
+inline constexpr int kMetricsPort = 9400;      // worker /metrics (DESIGN.md §8)
+
+inline constexpr const char* kWorkerContainerName = "tandem-worker";  // when the template names none
+inline constexpr const char* kWorkerCommand = "tandem-worker";
+inline constexpr const char* kConfigVolumeName = "tandem-config";
+inline constexpr const char* kConfigMountPath = "/etc/tandem";
+inline constexpr const char* kConfigKey = "job.yaml";            // TANDEM_CONFIG = /etc/tandem/job.yaml
+inline constexpr const char* kCheckpointVolumeName = "tandem-checkpoints";
+inline constexpr const char* kTokenKey = "token";                 // key of the rendezvous Secret
+
+// Headless Service: the job's own name, so pods are <job>-worker-<rank>.<job>.<ns>.svc.
+inline std::string serviceName(const std::string& job) { return job; }
+inline std::string secretName(const std::string& job) { return job + "-rendezvous"; }
+inline std::string configMapName(const std::string& job) { return job + "-config"; }
+
+// Pod name and hostname are both <job>-worker-<rank>, in every generation: a generation is only created
+// once every pod of the previous one is gone (see reconcile.h), so names never clash and the stable
+// hostname of §3 is also the pod's name (kubectl logs fmnist-worker-0 always means the live rank 0).
+inline std::string workerPodName(const std::string& job, int64_t rank) {
+  return job + "-worker-" + std::to_string(rank);
+}
+inline std::string workerHostname(const std::string& job, int64_t rank) { return workerPodName(job, rank); }
+
+// <job>-worker-0.<job>.<ns>.svc: rank 0's stable DNS name under the headless Service.
+inline std::string rankZeroAddress(const std::string& job, const std::string& nameSpace) {
+  return workerHostname(job, 0) + "." + serviceName(job) + "." + nameSpace + ".svc";
+}
+inline std::string rendezvousEndpoint(const std::string& job, const std::string& nameSpace) {
+  return rankZeroAddress(job, nameSpace) + ":" + std::to_string(kRendezvousPort);
+}
+inline std::string configPath() { return std::string(kConfigMountPath) + "/" + kConfigKey; }
+
+}  // namespace tandem::operator_core

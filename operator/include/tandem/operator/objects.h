@@ -1,0 +1,49 @@
+// The Kubernetes objects the operator creates for a job, built as nlohmann::json: the headless Service,
+// the rendezvous Secret, the ConfigMap behind TANDEM_CONFIG and the worker pods (the user's
+// spec.template merged with the process contract of DESIGN.md §3). Pure functions of their arguments.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "tandem/common/status.h"
+#include "tandem/operator/job.h"
+
+namespace tandem::operator_core {
+
+// Reads an object's text: JSON (what the API server sends) or, failing that, YAML (a manifest file).
+// YAML scalars are typed as YAML 1.2's core schema does, and quoted scalars stay strings.
+StatusOr<nlohmann::json> parseObjectText(const std::string& text);
+
+// The job's spec.template (a PodTemplateSpec; {} when absent) read from job.manifestText, with the shapes
+// the pod builder relies on checked: an error names the field (spec.template.spec.containers: ...).
+StatusOr<nlohmann::json> readPodTemplate(const JobObject& job);
+
+// {apiVersion, kind, name, uid, controller: true, blockOwnerDeletion: true} pointing at the job.
+nlohmann::json ownerReference(const JobObject& job);
+
+// Headless Service <job> selecting tandem.dev/job=<job>, publishing not-ready addresses so that rank 0's
+// name resolves while the gang is still starting.
+nlohmann::json buildService(const JobObject& job);
+// Secret <job>-rendezvous with the token under key "token".
+nlohmann::json buildSecret(const JobObject& job, const std::string& token);
+// ConfigMap <job>-config holding the manifest (apiVersion, kind, metadata name/namespace, spec) as JSON
+// text under "job.yaml", which the worker's parseManifest reads from TANDEM_CONFIG.
+StatusOr<nlohmann::json> buildConfigMap(const JobObject& job);
+
+// Custom mode (DESIGN.md §2): no spec.model and the template's first container has a command.
+bool isCustomMode(const JobObject& job, const nlohmann::json& podTemplate);
+
+// Worker pod <job>-worker-<rank> of `generation`: the template's metadata and spec, with
+//  - labels tandem.dev/job, /rank, /generation (ours win) and prometheus.io annotations (the template's win),
+//  - a controller owner reference to the job, restartPolicy Never, hostname <job>-worker-<rank>, subdomain <job>,
+//  - the first container as the worker: image from the template (else defaultImage), command unchanged in
+//    custom mode (else tandem-worker), the §3 environment followed by the template's env, the config
+//    volume at /etc/tandem and the checkpoint claim at spec.checkpoint.dir (when claimName is set).
+// Precondition: podTemplate came from readPodTemplate.
+nlohmann::json buildWorkerPod(const JobObject& job, const nlohmann::json& podTemplate, int64_t rank,
+                              int64_t generation, const std::string& defaultImage);
+
+}  // namespace tandem::operator_core

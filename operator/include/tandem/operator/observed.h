@@ -1,0 +1,56 @@
+// What the informers observed of a job's children, as plain values. The executor lists pods by the
+// tandem.dev/job=<name> label in the job's namespace and Services/Secrets/ConfigMaps by name.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tandem/operator/job.h"
+
+namespace tandem::operator_core {
+
+enum class PodPhase { kPending, kRunning, kSucceeded, kFailed, kUnknown };
+const char* podPhaseName(PodPhase phase);
+
+struct ObservedPod {
+  std::string name;
+  std::map<std::string, std::string> labels;  // tandem.dev/job, tandem.dev/rank, tandem.dev/generation
+  std::string controllerUid;  // uid of the ownerReference with controller=true; empty when none
+  PodPhase phase = PodPhase::kPending;
+  bool ready = false;  // the pod's Ready condition
+  // The worker container's state.terminated, when it has terminated.
+  std::optional<int> exitCode;
+  std::optional<int> signal;
+  std::string reason;            // status.reason: Evicted, NodeLost, Preempting, UnexpectedAdmissionError, ...
+  std::string disruptionReason;  // reason of a DisruptionTarget=True condition: PreemptionByScheduler,
+                                 // DeletionByTaintManager, EvictionByEvictionAPI, DeletionByPodGC, TerminationByKubelet
+  std::optional<Clock::time_point> deletionTimestamp;  // set: the pod is terminating
+  std::string nodeName;
+  bool nodeUnreachable = false;  // its node's Ready condition is Unknown (node.kubernetes.io/unreachable)
+  Clock::time_point creationTimestamp;
+
+  bool terminating() const { return deletionTimestamp.has_value(); }
+  bool finished() const { return phase == PodPhase::kSucceeded || phase == PodPhase::kFailed; }
+};
+
+// A child object identified by name; controllerUid tells ours from a same-named leftover of a deleted job.
+struct ObservedChild {
+  std::string name;
+  std::string controllerUid;
+  std::optional<Clock::time_point> deletionTimestamp;
+};
+struct ObservedService : ObservedChild {};
+struct ObservedSecret : ObservedChild {};
+struct ObservedConfigMap : ObservedChild {};
+
+struct Observed {
+  std::vector<ObservedPod> pods;
+  std::vector<ObservedService> services;
+  std::vector<ObservedSecret> secrets;
+  std::vector<ObservedConfigMap> configMaps;
+};
+
+}  // namespace tandem::operator_core

@@ -1,0 +1,107 @@
+// What reconcile decides: an ordered list of actions, the new status and when to look again.
+// The executor applies the actions in order and stops at the first failure (the next reconcile re-plans
+// from what it then observes). UpdateStatus, when present, is first: it records decisions such as the
+// next generation and the restart count before any pod is deleted, so a decision is never taken twice.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tandem/operator/job.h"
+
+namespace tandem::operator_core {
+
+// The `object` members are complete Kubernetes objects (apiVersion, kind, metadata with owner reference,
+// spec) ready to POST to the namespace of the job.
+struct CreateService {
+  std::string name;
+  nlohmann::json object;
+};
+// Carries the rendezvous token in object.stringData: never log `object`.
+struct CreateSecret {
+  std::string name;
+  nlohmann::json object;
+};
+struct CreateConfigMap {
+  std::string name;
+  nlohmann::json object;
+};
+struct CreatePod {
+  std::string name;
+  int64_t rank = 0;
+  int64_t generation = 0;
+  nlohmann::json object;
+};
+
+struct DeletePod {
+  std::string name;
+  // nullopt: the pod's own terminationGracePeriodSeconds (a worker writes its checkpoint on SIGTERM).
+  std::optional<int64_t> gracePeriodSeconds;
+  // Grace 0 and no wait for the kubelet: for pods stuck terminating on an unreachable node.
+  bool force = false;
+  std::string why;
+};
+
+// Deletes every pod of one generation (labels tandem.dev/job=<job>, tandem.dev/generation=<n>); podNames
+// lists the ones observed, for executors that delete one by one.
+struct DeleteGeneration {
+  int64_t generation = 0;
+  std::vector<std::string> podNames;
+  std::string why;
+};
+
+enum class ChildKind { kService, kSecret, kConfigMap };
+const char* childKindName(ChildKind kind);
+struct DeleteChild {
+  ChildKind kind = ChildKind::kService;
+  std::string name;
+};
+// Deletes the DistributedTrainingJob itself (ttlSecondsAfterFinished elapsed).
+struct DeleteJob {
+  std::string why;
+};
+
+enum class EventType { kNormal, kWarning };
+const char* eventTypeName(EventType type);
+// A Kubernetes Event on the job object.
+struct EmitEvent {
+  EventType type = EventType::kNormal;
+  std::string reason;
+  std::string message;
+};
+
+// Writes `status` through the status subresource.
+struct UpdateStatus {
+  JobStatus status;
+};
+
+using Action = std::variant<UpdateStatus, CreateService, CreateSecret, CreateConfigMap, DeleteChild, DeletePod,
+                            DeleteGeneration, CreatePod, DeleteJob, EmitEvent>;
+
+struct Plan {
+  std::vector<Action> actions;
+  JobStatus status;  // the status after this plan (equal to the job's when nothing changed)
+  // Look again after this long even if nothing changes: deadlines, TTLs, force-delete bounds.
+  std::optional<Clock::duration> requeueAfter;
+
+  // The actions of one kind, in order.
+  template <typename T>
+  std::vector<const T*> all() const {
+    std::vector<const T*> found;
+    for (const Action& action : actions)
+      if (const T* typed = std::get_if<T>(&action)) found.push_back(typed);
+    return found;
+  }
+  bool empty() const { return actions.empty(); }
+};
+
+// One line per action, for logs and test failure messages (Secret contents are not printed).
+std::string describe(const Action& action);
+std::string describe(const Plan& plan);
+
+}  // namespace tandem::operator_core

@@ -1,0 +1,539 @@
+// reconcile(): the operator's decisions (reconcile.h lists them in order). JobReconciler holds one
+// reconcile's working state; each step appends actions to buckets that finish() puts in executor order.
+#include "tandem/operator/reconcile.h"
+
+#include <algorithm>
+#include <set>
+
+#include "tandem/operator/naming.h"
+#include "tandem/operator/objects.h"
+
+namespace tandem::operator_core {
+
+const char* failureReason(FailureCause cause) {
+  switch (cause) {
+    case FailureCause::kRetryableExit: return reasons::kWorkerFailed;
+    case FailureCause::kPermanentExit: return reasons::kPermanentError;
+    case FailureCause::kPreempted: return reasons::kPreempted;
+    case FailureCause::kEvicted: return reasons::kEvicted;
+    case FailureCause::kNodeLost: return reasons::kNodeLost;
+    case FailureCause::kDeleted: return reasons::kPodDeleted;
+  }
+  return "";
+}
+
+std::optional<FailureCause> classifyPod(const ObservedPod& pod) {
+  if (pod.phase == PodPhase::kSucceeded) return std::nullopt;
+  // Disruptions first: a preempted worker also exits (143 after SIGTERM), but that is not its fault.
+  const std::string& disruption = pod.disruptionReason;
+  if (disruption == "PreemptionByScheduler" || disruption == "PreemptionByKubeScheduler" || pod.reason == "Preempting" ||
+      pod.reason == "Preempted")
+    return FailureCause::kPreempted;
+  if (disruption == "DeletionByTaintManager" || disruption == "DeletionByPodGC" || pod.reason == "NodeLost")
+    return FailureCause::kNodeLost;
+  if (disruption == "EvictionByEvictionAPI" || disruption == "TerminationByKubelet" || pod.reason == "Evicted")
+    return FailureCause::kEvicted;
+  if (pod.phase == PodPhase::kFailed) {
+    if (pod.signal || (pod.exitCode && *pod.exitCode >= 128)) return FailureCause::kRetryableExit;
+    if (pod.exitCode && *pod.exitCode >= 1) return FailureCause::kPermanentExit;
+    return FailureCause::kRetryableExit;  // failed before or without an exit code (admission, image, ...)
+  }
+  if (pod.nodeUnreachable || pod.phase == PodPhase::kUnknown) return FailureCause::kNodeLost;
+  if (pod.terminating()) return FailureCause::kDeleted;  // we never delete a pod of the current generation
+  return std::nullopt;
+}
+
+namespace {
+
+using std::chrono::seconds;
+
+constexpr size_t kMaxDnsLabel = 63;
+
+std::optional<int64_t> numericLabel(const ObservedPod& pod, const char* key) {
+  auto found = pod.labels.find(key);
+  if (found == pod.labels.end()) return std::nullopt;
+  const std::string& text = found->second;
+  if (text.empty() || text.size() > 18 || !std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return std::nullopt;
+  return std::stoll(text);
+}
+
+std::string secondsText(Clock::duration duration) {
+  return std::to_string(std::chrono::duration_cast<seconds>(duration).count()) + "s";
+}
+
+std::string joinNames(const std::vector<std::string>& names) {
+  std::string text;
+  for (size_t i = 0; i < names.size(); ++i) text += (i ? ", " : "") + names[i];
+  return text;
+}
+
+ConditionType conditionFor(JobPhase phase) {
+  switch (phase) {
+    case JobPhase::kRunning: return ConditionType::kRunning;
+    case JobPhase::kRestarting: return ConditionType::kRestarting;
+    case JobPhase::kSucceeded: return ConditionType::kSucceeded;
+    case JobPhase::kFailed: return ConditionType::kFailed;
+    case JobPhase::kSuspended: return ConditionType::kSuspended;
+    case JobPhase::kNone:
+    case JobPhase::kCreated: break;
+  }
+  return ConditionType::kCreated;
+}
+
+// 0 is the most telling: a permanent error explains its peers' failures, a disruption explains the
+// retryable exits (peer lost, 129) of the ranks that were training with it.
+int causePriority(FailureCause cause) {
+  if (cause == FailureCause::kPermanentExit) return 0;
+  return isDisruption(cause) ? 1 : 2;
+}
+
+struct Failure {
+  FailureCause cause;
+  int64_t rank;
+  std::string detail;  // "worker 1 (pod fmnist-worker-1) exited with code 137"
+};
+
+std::string describeFailure(const ObservedPod& pod, int64_t rank, FailureCause cause) {
+  std::string text = "worker " + std::to_string(rank) + " (pod " + pod.name + ") ";
+  const std::string onNode = pod.nodeName.empty() ? "" : " on node " + pod.nodeName;
+  switch (cause) {
+    case FailureCause::kRetryableExit:
+      if (pod.signal) return text + "was killed by signal " + std::to_string(*pod.signal);
+      if (pod.exitCode) return text + "exited with code " + std::to_string(*pod.exitCode) + " (retryable)";
+      return text + "failed" + (pod.reason.empty() ? "" : " (" + pod.reason + ")");
+    case FailureCause::kPermanentExit:
+      return text + "exited with code " + std::to_string(*pod.exitCode) + " (permanent error)";
+    case FailureCause::kPreempted: return text + "was preempted" + onNode;
+    case FailureCause::kEvicted: return text + "was evicted" + onNode;
+    case FailureCause::kNodeLost: return text + "was lost with its node" + (pod.nodeName.empty() ? "" : " " + pod.nodeName);
+    case FailureCause::kDeleted: return text + "was deleted";
+  }
+  return text;
+}
+
+class JobReconciler {
+ public:
+  JobReconciler(const JobObject& job, const Observed& observed, Clock::time_point now, const ReconcileOptions& options)
+      : job_(job), observed_(observed), now_(now), options_(options), status_(job.status) {}
+
+  Plan run() {
+    if (job_.deletionTimestamp) {  // owner references let the garbage collector remove the children
+      forceDeleteStuckPods();
+      return finish(/*writeStatus=*/false);
+    }
+    status_.observedGeneration = job_.generation;
+    sortPods();
+    forceDeleteStuckPods();
+    deleteStalePods();
+    if (isFinished(status_.phase)) return finished();
+    if (!checkSpec()) return finished();
+    ensureChildren();
+    if (job_.spec.runPolicy.suspend) {
+      suspend();
+      return finish();
+    }
+    if (status_.phase == JobPhase::kSuspended) resume();
+    if (deadlinePassed()) return finished();
+    if (std::optional<Failure> failure = rootFailure()) {
+      handleFailure(*failure);
+      return isFinished(status_.phase) ? finished() : finish();
+    }
+    createMissingWorkers();
+    phaseFromPods();
+    return isFinished(status_.phase) ? finished() : finish();
+  }
+
+ private:
+  int64_t workers() const { return std::max<int64_t>(0, job_.spec.workers); }
+
+  // A pod is current when it is ours, of the current generation, with a rank below spec.workers and the
+  // name that rank gets; everything else the label selector found is stale.
+  void sortPods() {
+    current_.assign(static_cast<size_t>(workers()), nullptr);
+    for (const ObservedPod& pod : observed_.pods) {
+      const bool ours = pod.controllerUid.empty() || pod.controllerUid == job_.uid;
+      auto jobLabel = pod.labels.find(kJobLabel);
+      const std::optional<int64_t> rank = numericLabel(pod, kRankLabel);
+      const std::optional<int64_t> generation = numericLabel(pod, kGenerationLabel);
+      const bool isCurrent = ours && jobLabel != pod.labels.end() && jobLabel->second == job_.name && rank &&
+                             generation && *generation == status_.generation && *rank < workers() &&
+                             pod.name == workerPodName(job_.name, *rank) && current_[*rank] == nullptr;
+      if (isCurrent)
+        current_[*rank] = &pod;
+      else
+        stale_.push_back(&pod);
+    }
+  }
+
+  bool anyCurrent() const {
+    return std::any_of(current_.begin(), current_.end(), [](const ObservedPod* pod) { return pod != nullptr; });
+  }
+
+  void deletePod(const ObservedPod& pod, std::string why) {
+    if (pod.terminating() || deleting_.count(pod.name)) return;
+    deleting_.insert(pod.name);
+    deletions_.push_back(DeletePod{pod.name, std::nullopt, false, std::move(why)});
+  }
+
+  void event(EventType type, std::string reason, std::string message) {
+    events_.push_back(EmitEvent{type, std::move(reason), std::move(message)});
+  }
+
+  void requeueIn(Clock::duration delay) {
+    if (!requeue_ || delay < *requeue_) requeue_ = delay;
+  }
+
+  // Conditions follow Kubernetes: lastTransitionTime moves only when the status flips.
+  void setCondition(ConditionType type, bool value, const std::string& reason, const std::string& message) {
+    for (Condition& condition : status_.conditions) {
+      if (condition.type != type) continue;
+      if (condition.status != value) condition.lastTransitionTime = now_;
+      condition.status = value;
+      condition.reason = reason;
+      condition.message = message;
+      return;
+    }
+    status_.conditions.push_back(Condition{type, value, reason, message, now_});
+  }
+
+  // Enters `phase`: its condition goes True, the other live ones (Running, Restarting, Suspended) False,
+  // and an Event with the same reason mirrors it. Created stays True once set.
+  void transition(JobPhase phase, const std::string& reason, const std::string& message, EventType eventType) {
+    status_.phase = phase;
+    const ConditionType type = conditionFor(phase);
+    setCondition(type, true, reason, message);
+    for (ConditionType other : {ConditionType::kRunning, ConditionType::kRestarting, ConditionType::kSuspended})
+      if (other != type && status_.hasTrueCondition(other)) setCondition(other, false, reason, message);
+    event(eventType, reason, message);
+  }
+
+  void fail(const std::string& reason, const std::string& message) {
+    status_.completionTime = now_;
+    transition(JobPhase::kFailed, reason, message, EventType::kWarning);
+  }
+
+  // A pod still terminating on an unreachable node after forceDeleteAfter will never be confirmed gone by
+  // its kubelet; until it is, its name (and rank 0's DNS name) cannot be reused.
+  void forceDeleteStuckPods() {
+    for (const ObservedPod& pod : observed_.pods) {
+      if (!pod.terminating() || !pod.nodeUnreachable) continue;
+      const Clock::duration stuck = now_ - *pod.deletionTimestamp;
+      if (stuck < options_.forceDeleteAfter) {
+        requeueIn(options_.forceDeleteAfter - stuck);
+        continue;
+      }
+      const std::string why = "terminating for " + secondsText(stuck) + " on unreachable node " + pod.nodeName +
+                              " (bound " + secondsText(options_.forceDeleteAfter) + ")";
+      deleting_.insert(pod.name);
+      forceDeleted_.insert(pod.name);
+      deletions_.push_back(DeletePod{pod.name, 0, true, why});
+      event(EventType::kWarning, reasons::kForceDeleted, "pod " + pod.name + " " + why + ": force-deleted");
+    }
+  }
+
+  void deleteStalePods() {
+    std::vector<std::string> names;
+    for (const ObservedPod* pod : stale_) {
+      if (pod->terminating() || deleting_.count(pod->name)) continue;
+      deletePod(*pod, "not a worker of generation " + std::to_string(status_.generation));
+      names.push_back(pod->name);
+    }
+    if (!names.empty())
+      event(EventType::kNormal, reasons::kDeletedStalePods,
+            "deleting " + std::to_string(names.size()) + " pod(s) outside generation " +
+                std::to_string(status_.generation) + " ranks 0-" + std::to_string(workers() - 1) + ": " +
+                joinNames(names));
+  }
+
+  // Rejects what cannot run: manifest errors, an unreadable template, names that DNS cannot carry.
+  bool checkSpec() {
+    std::vector<std::string> problems;
+    for (const manifest::FieldError& error : job_.specErrors) problems.push_back(error.toString());
+    if (problems.empty()) {
+      StatusOr<nlohmann::json> podTemplate = readPodTemplate(job_);
+      StatusOr<nlohmann::json> configMap = buildConfigMap(job_);
+      if (!podTemplate.ok()) problems.push_back(podTemplate.status().message());
+      if (!configMap.ok()) problems.push_back(configMap.status().message());
+      if (podTemplate.ok() && configMap.ok()) {
+        podTemplate_ = std::move(podTemplate).value();
+        configMap_ = std::move(configMap).value();
+      }
+      const std::string longest = workerHostname(job_.name, std::max<int64_t>(0, workers() - 1));
+      if (longest.size() > kMaxDnsLabel)
+        problems.push_back("metadata.name: \"" + job_.name + "\" is too long: the worker hostname " + longest +
+                           " must fit in " + std::to_string(kMaxDnsLabel) + " characters");
+    }
+    if (problems.empty()) return true;
+    std::string message = "the job cannot run: ";
+    for (size_t i = 0; i < problems.size(); ++i) message += (i ? "; " : "") + problems[i];
+    fail(reasons::kInvalidSpec, message);
+    return false;
+  }
+
+  template <typename Child>
+  bool hasChild(const std::vector<Child>& children, const std::string& name) const {
+    return std::any_of(children.begin(), children.end(), [&](const Child& child) {
+      return child.name == name && (child.controllerUid.empty() || child.controllerUid == job_.uid);
+    });
+  }
+
+  void ensureChildren() {
+    if (!hasChild(observed_.services, serviceName(job_.name)))
+      childCreations_.push_back(CreateService{serviceName(job_.name), buildService(job_)});
+    if (!hasChild(observed_.secrets, secretName(job_.name))) {
+      if (options_.rendezvousToken.empty()) {
+        missingToken_ = true;
+        event(EventType::kWarning, reasons::kMissingRendezvousToken,
+              "Secret " + secretName(job_.name) + " is missing and no token was supplied: not starting workers");
+      } else {
+        childCreations_.push_back(CreateSecret{secretName(job_.name), buildSecret(job_, options_.rendezvousToken)});
+      }
+    }
+    if (!hasChild(observed_.configMaps, configMapName(job_.name)))
+      childCreations_.push_back(CreateConfigMap{configMapName(job_.name), configMap_});
+  }
+
+  // Deletes the current gang and moves to the next generation: its pods become stale from here on.
+  void retireGeneration(const std::string& why) {
+    DeleteGeneration action{status_.generation, {}, why};
+    for (const ObservedPod* pod : current_) {
+      if (pod == nullptr || pod->terminating() || deleting_.count(pod->name)) continue;
+      deleting_.insert(pod->name);
+      action.podNames.push_back(pod->name);
+    }
+    if (!action.podNames.empty()) deletions_.push_back(std::move(action));
+    ++status_.generation;
+    std::fill(current_.begin(), current_.end(), nullptr);
+  }
+
+  void suspend() {
+    const std::string gang = "generation " + std::to_string(status_.generation);
+    const bool hadGang = anyCurrent();
+    if (hadGang) retireGeneration("spec.runPolicy.suspend is true");
+    if (status_.phase != JobPhase::kSuspended)
+      transition(JobPhase::kSuspended, reasons::kJobSuspended,
+                 std::string("spec.runPolicy.suspend is true: ") +
+                     (hadGang ? "deleted the worker pods of " + gang : "no worker pods") +
+                     "; the Service, Secret, ConfigMap and checkpoints are kept",
+                 EventType::kNormal);
+  }
+
+  // The deadline restarts with the run, as it does for a resumed Kubernetes Job.
+  void resume() {
+    status_.phase = JobPhase::kCreated;
+    status_.startTime = now_;
+    const std::string message = "spec.runPolicy.suspend is false: starting generation " +
+                                std::to_string(status_.generation) + "; the workers resume from their checkpoint";
+    setCondition(ConditionType::kSuspended, false, reasons::kJobResumed, message);
+    if (!status_.hasTrueCondition(ConditionType::kCreated))
+      setCondition(ConditionType::kCreated, true, reasons::kJobCreated, message);
+    event(EventType::kNormal, reasons::kJobResumed, message);
+  }
+
+  bool deadlinePassed() {
+    const int64_t limit = job_.spec.runPolicy.activeDeadlineSeconds;
+    if (limit <= 0 || !status_.startTime) return false;
+    if (now_ < *status_.startTime + seconds(limit)) return false;
+    int64_t stopped = 0;
+    for (const ObservedPod* pod : current_) {
+      if (pod == nullptr || pod->finished() || pod->terminating()) continue;
+      deletePod(*pod, "activeDeadlineSeconds passed");
+      ++stopped;
+    }
+    fail(reasons::kDeadlineExceeded, "activeDeadlineSeconds " + std::to_string(limit) + " passed " +
+                                         secondsText(now_ - *status_.startTime) + " after the start: deleting " +
+                                         std::to_string(stopped) + " pending or running worker pod(s)");
+    return true;
+  }
+
+  std::optional<Failure> rootFailure() const {
+    std::optional<Failure> root;
+    for (int64_t rank = 0; rank < workers(); ++rank) {
+      const ObservedPod* pod = current_[rank];
+      std::optional<Failure> failure;
+      if (pod != nullptr) {
+        if (std::optional<FailureCause> cause = classifyPod(*pod))
+          failure = Failure{*cause, rank, describeFailure(*pod, rank, *cause)};
+      } else if (status_.phase == JobPhase::kRunning) {
+        // Every rank existed when the gang went Running: a missing one was deleted behind our back.
+        failure = Failure{FailureCause::kDeleted, rank,
+                          "worker " + std::to_string(rank) + " (pod " + workerPodName(job_.name, rank) +
+                              ") disappeared from the running gang"};
+      }
+      if (failure && (!root || causePriority(failure->cause) < causePriority(root->cause))) root = failure;
+    }
+    return root;
+  }
+
+  void handleFailure(const Failure& failure) {
+    const auto& policy = job_.spec.runPolicy;
+    const bool restart = policy.restartPolicy == "OnFailure" ||
+                         (policy.restartPolicy == "ExitCode" && failure.cause != FailureCause::kPermanentExit);
+    if (!restart) {
+      fail(failureReason(failure.cause),
+           failure.detail + "; restartPolicy " + policy.restartPolicy +
+               (policy.restartPolicy == "Never" ? " never restarts" : " does not restart permanent errors"));
+      return;
+    }
+    const bool counted = !isDisruption(failure.cause);
+    if (counted && status_.restarts >= policy.backoffLimit) {
+      fail(reasons::kBackoffLimitExceeded, failure.detail + "; backoffLimit " + std::to_string(policy.backoffLimit) +
+                                               " reached after " + std::to_string(status_.restarts) + " restart(s)");
+      return;
+    }
+    const int64_t failed = status_.generation;
+    retireGeneration(failure.detail);
+    std::string message = failure.detail + "; deleting generation " + std::to_string(failed) +
+                          " and starting generation " + std::to_string(status_.generation);
+    if (counted) {
+      ++status_.restarts;
+      message += " (restart " + std::to_string(status_.restarts) + " of backoffLimit " +
+                 std::to_string(policy.backoffLimit) + ")";
+    } else {
+      ++status_.preemptions;
+      message += " (" + std::string(failureReason(failure.cause)) + " does not count against backoffLimit)";
+    }
+    transition(JobPhase::kRestarting, failureReason(failure.cause), message, EventType::kWarning);
+  }
+
+  // Gang creation: all missing ranks at once, and only once the previous generation is entirely gone.
+  void createMissingWorkers() {
+    std::vector<int64_t> missing;
+    for (int64_t rank = 0; rank < workers(); ++rank)
+      if (current_[rank] == nullptr) missing.push_back(rank);
+    // A force-deleted pod is gone as soon as its deletion returns, and the executor creates after deleting.
+    const bool staleLeft = std::any_of(stale_.begin(), stale_.end(),
+                                       [&](const ObservedPod* pod) { return !forceDeleted_.count(pod->name); });
+    if (!missing.empty() && !staleLeft && !missingToken_) {
+      std::vector<std::string> names;
+      for (int64_t rank : missing) {
+        const std::string name = workerPodName(job_.name, rank);
+        podCreations_.push_back(CreatePod{
+            name, rank, status_.generation,
+            buildWorkerPod(job_, podTemplate_, rank, status_.generation, options_.defaultWorkerImage)});
+        names.push_back(name);
+      }
+      plannedPods_ = static_cast<int64_t>(missing.size());
+      event(EventType::kNormal, reasons::kCreatedWorkers,
+            "creating " + std::to_string(missing.size()) + " of " + std::to_string(workers()) +
+                " worker pod(s) of generation " + std::to_string(status_.generation) + ": " + joinNames(names));
+    }
+    if (plannedPods_ == 0 && !anyCurrent()) return;
+    if (!status_.startTime) status_.startTime = now_;
+    if (status_.phase == JobPhase::kNone)
+      transition(JobPhase::kCreated, reasons::kJobCreated,
+                 "Service " + serviceName(job_.name) + ", Secret " + secretName(job_.name) + ", ConfigMap " +
+                     configMapName(job_.name) + " and " + std::to_string(workers()) + " worker pod(s) of generation " +
+                     std::to_string(status_.generation),
+                 EventType::kNormal);
+  }
+
+  void phaseFromPods() {
+    if (workers() == 0 || !std::all_of(current_.begin(), current_.end(), [](const ObservedPod* pod) { return pod; }))
+      return;
+    auto all = [&](PodPhase phase) {
+      return std::all_of(current_.begin(), current_.end(),
+                         [&](const ObservedPod* pod) { return pod->phase == phase && !pod->terminating(); });
+    };
+    const std::string gang = std::to_string(workers()) + " worker(s) of generation " + std::to_string(status_.generation);
+    if (std::all_of(current_.begin(), current_.end(), [](const ObservedPod* pod) { return pod->phase == PodPhase::kSucceeded; })) {
+      status_.completionTime = now_;
+      transition(JobPhase::kSucceeded, reasons::kAllWorkersSucceeded, "all " + gang + " succeeded", EventType::kNormal);
+    } else if (all(PodPhase::kRunning) && status_.phase != JobPhase::kRunning) {
+      transition(JobPhase::kRunning, reasons::kAllWorkersRunning, "all " + gang + " are running", EventType::kNormal);
+    }
+  }
+
+  // Succeeded or Failed: cleanPodPolicy on the current pods, then ttlSecondsAfterFinished.
+  Plan finished() {
+    const auto& policy = job_.spec.runPolicy;
+    for (const ObservedPod* pod : current_) {
+      if (pod == nullptr) continue;
+      if (policy.cleanPodPolicy == "All" || (policy.cleanPodPolicy == "Running" && !pod->finished()))
+        deletePod(*pod, "cleanPodPolicy " + policy.cleanPodPolicy + " after the job " + jobPhaseName(status_.phase));
+    }
+    const int64_t ttl = policy.ttlSecondsAfterFinished;
+    if (ttl >= 0 && status_.completionTime) {
+      const Clock::time_point expiry = *status_.completionTime + seconds(ttl);
+      if (now_ < expiry) {
+        requeueIn(expiry - now_);
+      } else {
+        const std::string why = "ttlSecondsAfterFinished " + std::to_string(ttl) + " elapsed";
+        for (const ObservedPod& pod : observed_.pods) deletePod(pod, why);
+        if (hasChild(observed_.services, serviceName(job_.name)))
+          deletions_.push_back(DeleteChild{ChildKind::kService, serviceName(job_.name)});
+        if (hasChild(observed_.secrets, secretName(job_.name)))
+          deletions_.push_back(DeleteChild{ChildKind::kSecret, secretName(job_.name)});
+        if (hasChild(observed_.configMaps, configMapName(job_.name)))
+          deletions_.push_back(DeleteChild{ChildKind::kConfigMap, configMapName(job_.name)});
+        deleteJob_ = DeleteJob{why};
+        event(EventType::kNormal, reasons::kTtlExpired,
+              why + " since completion: deleting the job, its pods, Service, Secret and ConfigMap");
+      }
+    }
+    return finish();
+  }
+
+  // Counts, the deadline timer, and the actions in executor order.
+  Plan finish(bool writeStatus = true) {
+    WorkerCounts counts;
+    int64_t ready = 0;
+    for (const ObservedPod* pod : current_) {
+      if (pod == nullptr) continue;
+      switch (pod->phase) {
+        case PodPhase::kPending: ++counts.pending; break;
+        case PodPhase::kRunning: ++counts.running; break;
+        case PodPhase::kSucceeded: ++counts.succeeded; break;
+        case PodPhase::kFailed: ++counts.failed; break;
+        case PodPhase::kUnknown: break;
+      }
+      if (pod->ready) ++ready;
+    }
+    counts.pending += plannedPods_;  // so the status already describes the world this plan makes
+    status_.workers = counts;
+    status_.readyWorkers = ready;
+
+    const int64_t limit = job_.spec.runPolicy.activeDeadlineSeconds;
+    if (!isFinished(status_.phase) && status_.phase != JobPhase::kSuspended && limit > 0 && status_.startTime)
+      requeueIn(*status_.startTime + seconds(limit) - now_);
+
+    Plan plan;
+    plan.status = writeStatus ? status_ : job_.status;
+    if (writeStatus && status_ != job_.status) plan.actions.push_back(UpdateStatus{status_});
+    for (auto* bucket : {&childCreations_, &deletions_, &podCreations_})
+      for (Action& action : *bucket) plan.actions.push_back(std::move(action));
+    if (deleteJob_) plan.actions.push_back(*deleteJob_);
+    for (EmitEvent& action : events_) plan.actions.push_back(std::move(action));
+    plan.requeueAfter = requeue_;
+    return plan;
+  }
+
+  const JobObject& job_;
+  const Observed& observed_;
+  const Clock::time_point now_;
+  const ReconcileOptions& options_;
+  JobStatus status_;
+
+  std::vector<const ObservedPod*> current_;  // by rank; nullptr where the rank has no pod
+  std::vector<const ObservedPod*> stale_;
+  std::set<std::string> deleting_;      // pods this plan deletes
+  std::set<std::string> forceDeleted_;  // of which force-deleted: gone once the deletion returns
+  nlohmann::json podTemplate_ = nlohmann::json::object();
+  nlohmann::json configMap_;
+  bool missingToken_ = false;
+  int64_t plannedPods_ = 0;
+
+  std::vector<Action> childCreations_, deletions_, podCreations_;
+  std::optional<DeleteJob> deleteJob_;
+  std::vector<EmitEvent> events_;
+  std::optional<Clock::duration> requeue_;
+};
+
+}  // namespace
+
+Plan reconcile(const JobObject& job, const Observed& observed, Clock::time_point now, const ReconcileOptions& options) {
+  return JobReconciler(job, observed, now, options).run();
+}
+
+}  // namespace tandem::operator_core
