@@ -63,5 +63,58 @@ class DataParallelEquivalence(TempDirTest):
         self.assertGreater(relative, 1e-3)
 
 
+class CustomMode(TempDirTest):
+    """No spec.model and a template command: `tandem run` runs the command unchanged in every worker with
+    the environment of DESIGN.md §3 (torchrun's names included), and the job ends with its exit code."""
+
+    def job(self, script, workers=2):
+        return f"""apiVersion: tandem.dev/v1alpha1
+kind: DistributedTrainingJob
+metadata: {{name: custom}}
+spec:
+  workers: {workers}
+  runPolicy: {{restartPolicy: Never}}
+  template:
+    spec:
+      containers:
+        - name: worker
+          command: [/usr/bin/python3, -c]
+          args: [{script!r}]
+"""
+
+    def test_command_runs_with_the_process_contract(self):
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TANDEM_JOB",
+                "TANDEM_RANK", "TANDEM_WORLD_SIZE", "TANDEM_GENERATION", "TANDEM_RDZV_ENDPOINT", "TANDEM_POD_IP")
+        script = "import os; print('ENV', " + ", ".join(f"os.environ[{k!r}]" for k in keys) + ")"
+        result = tandem("run", self.write("custom.yaml", self.job(script, workers=3)), timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("custom mode: running /usr/bin/python3", result.stderr)
+        rows = {}
+        for line in result.stdout.splitlines():
+            match = re.match(r"\[rank (\d)\] ENV (.*)", line)
+            if match:
+                rows[int(match.group(1))] = dict(zip(keys, match.group(2).split()))
+        self.assertEqual(sorted(rows), [0, 1, 2])
+        for rank, env in rows.items():
+            self.assertEqual(env["RANK"], str(rank))
+            self.assertEqual(env["TANDEM_RANK"], str(rank))
+            self.assertEqual(env["WORLD_SIZE"], "3")
+            self.assertEqual(env["TANDEM_WORLD_SIZE"], "3")
+            self.assertEqual(env["LOCAL_RANK"], str(rank))
+            self.assertEqual(env["NODE_RANK"], "0")
+            self.assertEqual(env["MASTER_ADDR"], "127.0.0.1")
+            self.assertEqual(env["TANDEM_JOB"], "default/custom")
+            self.assertEqual(env["TANDEM_GENERATION"], "0")
+            self.assertEqual(env["TANDEM_POD_IP"], "127.0.0.1")
+            self.assertEqual(env["MASTER_PORT"], rows[0]["MASTER_PORT"])
+            self.assertEqual(env["TANDEM_RDZV_ENDPOINT"], rows[0]["TANDEM_RDZV_ENDPOINT"])
+
+    def test_a_failing_command_fails_the_job_with_its_code(self):
+        script = "import os, sys; sys.exit(7 if os.environ['RANK'] == '1' else 0)"
+        result = tandem("run", self.write("custom.yaml", self.job(script)), timeout=120)
+        self.assertEqual(result.returncode, 7, result.stderr[-2000:])
+        self.assertIn("worker rank 1 exited with code 7", result.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()

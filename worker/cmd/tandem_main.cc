@@ -165,7 +165,7 @@ int run(const std::vector<std::string>& arguments) {
       return printErrors(errors);
     }
   }
-  if (spec.data.kind == "fashion-mnist" && !std::filesystem::is_directory(spec.data.path)) {
+  if (spec.model.present && spec.data.kind == "fashion-mnist" && !std::filesystem::is_directory(spec.data.path)) {
     std::cerr << "spec.data.path: dataset directory " << spec.data.path
               << " does not exist (Debian: apt-get install dataset-fashion-mnist)\n";
     return kExitInvalidConfig;
@@ -173,6 +173,13 @@ int run(const std::vector<std::string>& arguments) {
   options.spec = spec;
   options.configPath = std::filesystem::absolute(file).string();
   options.workerBinary = siblingBinary("tandem-worker");
+  if (!spec.model.present && spec.hasCustomCommand) {
+    // Custom mode (DESIGN.md §2): the template's command runs unchanged, with the same environment.
+    options.workerBinary = spec.customCommand.front();
+    options.workerArguments.assign(spec.customCommand.begin() + 1, spec.customCommand.end());
+    options.customCommand = true;
+    std::cerr << "tandem: custom mode: running " << options.workerBinary << " in every worker\n";
+  }
   std::cerr << "tandem: running " << spec.jobKey() << " with " << spec.workers << " local worker"
             << (spec.workers == 1 ? "" : "s") << "\n";
   const RunOutcome outcome = runWithRestarts(options);

@@ -144,7 +144,8 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   std::vector<char*> argv;
   for (auto& argument : arguments) argv.push_back(argument.data());
   argv.push_back(nullptr);
-  execv(options.workerBinary.c_str(), argv.data());
+  // A custom command is looked up in PATH, like a container's command; tandem-worker is a full path.
+  execvp(options.workerBinary.c_str(), argv.data());
   std::fprintf(stderr, "cannot start %s: %s\n", options.workerBinary.c_str(), std::strerror(errno));
   _exit(kExitInternal);
 }
@@ -195,11 +196,13 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
         {"NODE_RANK", "0"},
     };
     // Each local worker serves its metrics on its own free port (pods all use 9400).
-    const int metricsPort = freePort();
-    environment["TANDEM_METRICS_PORT"] = std::to_string(metricsPort);
-    result.metricsPorts.push_back(metricsPort);
-    if (!options.quiet || options.generation == 0)
-      std::cerr << "tandem: rank " << rank << " metrics at http://127.0.0.1:" << metricsPort << "/metrics" << std::endl;
+    if (!options.customCommand) {
+      const int metricsPort = freePort();
+      environment["TANDEM_METRICS_PORT"] = std::to_string(metricsPort);
+      result.metricsPorts.push_back(metricsPort);
+      if (!options.quiet || options.generation == 0)
+        std::cerr << "tandem: rank " << rank << " metrics at http://127.0.0.1:" << metricsPort << "/metrics" << std::endl;
+    }
     // Share the cores: each worker's GEMMs get cores/workers threads unless the user chose.
     if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr) environment["OPENBLAS_NUM_THREADS"] = gemmThreads;
     int stdoutPipe[2], stderrPipe[2];

@@ -252,6 +252,20 @@ void readSpec(MapReader& spec, JobSpec& job, std::vector<FieldError>& errors) {
       YAML::Node containers = templateNode["spec"]["containers"];
       job.hasCustomCommand = containers.IsSequence() && containers.size() > 0 &&
                              containers[0]["command"].IsSequence() && containers[0]["command"].size() > 0;
+      if (job.hasCustomCommand) {
+        for (const char* list : {"command", "args"}) {
+          const YAML::Node items = containers[0][list];
+          if (!items.IsSequence()) continue;
+          for (size_t i = 0; i < items.size(); ++i) {
+            if (!items[i].IsScalar()) {
+              errors.push_back({"spec.template.spec.containers[0]." + std::string(list) + "[" + std::to_string(i) + "]",
+                                "expected a string, got " + describeNode(items[i])});
+              continue;
+            }
+            job.customCommand.push_back(items[i].Scalar());
+          }
+        }
+      }
     }
   }
 }
@@ -285,7 +299,8 @@ std::vector<FieldError> validateCombinations(const JobSpec& job) {
   }
   const int64_t dataParallel = job.workers / stages;
   const int64_t perStep = dataParallel * job.parallelism.microBatches;
-  if (job.training.globalBatchSize % perStep != 0) {
+  // In custom mode the user's command owns batching: Tandem's training fields do not apply.
+  if (job.model.present && job.training.globalBatchSize % perStep != 0) {
     std::string divisor = job.parallelism.microBatches == 1 && stages == 1
                               ? std::to_string(job.workers) + " workers"
                               : "data-parallel degree (" + std::to_string(dataParallel) + ") x microBatches (" +

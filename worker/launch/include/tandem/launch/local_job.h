@@ -22,6 +22,7 @@ struct LocalJobOptions {
   std::vector<std::string> workerArguments;  // extra flags for every worker
   std::chrono::milliseconds stopGrace{5000};  // SIGTERM, then SIGKILL after this
   bool quiet = false;                // no progress display (logs still flow)
+  bool customCommand = false;        // workerBinary is the user's command (custom mode): no metrics port
   int64_t generation = 0;            // TANDEM_GENERATION: the job's restart count
   // When the previous generation failed: the first step of this one reports the recovery time.
   std::optional<std::chrono::steady_clock::time_point> previousFailure;

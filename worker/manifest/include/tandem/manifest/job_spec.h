@@ -96,6 +96,8 @@ struct JobSpec {
   RunPolicySpec runPolicy;
   std::string templateYaml;  // spec.template as YAML text, passed through untouched
   bool hasCustomCommand = false;
+  // Custom mode: the first container's command and args of spec.template, as strings.
+  std::vector<std::string> customCommand;
 
   int64_t dataParallel() const { return workers / parallelism.pipelineStages; }
   // Number of layers the pipeline can split: linear layers for mlp, transformer blocks for gpt.
