@@ -77,5 +77,45 @@ class Supervision(TempDirTest):
         self.assert_no_orphans(pids)
 
 
+class ProgressDisplay(TempDirTest):
+    """On a terminal the progress line is redrawn in place (carriage return + erase line); through a pipe it
+    is a plain line every 10% of the run (or 15 s), never one per step."""
+
+    def test_in_place_on_a_terminal(self):
+        config = self.write("job.yaml", manifest(workers=1, data_kind="synthetic", samples=4096, epochs=100))
+        controller, terminal = os.openpty()
+        process = subprocess.Popen([TANDEM, "run", config], stdin=terminal, stdout=terminal, stderr=terminal,
+                                   close_fds=True)
+        os.close(terminal)
+        output = bytearray()
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not chunk:
+                break
+            output.extend(chunk)
+        os.close(controller)
+        self.assertEqual(process.wait(timeout=120), 0, output[-2000:])
+        text = output.decode(errors="replace")
+        redraws = text.count("\r\x1b[K")
+        self.assertGreater(redraws, 5, "the progress line is redrawn in place")
+        self.assertLess(redraws, 400, "redraws are throttled, not one per step (1600 steps)")
+        # The last redraw shows the end, and the line is finished before the summary.
+        self.assertIn("epoch 100/100  step 1600/1600", text)
+        self.assertRegex(text, r"step 1600/1600[^\n]*\r?\n(.*\n)*.*summary: default/itest")
+
+    def test_plain_lines_through_a_pipe(self):
+        config = self.write("job.yaml", manifest(workers=1, data_kind="synthetic", samples=4096, epochs=20))
+        result = subprocess.run([TANDEM, "run", config], capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        progress = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+        self.assertNotIn("\x1b[K", result.stdout)
+        self.assertGreaterEqual(len(progress), 10)
+        self.assertLessEqual(len(progress), 12, "about one line per 10% of 320 steps, not one per step")
+        self.assertTrue(progress[-1].startswith("epoch 20/20  step 320/320"))
+
+
 if __name__ == "__main__":
     unittest.main()

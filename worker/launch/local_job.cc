@@ -92,7 +92,11 @@ class ProgressDisplay {
                   formatDuration(progress.value("etaSeconds", 0.0)).c_str());
     current_ = line;
     if (terminal_) {
-      std::cout << "\r\033[K" << current_ << std::flush;
+      // At most ten redraws a second: fast steps would otherwise flood the terminal.
+      if (Clock::now() - lastPrinted_ >= std::chrono::milliseconds(100) || step == total) {
+        std::cout << "\r\033[K" << current_ << std::flush;
+        lastPrinted_ = Clock::now();
+      }
       return;
     }
     const int64_t decile = step * 10 / total;
