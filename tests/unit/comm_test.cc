@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "gloo_ranks.h"
 #include "tandem/comm/communicator.h"
 
 namespace tandem::comm {
@@ -20,41 +21,11 @@ namespace {
 
 using namespace std::chrono_literals;
 
-// Creates `size` connected communicators, one per thread (the full mesh needs every rank at once).
+// Connected communicators, one per thread rank (tests/unit/gloo_ranks.h).
 std::vector<std::unique_ptr<Communicator>> connect(int size, std::chrono::milliseconds timeout = 20s) {
-  auto store = makeMemoryStore();
-  std::vector<std::unique_ptr<Communicator>> communicators(size);
-  std::vector<Status> statuses(size);
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < size; ++rank) {
-    threads.emplace_back([&, rank] {
-      GlooOptions options;
-      options.rank = rank;
-      options.size = size;
-      options.timeout = timeout;
-      auto communicator = createGlooCommunicator(options, store);
-      if (communicator.ok())
-        communicators[rank] = std::move(communicator).value();
-      else
-        statuses[rank] = communicator.status();
-    });
-  }
-  for (auto& thread : threads) thread.join();
-  for (int rank = 0; rank < size; ++rank) {
-    EXPECT_TRUE(statuses[rank].ok()) << "rank " << rank << ": " << statuses[rank].toString();
-    if (communicators[rank] == nullptr) return {};
-  }
-  return communicators;
+  return test_support::connectGlooRanks(size, timeout);
 }
-
-// Runs body(rank, communicator) on one thread per rank and joins them all.
-void runRanks(std::vector<std::unique_ptr<Communicator>>& communicators,
-              const std::function<void(int, Communicator&)>& body) {
-  std::vector<std::thread> threads;
-  for (size_t rank = 0; rank < communicators.size(); ++rank)
-    threads.emplace_back([&, rank] { body(static_cast<int>(rank), *communicators[rank]); });
-  for (auto& thread : threads) thread.join();
-}
+using test_support::runRanks;
 
 class GlooWorld : public ::testing::TestWithParam<int> {
  protected:

@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "gloo_ranks.h"
 #include "tandem/comm/communicator.h"
 #include "tandem/model/sequential.h"
 #include "tandem/parallel/data_parallel.h"
@@ -38,7 +39,9 @@ void expectValidPlan(const model::Sequential& network, const std::vector<Gradien
       return offset > bucket.offset && offset < bucket.offset + bucket.count;
     });
     const int64_t trailing = i == 0 ? network.trailingGradientSlotCount() : 0;
-    if (piecesInside > 0) EXPECT_LE(bucket.count - trailing, cap);
+    if (piecesInside > 0) {
+      EXPECT_LE(bucket.count - trailing, cap);
+    }
     end = bucket.offset;
   }
   EXPECT_EQ(end, 0);
@@ -100,52 +103,40 @@ TEST(PlanGradientBuckets, InvariantsHoldForManyCaps) {
 // backward's hook leaves every rank with the sum of both ranks' gradients, trailing slots included.
 TEST(BucketedAllReduce, SumsGradientsOfTwoRanks) {
   constexpr int kRanks = 2;
-  auto store = comm::makeMemoryStore();
-  std::vector<std::unique_ptr<comm::Communicator>> communicators(kRanks);
+  auto communicators = test_support::connectGlooRanks(kRanks);
+  ASSERT_EQ(communicators.size(), static_cast<size_t>(kRanks));
   std::vector<std::unique_ptr<model::Sequential>> networks(kRanks);
   std::vector<std::vector<float>> localGradients(kRanks);
   std::vector<int64_t> bytesReduced(kRanks, 0);
   std::vector<size_t> bucketCounts(kRanks, 0);
 
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < kRanks; ++rank) {
-    threads.emplace_back([&, rank] {
-      comm::GlooOptions options;
-      options.rank = rank;
-      options.size = kRanks;
-      options.timeout = std::chrono::seconds(20);
-      auto communicator = comm::createGlooCommunicator(options, store);
-      ASSERT_TRUE(communicator.ok()) << communicator.status().toString();
-      communicators[rank] = std::move(communicator).value();
+  test_support::runRanks(communicators, [&](int rank, comm::Communicator& communicator) {
+    auto& network = networks[rank];
+    network = buildMlp(6, {5, 4}, 3, ActivationKind::kGelu, /*trailingGradientSlots=*/1);
+    network->initialize(17);
+    Tensor input({3, 6});
+    for (int64_t i = 0; i < input.size(); ++i) input.data()[i] = 0.1f * static_cast<float>((i * (rank + 2)) % 11) - 0.4f;
+    const Tensor& output = network->forward(input);
+    Tensor gradOutput(output.shape());
+    for (int64_t i = 0; i < gradOutput.size(); ++i) gradOutput.data()[i] = (rank == 0 ? 1.0f : -0.5f) * (1 + i % 3);
 
-      auto& network = networks[rank];
-      network = buildMlp(6, {5, 4}, 3, ActivationKind::kGelu, /*trailingGradientSlots=*/1);
-      network->initialize(17);
-      Tensor input({3, 6});
-      for (int64_t i = 0; i < input.size(); ++i) input.data()[i] = 0.1f * static_cast<float>((i * (rank + 2)) % 11) - 0.4f;
-      const Tensor& output = network->forward(input);
-      Tensor gradOutput(output.shape());
-      for (int64_t i = 0; i < gradOutput.size(); ++i) gradOutput.data()[i] = (rank == 0 ? 1.0f : -0.5f) * (1 + i % 3);
+    // What this rank's gradients would be without communication.
+    network->zeroGradients();
+    network->trailingGradientSlots()[0] = static_cast<float>(rank + 1);
+    network->backward(gradOutput);
+    const int64_t total = network->parameterCount() + 1;
+    localGradients[rank].assign(network->gradients(), network->gradients() + total);
 
-      // What this rank's gradients would be without communication.
-      network->zeroGradients();
-      network->trailingGradientSlots()[0] = static_cast<float>(rank + 1);
-      network->backward(gradOutput);
-      const int64_t total = network->parameterCount() + 1;
-      localGradients[rank].assign(network->gradients(), network->gradients() + total);
-
-      // The same backward with the all-reduce hooked in; a cap small enough for several buckets.
-      network->zeroGradients();
-      network->trailingGradientSlots()[0] = static_cast<float>(rank + 1);
-      BucketedAllReduce reducer(*network, communicators[rank].get(), /*capFloats=*/25);
-      network->backward(gradOutput, [&](int64_t offset) { reducer.onGradientsReady(offset); });
-      const Status status = reducer.finish();
-      ASSERT_TRUE(status.ok()) << "rank " << rank << ": " << status.toString();
-      bytesReduced[rank] = reducer.bytesReduced();
-      bucketCounts[rank] = reducer.buckets().size();
-    });
-  }
-  for (auto& thread : threads) thread.join();
+    // The same backward with the all-reduce hooked in; a cap small enough for several buckets.
+    network->zeroGradients();
+    network->trailingGradientSlots()[0] = static_cast<float>(rank + 1);
+    BucketedAllReduce reducer(*network, &communicator, /*capFloats=*/25);
+    network->backward(gradOutput, [&](int64_t offset) { reducer.onGradientsReady(offset); });
+    const Status status = reducer.finish();
+    ASSERT_TRUE(status.ok()) << "rank " << rank << ": " << status.toString();
+    bytesReduced[rank] = reducer.bytesReduced();
+    bucketCounts[rank] = reducer.buckets().size();
+  });
   ASSERT_TRUE(networks[0] && networks[1] && !localGradients[0].empty() && !localGradients[1].empty());
 
   const int64_t total = networks[0]->parameterCount() + 1;
@@ -164,28 +155,19 @@ TEST(BucketedAllReduce, SumsGradientsOfTwoRanks) {
 // Closed form: rank r fills every gradient with r + 1 and reports all of them ready; each slot ends at 3.
 TEST(BucketedAllReduce, ClosedFormSumOverGloo) {
   constexpr int kRanks = 2;
-  auto store = comm::makeMemoryStore();
+  auto communicators = test_support::connectGlooRanks(kRanks);
+  ASSERT_EQ(communicators.size(), static_cast<size_t>(kRanks));
   std::vector<std::vector<float>> results(kRanks);
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < kRanks; ++rank) {
-    threads.emplace_back([&, rank] {
-      comm::GlooOptions options;
-      options.rank = rank;
-      options.size = kRanks;
-      options.timeout = std::chrono::seconds(20);
-      auto communicator = comm::createGlooCommunicator(options, store);
-      ASSERT_TRUE(communicator.ok()) << communicator.status().toString();
-      auto network = buildMlp(30, {20, 10}, 4, ActivationKind::kRelu, /*trailingGradientSlots=*/2);
-      const int64_t total = network->parameterCount() + 2;
-      for (int64_t i = 0; i < total; ++i) network->gradients()[i] = static_cast<float>((rank + 1) * (1 + i % 5));
-      BucketedAllReduce reducer(*network, communicator->get(), /*capFloats=*/200);
-      reducer.onGradientsReady(0);
-      const Status status = reducer.finish();
-      ASSERT_TRUE(status.ok()) << status.toString();
-      results[rank].assign(network->gradients(), network->gradients() + total);
-    });
-  }
-  for (auto& thread : threads) thread.join();
+  test_support::runRanks(communicators, [&](int rank, comm::Communicator& communicator) {
+    auto network = buildMlp(30, {20, 10}, 4, ActivationKind::kRelu, /*trailingGradientSlots=*/2);
+    const int64_t total = network->parameterCount() + 2;
+    for (int64_t i = 0; i < total; ++i) network->gradients()[i] = static_cast<float>((rank + 1) * (1 + i % 5));
+    BucketedAllReduce reducer(*network, &communicator, /*capFloats=*/200);
+    reducer.onGradientsReady(0);
+    const Status status = reducer.finish();
+    ASSERT_TRUE(status.ok()) << status.toString();
+    results[rank].assign(network->gradients(), network->gradients() + total);
+  });
   for (int rank = 0; rank < kRanks; ++rank) {
     ASSERT_FALSE(results[rank].empty());
     for (size_t i = 0; i < results[rank].size(); ++i)

@@ -4,6 +4,7 @@
 
 #include <thread>
 
+#include "gloo_ranks.h"
 #include "tandem/comm/communicator.h"
 #include "tandem/parallel/pipeline_schedule.h"
 
@@ -69,7 +70,9 @@ TEST(Schedules, EveryMicrobatchForwardOnceThenBackwardOnce) {
           for (int m = 0; m < micro; ++m) {
             EXPECT_GE(forwardAt[m], 0);
             EXPECT_GT(backwardAt[m], forwardAt[m]) << kind << " stage " << stage << " microbatch " << m;
-            if (m > 0) EXPECT_GT(backwardAt[m], backwardAt[m - 1]) << "backwards run in microbatch order";
+            if (m > 0) {
+              EXPECT_GT(backwardAt[m], backwardAt[m - 1]) << "backwards run in microbatch order";
+            }
           }
         }
 }
@@ -87,33 +90,25 @@ TEST(Schedules, OneFOneBHoldsAtMostStagesMinusStageMicrobatches) {
 
 TEST(Split, GroupsRanksByColorOrderedByKey) {
   constexpr int kRanks = 4;
-  auto store = comm::makeMemoryStore();
+  auto worlds = test_support::connectGlooRanks(kRanks);
+  ASSERT_EQ(worlds.size(), static_cast<size_t>(kRanks));
   std::vector<std::vector<float>> stageSums(kRanks), replicaSums(kRanks);
   std::vector<int> stageRanks(kRanks), stageSizes(kRanks);
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < kRanks; ++rank)
-    threads.emplace_back([&, rank] {
-      comm::GlooOptions options;
-      options.rank = rank;
-      options.size = kRanks;
-      options.timeout = std::chrono::seconds(20);
-      auto world = comm::createGlooCommunicator(options, store);
-      ASSERT_TRUE(world.ok()) << world.status().toString();
-      const auto position = positionOf(rank, 2);  // 2 stages x 2 replicas
-      auto byStage = (*world)->split(position.stage, position.replica);
-      ASSERT_TRUE(byStage.ok()) << byStage.status().toString();
-      auto byReplica = (*world)->split(position.replica, position.stage);
-      ASSERT_TRUE(byReplica.ok()) << byReplica.status().toString();
-      stageRanks[rank] = (*byStage)->rank();
-      stageSizes[rank] = (*byStage)->size();
-      std::vector<float> value{static_cast<float>(rank + 1)};
-      ASSERT_TRUE((*byStage)->allReduce(value.data(), 1).ok());
-      stageSums[rank] = value;
-      value = {static_cast<float>(10 * (rank + 1))};
-      ASSERT_TRUE((*byReplica)->allReduce(value.data(), 1).ok());
-      replicaSums[rank] = value;
-    });
-  for (auto& thread : threads) thread.join();
+  test_support::runRanks(worlds, [&](int rank, comm::Communicator& world) {
+    const auto position = positionOf(rank, 2);  // 2 stages x 2 replicas
+    auto byStage = world.split(position.stage, position.replica);
+    ASSERT_TRUE(byStage.ok()) << byStage.status().toString();
+    auto byReplica = world.split(position.replica, position.stage);
+    ASSERT_TRUE(byReplica.ok()) << byReplica.status().toString();
+    stageRanks[rank] = (*byStage)->rank();
+    stageSizes[rank] = (*byStage)->size();
+    std::vector<float> value{static_cast<float>(rank + 1)};
+    ASSERT_TRUE((*byStage)->allReduce(value.data(), 1).ok());
+    stageSums[rank] = value;
+    value = {static_cast<float>(10 * (rank + 1))};
+    ASSERT_TRUE((*byReplica)->allReduce(value.data(), 1).ok());
+    replicaSums[rank] = value;
+  });
   // Stage 0 = ranks 0 and 2, stage 1 = ranks 1 and 3; replica 0 = ranks 0, 1; replica 1 = ranks 2, 3.
   EXPECT_EQ(stageSums[0][0], 1 + 3);
   EXPECT_EQ(stageSums[2][0], 1 + 3);

@@ -73,11 +73,11 @@ StatusOr<int64_t> parseInteger(const std::string& name, const std::string& text)
 }
 
 // A positive number (seconds, megabytes).
-StatusOr<double> parseSeconds(const std::string& name, const std::string& text) {
+StatusOr<double> parsePositive(const std::string& name, const std::string& text) {
   char* end = nullptr;
   const double value = std::strtod(text.c_str(), &end);
   if (end == text.c_str() || *end != '\0' || !(value > 0))
-    return TANDEM_ERROR(StatusCode::kInvalidArgument, name + ": expected a positive number of seconds, got \"" + text + "\"");
+    return TANDEM_ERROR(StatusCode::kInvalidArgument, name + ": expected a positive number, got \"" + text + "\"");
   return value;
 }
 
@@ -85,13 +85,13 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
   WorkerArguments arguments;
   if (auto config = environment("TANDEM_CONFIG")) arguments.configPath = *config;
   if (auto timeout = environment("TANDEM_RDZV_TIMEOUT_SECONDS")) {
-    TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds("TANDEM_RDZV_TIMEOUT_SECONDS", *timeout));
+    TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parsePositive("TANDEM_RDZV_TIMEOUT_SECONDS", *timeout));
   }
   if (auto port = environment("TANDEM_METRICS_PORT")) {
     TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parseInteger("TANDEM_METRICS_PORT", *port));
   }
   if (auto timeout = environment("TANDEM_COLLECTIVE_TIMEOUT_SECONDS")) {
-    TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds("TANDEM_COLLECTIVE_TIMEOUT_SECONDS", *timeout));
+    TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parsePositive("TANDEM_COLLECTIVE_TIMEOUT_SECONDS", *timeout));
   }
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -110,15 +110,15 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
     } else if (flag == "--loss-log") {
       arguments.lossLogPath = value;
     } else if (flag == "--rendezvous-timeout") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parsePositive(flag, value));
     } else if (flag == "--collective-timeout") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parsePositive(flag, value));
     } else if (flag == "--metrics-port") {
       TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parseInteger(flag, value));
     } else if (flag == "--grace-seconds") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.graceSeconds, parseSeconds(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.graceSeconds, parsePositive(flag, value));
     } else if (flag == "--bucket-cap-mb") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.bucketCapMegabytes, parseSeconds(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.bucketCapMegabytes, parsePositive(flag, value));
     } else {
       return TANDEM_ERROR(StatusCode::kInvalidArgument, "unknown option " + flag + "\n" + kUsage);
     }

@@ -203,7 +203,6 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     if (!options.customCommand) {
       const int metricsPort = freePort();
       environment["TANDEM_METRICS_PORT"] = std::to_string(metricsPort);
-      result.metricsPorts.push_back(metricsPort);
       if (!options.quiet || options.generation == 0)
         std::cerr << "tandem: rank " << rank << " metrics at http://127.0.0.1:" << metricsPort << "/metrics" << std::endl;
     }

@@ -36,7 +36,6 @@ struct LocalJobResult {
   double wallSeconds = 0.0;
   std::optional<nlohmann::json> summary;  // rank 0's @summary
   int64_t lastStep = 0;              // the last step rank 0 reported finished
-  std::vector<int> metricsPorts;     // by rank: where each worker serves /metrics
   int64_t resumedFromStep = 0;       // the checkpoint step rank 0 resumed from (0: fresh start)
   std::optional<std::chrono::steady_clock::time_point> failureDetected;  // when the first worker died
   std::optional<double> recoverySeconds;  // previousFailure to this generation's first step
