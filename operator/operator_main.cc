@@ -1,7 +1,253 @@
-// tandem-operator: placeholder until the operator issue lands. It refuses to run rather than pretend.
-#include <cstdio>
+// tandem-operator: runs DistributedTrainingJobs as gangs of worker pods (DESIGN.md §9).
+//
+//   tandem-operator [--kubeconfig PATH] [--namespace NS] [--metrics-port 8080] [--leader-elect] ...
+//
+// Serves /metrics, /healthz and /readyz on the metrics port. With --leader-elect only the replica that
+// holds the Lease reconciles; the others keep warm caches and stand by. SIGTERM/SIGINT: running
+// reconciles finish, the Lease is released, exit 0. Losing the Lease while leading: exit 1 at once (the
+// Deployment restarts the container), so two replicas never act at the same time.
+#include <unistd.h>
 
-int main() {
-  std::fprintf(stderr, "tandem-operator is not implemented yet (see the operator issue)\n");
-  return 1;
+#include <atomic>
+#include <csignal>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <string>
+#include <thread>
+
+#include <httplib.h>
+
+#include "tandem/common/exit_codes.h"
+#include "tandem/common/log.h"
+#include "tandem/kube/client.h"
+#include "tandem/kube/config.h"
+#include "tandem/operator/controller.h"
+#include "tandem/operator/leader_election.h"
+#include "tandem/operator/operator_metrics.h"
+
+namespace {
+
+using namespace tandem;
+using namespace tandem::operator_core;
+
+constexpr const char* kUsage =
+    "usage: tandem-operator [flags]\n"
+    "  --kubeconfig PATH         kubeconfig to use (default: $KUBECONFIG, else in-cluster)\n"
+    "  --namespace NS            watch only this namespace (default: all)\n"
+    "  --metrics-port N          port of /metrics, /healthz, /readyz (default 8080; 0 picks a free one)\n"
+    "  --metrics-address ADDR    address to bind it to (default 0.0.0.0)\n"
+    "  --leader-elect[=BOOL]     take a coordination.k8s.io Lease before reconciling (default false)\n"
+    "  --lease-name NAME         (default tandem-operator)\n"
+    "  --lease-namespace NS      (default $POD_NAMESPACE, else the kubeconfig's namespace)\n"
+    "  --lease-duration S        (default 15)   --renew-deadline S (default 10)   --retry-period S (default 2)\n"
+    "  --identity ID             (default $POD_NAME, else hostname-pid)\n"
+    "  --worker-image IMAGE      image of worker containers whose template names none (default tandem-worker:0.1.0)\n"
+    "  --workers N               jobs reconciled concurrently (default 4)\n"
+    "  --resync-period S         re-reconcile every job this often (default 300)\n"
+    "  --watch-timeout S         the server ends each watch after about this long (default 300)\n"
+    "  --force-delete-after S    force-delete pods stuck terminating on an unreachable node (default 60)\n";
+
+struct Flags {
+  std::string kubeconfig;
+  std::string nameSpace;
+  int metricsPort = 8080;
+  std::string metricsAddress = "0.0.0.0";
+  bool leaderElect = false;
+  std::string leaseName = "tandem-operator";
+  std::string leaseNamespace;
+  double leaseDuration = 15, renewDeadline = 10, retryPeriod = 2;
+  std::string identity;
+  std::string workerImage = "tandem-worker:0.1.0";
+  int workers = 4;
+  double resyncPeriod = 300;
+  int watchTimeout = 300;
+  double forceDeleteAfter = 60;
+};
+
+tandem::StatusOr<double> number(const std::string& flag, const std::string& text, double minimum) {
+  char* end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (text.empty() || end == nullptr || *end != '\0' || value < minimum)
+    return TANDEM_ERROR(StatusCode::kInvalidArgument,
+                        "--" + flag + ": \"" + text + "\" is not a number >= " + std::to_string(minimum));
+  return value;
 }
+
+tandem::StatusOr<Flags> parseFlags(int argc, char** argv) {
+  Flags flags;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      std::cout << kUsage;
+      std::exit(0);
+    }
+    if (arg.rfind("--", 0) != 0) return TANDEM_ERROR(StatusCode::kInvalidArgument, "unexpected argument " + arg);
+    std::string name = arg.substr(2), value;
+    bool hasValue = false;
+    if (auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      hasValue = true;
+    }
+    if (name == "leader-elect") {
+      if (hasValue && value != "true" && value != "false")
+        return TANDEM_ERROR(StatusCode::kInvalidArgument, "--leader-elect: expected true or false, got " + value);
+      flags.leaderElect = !hasValue || value == "true";
+      continue;
+    }
+    if (!hasValue) {
+      if (i + 1 >= argc) return TANDEM_ERROR(StatusCode::kInvalidArgument, "--" + name + " needs a value");
+      value = argv[++i];
+    }
+    auto numeric = [&](double minimum) { return number(name, value, minimum); };
+    if (name == "kubeconfig") flags.kubeconfig = value;
+    else if (name == "namespace") flags.nameSpace = value;
+    else if (name == "metrics-address") flags.metricsAddress = value;
+    else if (name == "lease-name") flags.leaseName = value;
+    else if (name == "lease-namespace") flags.leaseNamespace = value;
+    else if (name == "identity") flags.identity = value;
+    else if (name == "worker-image") flags.workerImage = value;
+    else if (name == "metrics-port") { TANDEM_ASSIGN_OR_RETURN(double v, numeric(0)); flags.metricsPort = static_cast<int>(v); }
+    else if (name == "lease-duration") { TANDEM_ASSIGN_OR_RETURN(flags.leaseDuration, numeric(0.1)); }
+    else if (name == "renew-deadline") { TANDEM_ASSIGN_OR_RETURN(flags.renewDeadline, numeric(0.1)); }
+    else if (name == "retry-period") { TANDEM_ASSIGN_OR_RETURN(flags.retryPeriod, numeric(0.05)); }
+    else if (name == "workers") { TANDEM_ASSIGN_OR_RETURN(double v, numeric(1)); flags.workers = static_cast<int>(v); }
+    else if (name == "resync-period") { TANDEM_ASSIGN_OR_RETURN(flags.resyncPeriod, numeric(1)); }
+    else if (name == "watch-timeout") { TANDEM_ASSIGN_OR_RETURN(double v, numeric(2)); flags.watchTimeout = static_cast<int>(v); }
+    else if (name == "force-delete-after") { TANDEM_ASSIGN_OR_RETURN(flags.forceDeleteAfter, numeric(0)); }
+    else return TANDEM_ERROR(StatusCode::kInvalidArgument, "unknown flag --" + name + "\n" + kUsage);
+  }
+  if (flags.renewDeadline >= flags.leaseDuration)
+    return TANDEM_ERROR(StatusCode::kInvalidArgument, "--renew-deadline must be shorter than --lease-duration");
+  return flags;
+}
+
+std::chrono::milliseconds millis(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+}
+
+std::string environment(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr ? "" : value;
+}
+
+int run(int argc, char** argv) {
+  // Signals go to one thread that sets `stop`; every other thread inherits the blocked mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto flags = parseFlags(argc, argv);
+  if (!flags.ok()) {
+    std::cerr << flags.status().message() << "\n";
+    return kExitInvalidConfig;
+  }
+  auto config = kube::resolveConfig(flags->kubeconfig);
+  if (!config.ok()) {
+    log::error() << config.status().message();
+    return kExitInvalidConfig;
+  }
+  std::string identity = flags->identity.empty() ? environment("POD_NAME") : flags->identity;
+  if (identity.empty()) {
+    char host[256] = {0};
+    gethostname(host, sizeof host - 1);
+    identity = std::string(host) + "-" + std::to_string(getpid());
+  }
+  log::info() << "tandem-operator " << identity << ": API server " << config->server << " (" << config->source
+              << "), watching " << (flags->nameSpace.empty() ? "all namespaces" : "namespace " + flags->nameSpace);
+
+  kube::KubeClient client(*config);
+  OperatorMetrics metrics;
+  ControllerOptions options;
+  options.nameSpace = flags->nameSpace;
+  options.workers = flags->workers;
+  options.resyncPeriod = std::chrono::seconds(static_cast<int64_t>(flags->resyncPeriod));
+  options.watchTimeoutSeconds = flags->watchTimeout;
+  options.identity = identity;
+  options.reconcile.defaultWorkerImage = flags->workerImage;
+  options.reconcile.forceDeleteAfter = std::chrono::seconds(static_cast<int64_t>(flags->forceDeleteAfter));
+  Controller controller(client, options, metrics);
+
+  std::atomic<bool> stop{false};
+  std::thread signalThread([&] {
+    int received = 0;
+    sigwait(&signals, &received);
+    log::info() << "received " << (received == SIGTERM ? "SIGTERM" : "SIGINT") << ": shutting down";
+    stop = true;
+  });
+  signalThread.detach();  // it may never return when no signal comes; the process exits around it
+
+  httplib::Server server;
+  server.Get("/healthz", [](const httplib::Request&, httplib::Response& response) { response.set_content("ok", "text/plain"); });
+  server.Get("/readyz", [&](const httplib::Request&, httplib::Response& response) {
+    if (controller.synced()) {
+      response.set_content("ok", "text/plain");
+    } else {
+      response.status = 503;
+      response.set_content("informers have not synced yet", "text/plain");
+    }
+  });
+  server.Get("/metrics", [&](const httplib::Request&, httplib::Response& response) {
+    response.set_content(metrics.render(), "text/plain; version=0.0.4");
+  });
+  int port = flags->metricsPort;
+  if (port == 0) {
+    port = server.bind_to_any_port(flags->metricsAddress);
+  } else if (!server.bind_to_port(flags->metricsAddress, port)) {
+    port = -1;
+  }
+  if (port < 0) {
+    log::error() << "cannot listen on " << flags->metricsAddress << ":" << flags->metricsPort
+                 << " for /metrics, /healthz, /readyz (--metrics-port)";
+    return kExitInternal;
+  }
+  std::thread httpThread([&] { server.listen_after_bind(); });
+  log::info() << "serving /metrics, /healthz, /readyz on " << flags->metricsAddress << ":" << port;
+
+  controller.startInformers();
+  while (!stop && !controller.waitForSync(std::chrono::milliseconds(200))) {
+  }
+
+  std::unique_ptr<LeaderElector> elector;
+  bool leading = !stop;
+  if (flags->leaderElect && !stop) {
+    LeaderElectionOptions election;
+    election.nameSpace = !flags->leaseNamespace.empty() ? flags->leaseNamespace
+                         : !environment("POD_NAMESPACE").empty() ? environment("POD_NAMESPACE")
+                                                                 : config->nameSpace;
+    election.name = flags->leaseName;
+    election.identity = identity;
+    election.leaseDuration = millis(flags->leaseDuration);
+    election.renewDeadline = millis(flags->renewDeadline);
+    election.retryPeriod = millis(flags->retryPeriod);
+    elector = std::make_unique<LeaderElector>(client, election);
+    leading = elector->acquire(stop);
+  }
+  int exitCode = 0;
+  if (leading) {
+    log::info() << "reconciling with " << options.workers << " workers";
+    controller.startWorkers();
+    if (elector) {
+      if (!elector->holdUntil(stop)) {
+        log::error() << "lost leadership: exiting so that only the new leader acts";
+        std::_Exit(1);
+      }
+    } else {
+      while (!stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  controller.stopWorkers();
+  if (elector && leading) elector->release();
+  controller.stop();
+  server.stop();
+  httpThread.join();
+  log::info() << "tandem-operator stopped";
+  return exitCode;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return run(argc, argv); }

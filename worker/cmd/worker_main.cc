@@ -135,7 +135,15 @@ struct Identity {
   std::string endpoint;
   std::string token;
   std::string podAddress = "127.0.0.1";
+  // Listeners (rank 0's rendezvous, /metrics) bind to the pod IP when one is given, so that pods sharing
+  // one network (the test tier's pod runner, hostNetwork) do not collide; otherwise to every address.
+  std::string listenHost = "0.0.0.0";
 };
+
+// host:port with IPv6 addresses bracketed, as gRPC and the metrics server expect.
+std::string hostPort(const std::string& host, const std::string& port) {
+  return (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + port;
+}
 
 // TANDEM_WORLD_SIZE wins over spec.workers (`tandem run --workers N`); the combination is re-checked.
 StatusOr<Identity> readIdentity(manifest::JobSpec& spec) {
@@ -163,7 +171,10 @@ StatusOr<Identity> readIdentity(manifest::JobSpec& spec) {
   if (auto generation = environment("TANDEM_GENERATION")) {
     TANDEM_ASSIGN_OR_RETURN(identity.generation, parseInteger("TANDEM_GENERATION", *generation));
   }
-  if (auto address = environment("TANDEM_POD_IP")) identity.podAddress = *address;
+  if (auto address = environment("TANDEM_POD_IP"); address && !address->empty()) {
+    identity.podAddress = *address;
+    identity.listenHost = *address;
+  }
   if (identity.worldSize > 1) {
     auto endpoint = environment("TANDEM_RDZV_ENDPOINT");
     auto token = environment("TANDEM_RDZV_TOKEN");
@@ -237,7 +248,7 @@ int run(int argc, char** argv) {
     const std::string configHash = manifest::configHash(spec);
     if (identity->rank == 0) {
       rendezvous::ServerOptions serverOptions;
-      serverOptions.listenAddress = "0.0.0.0:" + portOf(identity->endpoint);
+      serverOptions.listenAddress = hostPort(identity->listenHost, portOf(identity->endpoint));
       serverOptions.job = spec.jobKey();
       serverOptions.generation = identity->generation;
       serverOptions.worldSize = identity->worldSize;
@@ -269,7 +280,7 @@ int run(int argc, char** argv) {
 
   std::unique_ptr<metrics::WorkerMetrics> workerMetrics;
   if (arguments->metricsPort > 0) {
-    auto started = metrics::WorkerMetrics::start("0.0.0.0:" + std::to_string(arguments->metricsPort), spec.jobKey(),
+    auto started = metrics::WorkerMetrics::start(hostPort(identity->listenHost, std::to_string(arguments->metricsPort)), spec.jobKey(),
                                                  identity->rank,
                                                  identity->rank % static_cast<int>(spec.parallelism.pipelineStages));
     if (!started.ok()) return fail(started.status());

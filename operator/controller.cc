@@ -1,0 +1,334 @@
+#include "tandem/operator/controller.h"
+
+#include <openssl/rand.h>
+
+#include <map>
+
+#include "tandem/common/log.h"
+#include "tandem/operator/api_convert.h"
+#include "tandem/operator/naming.h"
+
+namespace tandem::operator_core {
+
+namespace resources {
+const kube::Resource kJobs{"tandem.dev", "v1alpha1", "distributedtrainingjobs", true};
+const kube::Resource kPods{"", "v1", "pods", true};
+const kube::Resource kServices{"", "v1", "services", true};
+const kube::Resource kSecrets{"", "v1", "secrets", true};
+const kube::Resource kConfigMaps{"", "v1", "configmaps", true};
+const kube::Resource kEvents{"", "v1", "events", true};
+const kube::Resource kLeases{"coordination.k8s.io", "v1", "leases", true};
+}  // namespace resources
+
+namespace {
+
+using json = nlohmann::json;
+using std::chrono::steady_clock;
+
+// 32 random bytes from the CSPRNG, hex: the rendezvous token of a new job.
+std::string randomToken() {
+  unsigned char bytes[32];
+  if (RAND_bytes(bytes, sizeof bytes) != 1) return "";
+  static const char* hex = "0123456789abcdef";
+  std::string token;
+  for (unsigned char b : bytes) {
+    token += hex[b >> 4];
+    token += hex[b & 15];
+  }
+  return token;
+}
+
+// Pods: what podFromJson reads, nothing more (a gang of 512 pods stays small in memory).
+void trimPod(json& pod) {
+  trimMetadata(pod);
+  json kept = {{"metadata", pod["metadata"]}, {"status", pod.value("status", json::object())}};
+  kept["metadata"].erase("annotations");
+  json spec = json::object();
+  if (pod.contains("/spec/nodeName"_json_pointer)) spec["nodeName"] = pod["spec"]["nodeName"];
+  if (pod.contains("/spec/containers/0/name"_json_pointer))
+    spec["containers"] = json::array({{{"name", pod["spec"]["containers"][0]["name"]}}});
+  kept["spec"] = std::move(spec);
+  pod = std::move(kept);
+}
+
+// Services, Secrets, ConfigMaps: only their metadata matters (and a Secret's token never stays in memory).
+void trimToMetadata(json& object) {
+  trimMetadata(object);
+  json metadata = std::move(object["metadata"]);
+  metadata.erase("annotations");
+  object = {{"metadata", std::move(metadata)}};
+}
+
+std::string jobKey(const std::string& nameSpace, const std::string& name) { return nameSpace + "/" + name; }
+
+// Runs fn(i) for i in [0, count) on up to `parallelism` threads; returns the first failure in index order.
+Status parallelFor(size_t count, int parallelism, const std::function<Status(size_t)>& fn) {
+  if (count == 0) return Status::Ok();
+  std::vector<Status> results(count, Status::Ok());
+  std::atomic<size_t> next{0};
+  auto run = [&] {
+    for (size_t i = next++; i < count; i = next++) results[i] = fn(i);
+  };
+  std::vector<std::thread> threads;
+  const size_t extra = std::min<size_t>(count, static_cast<size_t>(std::max(1, parallelism))) - 1;
+  for (size_t t = 0; t < extra; ++t) threads.emplace_back(run);
+  run();
+  for (auto& thread : threads) thread.join();
+  for (Status& status : results)
+    if (!status.ok()) return status;
+  return Status::Ok();
+}
+
+}  // namespace
+
+Controller::Controller(kube::KubeClient& client, ControllerOptions options, OperatorMetrics& metrics)
+    : client_(client), options_(std::move(options)), metrics_(metrics) {
+  queue_.setDepthObserver([this](size_t depth) { metrics_.setWorkqueueDepth(static_cast<double>(depth)); });
+  auto informer = [&](const char* name, const kube::Resource& resource, std::string selector,
+                      std::function<void(json&)> trim, Informer::Handler handler) {
+    return std::make_unique<Informer>(
+        client_,
+        Informer::Options{name, resource.collectionPath(options_.nameSpace), std::move(selector),
+                          options_.watchTimeoutSeconds, std::move(trim)},
+        std::move(handler));
+  };
+  jobs_ = informer("distributedtrainingjobs", resources::kJobs, "", trimMetadata, [this](const json& job, bool) {
+    queue_.add(Informer::keyOf(job));
+    refreshJobCounts();
+  });
+  auto child = [this](const json& object, bool) { enqueueOwner(object); };
+  pods_ = informer("pods", resources::kPods, kJobLabel, trimPod, child);
+  services_ = informer("services", resources::kServices, kJobLabel, trimToMetadata, child);
+  secrets_ = informer("secrets", resources::kSecrets, kJobLabel, trimToMetadata, child);
+  configMaps_ = informer("configmaps", resources::kConfigMaps, kJobLabel, trimToMetadata, child);
+}
+
+Controller::~Controller() { stop(); }
+
+void Controller::startInformers() {
+  for (Informer* informer : {jobs_.get(), pods_.get(), services_.get(), secrets_.get(), configMaps_.get()})
+    informer->start();
+}
+
+bool Controller::waitForSync(std::chrono::milliseconds timeout) {
+  const auto deadline = steady_clock::now() + timeout;
+  for (Informer* informer : {jobs_.get(), pods_.get(), services_.get(), secrets_.get(), configMaps_.get()}) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady_clock::now());
+    if (!informer->waitForSync(std::max(left, std::chrono::milliseconds(0)))) return false;
+  }
+  return true;
+}
+
+bool Controller::synced() const {
+  return jobs_->synced() && pods_->synced() && services_->synced() && secrets_->synced() && configMaps_->synced();
+}
+
+void Controller::startWorkers() {
+  for (int i = 0; i < std::max(1, options_.workers); ++i) workers_.emplace_back([this] { worker(); });
+  resync_ = std::thread([this] { resyncLoop(); });
+  for (const json& job : jobs_->list()) queue_.add(Informer::keyOf(job));
+}
+
+void Controller::stopWorkers() {
+  stopping_ = true;
+  queue_.shutDown();
+  resyncWake_.notify_all();
+  for (auto& thread : workers_)
+    if (thread.joinable()) thread.join();
+  if (resync_.joinable()) resync_.join();
+}
+
+void Controller::stop() {
+  if (stopped_.exchange(true)) return;
+  stopWorkers();
+  client_.cancel();
+  for (Informer* informer : {jobs_.get(), pods_.get(), services_.get(), secrets_.get(), configMaps_.get()})
+    informer->stop();
+}
+
+void Controller::enqueueOwner(const json& child) {
+  const json::json_pointer label("/metadata/labels/" + std::string("tandem.dev~1job"));
+  if (!child.contains(label) || !child.at(label).is_string()) return;
+  queue_.add(jobKey(child["metadata"].value("namespace", ""), child.at(label).get<std::string>()));
+}
+
+void Controller::refreshJobCounts() {
+  std::map<std::string, int64_t> counts;
+  for (const json& job : jobs_->list()) {
+    std::string phase = job.value("/status/phase"_json_pointer, std::string());
+    ++counts[phase.empty() ? "Pending" : phase];
+  }
+  metrics_.setJobsByPhase(counts);
+}
+
+void Controller::resyncLoop() {
+  while (!stopping_) {
+    std::unique_lock<std::mutex> lock(resyncMutex_);
+    resyncWake_.wait_for(lock, options_.resyncPeriod, [this] { return stopping_.load(); });
+    if (stopping_) break;
+    // Periodic resync: catches anything a lost event or a failed write left behind.
+    for (const json& job : jobs_->list()) queue_.add(Informer::keyOf(job));
+  }
+}
+
+void Controller::worker() {
+  while (auto key = queue_.get()) {
+    const auto started = steady_clock::now();
+    Status status = reconcileKey(*key);
+    metrics_.observeReconcile(std::chrono::duration<double>(steady_clock::now() - started).count());
+    if (status.ok()) {
+      queue_.forget(*key);
+    } else {
+      log::warning() << "reconcile " << *key << ": " << status.message() << " (attempt " << queue_.failures(*key) + 1
+                     << ", retrying with backoff)";
+      queue_.addRateLimited(*key);
+    }
+    queue_.done(*key);
+  }
+}
+
+Observed Controller::observe(const JobObject& job) const {
+  Observed observed;
+  for (const json& pod : pods_->list([&](const json& pod) {
+         return pod["metadata"].value("namespace", "") == job.nameSpace &&
+                pod.value("/metadata/labels/tandem.dev~1job"_json_pointer, std::string()) == job.name;
+       }))
+    observed.pods.push_back(podFromJson(pod));
+  if (auto service = services_->get(jobKey(job.nameSpace, serviceName(job.name))))
+    observed.services.push_back(ObservedService{childFromJson(*service)});
+  if (auto secret = secrets_->get(jobKey(job.nameSpace, secretName(job.name))))
+    observed.secrets.push_back(ObservedSecret{childFromJson(*secret)});
+  if (auto configMap = configMaps_->get(jobKey(job.nameSpace, configMapName(job.name))))
+    observed.configMaps.push_back(ObservedConfigMap{childFromJson(*configMap)});
+  return observed;
+}
+
+Status Controller::reconcileKey(const std::string& key) {
+  const auto object = jobs_->get(key);
+  if (!object) return Status::Ok();  // deleted: owner references let the garbage collector remove the rest
+  const JobObject job = jobFromJson(*object);
+  ReconcileOptions options = options_.reconcile;
+  options.rendezvousToken = randomToken();
+  const Plan plan = reconcile(job, observe(job), Clock::now(), options);
+  if (!plan.empty()) log::info() << "reconcile " << key << ":\n" << describe(plan);
+  TANDEM_RETURN_IF_ERROR(execute(job, *object, plan));
+  if (plan.requeueAfter)
+    queue_.addAfter(key, std::chrono::duration_cast<WorkQueue::Clock::duration>(*plan.requeueAfter));
+  return Status::Ok();
+}
+
+Status Controller::createChild(const kube::Resource& resource, const JobObject& job, const json& object,
+                               Informer* cache) {
+  auto created = client_.create(resource.collectionPath(job.nameSpace), object);
+  if (!created.ok()) {
+    // Already there (an earlier pass, or another replica before it lost the lease): nothing to do.
+    if (kube::isAlreadyExists(created.status())) return Status::Ok();
+    return created.status();
+  }
+  if (cache != nullptr) cache->upsertIfNewer(std::move(created).value());
+  return Status::Ok();
+}
+
+Status Controller::deletePod(const JobObject& job, const std::string& name, std::optional<int64_t> grace) {
+  kube::DeleteOptions options;
+  options.gracePeriodSeconds = grace;
+  auto deleted = client_.remove(resources::kPods.objectPath(job.nameSpace, name), options);
+  if (!deleted.ok()) return kube::isNotFound(deleted.status()) ? Status::Ok() : deleted.status();
+  json pod = std::move(deleted).value();
+  if (pod.value("kind", "") == "Pod") {
+    // Mark it terminating in the cache at once, so that the next pass waits for it instead of deleting again.
+    if (!pod.contains("/metadata/deletionTimestamp"_json_pointer)) pod["metadata"]["deletionTimestamp"] = formatTime(Clock::now());
+    pods_->upsertIfNewer(std::move(pod));
+  }
+  return Status::Ok();
+}
+
+void Controller::emitEvent(const JobObject& job, const EmitEvent& event) {
+  const std::string now = formatTime(Clock::now());
+  json object = {
+      {"apiVersion", "v1"},
+      {"kind", "Event"},
+      {"metadata", {{"generateName", job.name + "."}, {"namespace", job.nameSpace}}},
+      {"involvedObject",
+       {{"apiVersion", kJobApiVersion}, {"kind", kJobKind}, {"name", job.name}, {"namespace", job.nameSpace},
+        {"uid", job.uid}}},
+      {"reason", event.reason},
+      {"message", event.message},
+      {"type", eventTypeName(event.type)},
+      {"source", {{"component", "tandem-operator"}}},
+      {"firstTimestamp", now},
+      {"lastTimestamp", now},
+      {"count", 1},
+      {"reportingComponent", "tandem.dev/operator"},
+      {"reportingInstance", options_.identity},
+  };
+  // An Event that cannot be written is logged, never a reason to stop the plan.
+  auto created = client_.create(resources::kEvents.collectionPath(job.nameSpace), object);
+  if (!created.ok()) log::warning() << "event " << event.reason << " on " << job.nameSpace << "/" << job.name << ": "
+                                    << created.status().message();
+}
+
+Status Controller::execute(const JobObject& job, const json& jobJson, const Plan& plan) {
+  const auto& actions = plan.actions;
+  for (size_t i = 0; i < actions.size(); ++i) {
+    const Action& action = actions[i];
+    if (const auto* update = std::get_if<UpdateStatus>(&action)) {
+      json object = jobJson;
+      object["status"] = mergeStatus(jobJson.value("status", json::object()), update->status);
+      auto written = client_.update(resources::kJobs.objectPath(job.nameSpace, job.name) + "/status", object);
+      if (!written.ok()) return written.status();  // 409: decided on a stale copy; the next pass decides again
+      jobs_->upsertIfNewer(std::move(written).value());
+      const int64_t restarted = (update->status.restarts + update->status.preemptions) -
+                                (job.status.restarts + job.status.preemptions);
+      if (restarted > 0) metrics_.addJobRestarts(static_cast<double>(restarted));
+      refreshJobCounts();
+    } else if (const auto* service = std::get_if<CreateService>(&action)) {
+      TANDEM_RETURN_IF_ERROR(createChild(resources::kServices, job, service->object, services_.get()));
+    } else if (const auto* secret = std::get_if<CreateSecret>(&action)) {
+      json created;
+      auto result = client_.create(resources::kSecrets.collectionPath(job.nameSpace), secret->object);
+      if (!result.ok() && !kube::isAlreadyExists(result.status())) return result.status();
+      if (result.ok()) secrets_->upsertIfNewer(std::move(result).value());  // trimmed: the token is dropped
+    } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
+      TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
+    } else if (std::holds_alternative<CreatePod>(action)) {
+      // A gang: the consecutive CreatePod actions go out together.
+      std::vector<const CreatePod*> gang;
+      while (i < actions.size() && std::holds_alternative<CreatePod>(actions[i])) gang.push_back(&std::get<CreatePod>(actions[i++]));
+      --i;
+      std::atomic<int64_t> created{0};
+      Status status = parallelFor(gang.size(), options_.createParallelism, [&](size_t index) {
+        auto result = client_.create(resources::kPods.collectionPath(job.nameSpace), gang[index]->object);
+        if (!result.ok()) return kube::isAlreadyExists(result.status()) ? Status::Ok() : result.status();
+        ++created;
+        pods_->upsertIfNewer(std::move(result).value());
+        return Status::Ok();
+      });
+      metrics_.addPodsCreated(static_cast<double>(created.load()));
+      TANDEM_RETURN_IF_ERROR(status);
+    } else if (const auto* remove = std::get_if<DeletePod>(&action)) {
+      TANDEM_RETURN_IF_ERROR(deletePod(job, remove->name, remove->force ? std::optional<int64_t>(0) : remove->gracePeriodSeconds));
+    } else if (const auto* generation = std::get_if<DeleteGeneration>(&action)) {
+      TANDEM_RETURN_IF_ERROR(parallelFor(generation->podNames.size(), options_.createParallelism, [&](size_t index) {
+        return deletePod(job, generation->podNames[index], std::nullopt);
+      }));
+    } else if (const auto* child = std::get_if<DeleteChild>(&action)) {
+      const kube::Resource& resource = child->kind == ChildKind::kService  ? resources::kServices
+                                       : child->kind == ChildKind::kSecret ? resources::kSecrets
+                                                                           : resources::kConfigMaps;
+      auto deleted = client_.remove(resource.objectPath(job.nameSpace, child->name));
+      if (!deleted.ok() && !kube::isNotFound(deleted.status())) return deleted.status();
+    } else if (std::holds_alternative<DeleteJob>(action)) {
+      kube::DeleteOptions options;
+      options.propagationPolicy = "Background";
+      options.preconditionUid = job.uid;
+      auto deleted = client_.remove(resources::kJobs.objectPath(job.nameSpace, job.name), options);
+      if (!deleted.ok() && !kube::isNotFound(deleted.status())) return deleted.status();
+    } else if (const auto* event = std::get_if<EmitEvent>(&action)) {
+      emitEvent(job, *event);
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace tandem::operator_core

@@ -1,0 +1,37 @@
+// The API server's JSON to the reconciler's plain values and back: DistributedTrainingJob objects and
+// their status, pods, and the other children. Pure functions, unit-tested without a server.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "tandem/operator/job.h"
+#include "tandem/operator/observed.h"
+
+namespace tandem::operator_core {
+
+// RFC 3339 as the API server writes it: seconds, UTC, "Z". parseTime also takes fractions and offsets.
+std::string formatTime(Clock::time_point time);
+std::optional<Clock::time_point> parseTime(const std::string& text);
+
+// status as the CRD declares it (phase, conditions, restarts, readyWorkers, workers, startTime, ...);
+// unknown and malformed fields are ignored: the status is ours, a newer operator may add fields.
+JobStatus statusFromJson(const nlohmann::json& status);
+// Every field this operator owns; optional times that are unset are absent (see mergeStatus).
+nlohmann::json statusToJson(const JobStatus& status);
+// `existing` (the object's status) with every field this operator owns replaced, and fields it does not
+// own (e.g. a step written by someone else) kept.
+nlohmann::json mergeStatus(const nlohmann::json& existing, const JobStatus& status);
+
+// A DistributedTrainingJob object: metadata, the spec parsed by the worker's own manifest parser (errors
+// land in specErrors), the status, and the object's JSON text as manifestText.
+JobObject jobFromJson(const nlohmann::json& object);
+
+// A pod as reconcile sees it. The worker container is spec.containers[0]; nodeUnreachable is read from
+// status.reason NodeLost, which the node lifecycle controller sets on pods of an unreachable node.
+ObservedPod podFromJson(const nlohmann::json& pod);
+ObservedChild childFromJson(const nlohmann::json& object);
+
+}  // namespace tandem::operator_core

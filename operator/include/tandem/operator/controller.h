@@ -1,0 +1,93 @@
+// The operator's control loop: informers for jobs and their children feed job keys into a rate-limited
+// work queue; workers turn a key into (JobObject, Observed) from the caches, call the pure reconcile(),
+// and apply the Plan through the API server in order, stopping at the first failure (the key is retried
+// with backoff; the next reconcile plans again from what it then sees). Writes are idempotent: a create
+// that finds the object already there, or a delete that finds it gone, counts as done, so a restarted
+// operator or a stale cache never duplicates pods. The status goes through the status subresource with
+// the object's resourceVersion, so a decision taken on a stale copy is refused (409) and retaken.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tandem/kube/client.h"
+#include "tandem/operator/informer.h"
+#include "tandem/operator/operator_metrics.h"
+#include "tandem/operator/plan.h"
+#include "tandem/operator/reconcile.h"
+#include "tandem/operator/work_queue.h"
+
+namespace tandem::operator_core {
+
+struct ControllerOptions {
+  std::string nameSpace;  // "": every namespace
+  int workers = 4;        // keys reconciled concurrently
+  int createParallelism = 16;  // concurrent pod creations within one gang
+  std::chrono::seconds resyncPeriod{300};
+  int watchTimeoutSeconds = 300;
+  std::string identity;  // reportingInstance of Events
+  ReconcileOptions reconcile;
+};
+
+class Controller {
+ public:
+  Controller(kube::KubeClient& client, ControllerOptions options, OperatorMetrics& metrics);
+  ~Controller();
+
+  void startInformers();
+  bool waitForSync(std::chrono::milliseconds timeout);
+  bool synced() const;
+  // Starts the workers and the resync timer (once this replica leads).
+  void startWorkers();
+  // Lets running reconciles finish and stops the workers (before the Lease is released).
+  void stopWorkers();
+  // stopWorkers(), then ends the watches and stops the informers.
+  void stop();
+
+  Status reconcileKey(const std::string& key);  // one pass, for tests and the workers
+
+ private:
+  void worker();
+  void resyncLoop();
+  void enqueueOwner(const nlohmann::json& child);
+  void refreshJobCounts();
+  Observed observe(const JobObject& job) const;
+  Status execute(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan);
+  Status createChild(const kube::Resource& resource, const JobObject& job, const nlohmann::json& object,
+                     Informer* cache);
+  Status deletePod(const JobObject& job, const std::string& name, std::optional<int64_t> grace);
+  void emitEvent(const JobObject& job, const EmitEvent& event);
+
+  kube::KubeClient& client_;
+  ControllerOptions options_;
+  OperatorMetrics& metrics_;
+  WorkQueue queue_;
+  std::unique_ptr<Informer> jobs_;
+  std::unique_ptr<Informer> pods_;
+  std::unique_ptr<Informer> services_;
+  std::unique_ptr<Informer> secrets_;
+  std::unique_ptr<Informer> configMaps_;
+  std::vector<std::thread> workers_;
+  std::thread resync_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> stopped_{false};
+  std::mutex resyncMutex_;
+  std::condition_variable resyncWake_;
+};
+
+// The API resources the operator touches.
+namespace resources {
+extern const kube::Resource kJobs;
+extern const kube::Resource kPods;
+extern const kube::Resource kServices;
+extern const kube::Resource kSecrets;
+extern const kube::Resource kConfigMaps;
+extern const kube::Resource kEvents;
+extern const kube::Resource kLeases;
+}  // namespace resources
+
+}  // namespace tandem::operator_core

@@ -1,0 +1,468 @@
+// The operator's runtime pieces that need no API server: kubeconfig loading, the REST client against a
+// local HTTP server (retries, error mapping, paging, watch streams), JSON <-> reconcile values, and the
+// work queue's semantics.
+#include <httplib.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "tandem/kube/client.h"
+#include "tandem/kube/config.h"
+#include "tandem/operator/api_convert.h"
+#include "tandem/operator/work_queue.h"
+
+namespace tandem {
+namespace {
+
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+using operator_core::WorkQueue;
+
+std::filesystem::path tempDir(const std::string& name) {
+  auto dir = std::filesystem::temp_directory_path() / ("tandem-operator-test-" + name + "-" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+void writeFile(const std::filesystem::path& path, const std::string& text) { std::ofstream(path) << text; }
+
+// ---------------------------------------------------------------------------------------------- config
+
+TEST(KubeConfig, DecodesBase64WithAndWithoutPadding) {
+  EXPECT_EQ(kube::decodeBase64("aGVsbG8=").value(), "hello");
+  EXPECT_EQ(kube::decodeBase64("aGVsbG8h").value(), "hello!");
+  EXPECT_EQ(kube::decodeBase64("aGk=").value(), "hi");
+  EXPECT_EQ(kube::decodeBase64("aA==").value(), "h");
+  EXPECT_EQ(kube::decodeBase64("aGVs\nbG8=").value(), "hello");
+  EXPECT_FALSE(kube::decodeBase64("abc").ok());
+}
+
+TEST(KubeConfig, ReadsTheCurrentContextWithRelativeFilesAndInlineData) {
+  const auto dir = tempDir("kubeconfig");
+  writeFile(dir / "ca.crt", "CA PEM");
+  writeFile(dir / "config", R"(apiVersion: v1
+kind: Config
+current-context: prod
+contexts:
+  - {name: dev, context: {cluster: dev, user: dev}}
+  - {name: prod, context: {cluster: prod, user: admin, namespace: training}}
+clusters:
+  - {name: dev, cluster: {server: "https://dev:6443"}}
+  - {name: prod, cluster: {server: "https://10.0.0.1:6443", certificate-authority: ca.crt}}
+users:
+  - {name: dev, user: {token: dev-token}}
+  - name: admin
+    user:
+      client-certificate-data: Q0VSVA==
+      client-key-data: S0VZ
+)");
+  auto config = kube::loadKubeconfig((dir / "config").string());
+  ASSERT_TRUE(config.ok()) << config.status().message();
+  EXPECT_EQ(config->server, "https://10.0.0.1:6443");
+  EXPECT_EQ(config->caPem, "CA PEM");
+  EXPECT_EQ(config->clientCertPem, "CERT");
+  EXPECT_EQ(config->clientKeyPem, "KEY");
+  EXPECT_EQ(config->nameSpace, "training");
+
+  auto dev = kube::loadKubeconfig((dir / "config").string(), "dev");
+  ASSERT_TRUE(dev.ok());
+  EXPECT_EQ(dev->token, "dev-token");
+  EXPECT_EQ(dev->nameSpace, "default");
+}
+
+TEST(KubeConfig, ErrorsNameTheFileAndTheField) {
+  const auto dir = tempDir("kubeconfig-bad");
+  writeFile(dir / "config", R"(current-context: c
+contexts: [{name: c, context: {cluster: missing, user: u}}]
+clusters: [{name: other, cluster: {server: "https://x"}}]
+users: [{name: u, user: {client-certificate-data: Q0VSVA==}}]
+)");
+  auto config = kube::loadKubeconfig((dir / "config").string());
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("no clusters entry named \"missing\""), std::string::npos);
+  EXPECT_NE(config.status().message().find((dir / "config").string()), std::string::npos);
+
+  writeFile(dir / "config2", R"(current-context: c
+contexts: [{name: c, context: {cluster: k, user: u}}]
+clusters: [{name: k, cluster: {server: "https://x"}}]
+users: [{name: u, user: {client-certificate-data: Q0VSVA==}}]
+)");
+  auto halfCert = kube::loadKubeconfig((dir / "config2").string());
+  ASSERT_FALSE(halfCert.ok());
+  EXPECT_NE(halfCert.status().message().find("client-certificate and client-key go together"), std::string::npos);
+  EXPECT_FALSE(kube::loadKubeconfig((dir / "absent").string()).ok());
+}
+
+TEST(KubeConfig, InClusterNeedsTheServiceEnvironment) {
+  const auto dir = tempDir("in-cluster");
+  writeFile(dir / "token", "sa-token\n");
+  writeFile(dir / "ca.crt", "CA");
+  writeFile(dir / "namespace", "tandem-system\n");
+  setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1", 1);
+  setenv("KUBERNETES_SERVICE_PORT", "443", 1);
+  auto config = kube::loadInCluster(dir.string());
+  unsetenv("KUBERNETES_SERVICE_HOST");
+  unsetenv("KUBERNETES_SERVICE_PORT");
+  ASSERT_TRUE(config.ok()) << config.status().message();
+  EXPECT_EQ(config->server, "https://10.96.0.1:443");
+  EXPECT_EQ(config->tokenFile, (dir / "token").string());
+  EXPECT_EQ(config->caPem, "CA");
+  EXPECT_EQ(config->nameSpace, "tandem-system");
+  EXPECT_FALSE(kube::loadInCluster(dir.string()).ok());
+}
+
+// ---------------------------------------------------------------------------------------------- client
+
+// A local HTTP server on a free port, serving until destroyed.
+class LocalServer {
+ public:
+  LocalServer() {
+    port_ = server_.bind_to_any_port("127.0.0.1");
+    thread_ = std::thread([this] { server_.listen_after_bind(); });
+    while (!server_.is_running()) std::this_thread::sleep_for(1ms);
+  }
+  ~LocalServer() {
+    server_.stop();
+    thread_.join();
+  }
+  httplib::Server& server() { return server_; }
+  kube::KubeConfig config() const {
+    kube::KubeConfig config;
+    config.server = "http://127.0.0.1:" + std::to_string(port_);
+    return config;
+  }
+
+ private:
+  httplib::Server server_;
+  int port_ = 0;
+  std::thread thread_;
+};
+
+kube::RetryPolicy fastRetries() { return kube::RetryPolicy{5, 5ms, 20ms}; }
+
+TEST(KubeClient, RetriesServerErrorsAndSendsTheToken) {
+  LocalServer local;
+  std::atomic<int> calls{0};
+  std::string authorization;
+  local.server().Get("/api/v1/namespaces/ns/pods/p", [&](const httplib::Request& request, httplib::Response& response) {
+    authorization = request.get_header_value("Authorization");
+    if (++calls < 3) {
+      response.status = 503;
+      response.set_content(R"({"kind":"Status","reason":"ServiceUnavailable","message":"busy"})", "application/json");
+      return;
+    }
+    response.set_content(R"({"kind":"Pod","metadata":{"name":"p"}})", "application/json");
+  });
+  auto config = local.config();
+  config.token = "secret-token";
+  kube::KubeClient client(config, fastRetries());
+  auto pod = client.get("/api/v1/namespaces/ns/pods/p");
+  ASSERT_TRUE(pod.ok()) << pod.status().message();
+  EXPECT_EQ((*pod)["metadata"]["name"], "p");
+  EXPECT_EQ(calls.load(), 3);
+  EXPECT_EQ(authorization, "Bearer secret-token");
+}
+
+TEST(KubeClient, GivesUpAfterTheLastAttemptWithTheServersMessage) {
+  LocalServer local;
+  std::atomic<int> calls{0};
+  local.server().Get("/x", [&](const httplib::Request&, httplib::Response& response) {
+    ++calls;
+    response.status = 500;
+    response.set_content(R"({"kind":"Status","reason":"InternalError","message":"etcd is down"})", "application/json");
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  auto result = client.get("/x");
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(calls.load(), 5);
+  EXPECT_EQ(result.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(result.status().message().find("etcd is down"), std::string::npos);
+}
+
+TEST(KubeClient, MapsApiErrorsWithoutRetrying) {
+  LocalServer local;
+  std::atomic<int> calls{0};
+  auto reply = [&](int code, const std::string& reason) {
+    return [&calls, code, reason](const httplib::Request&, httplib::Response& response) {
+      ++calls;
+      response.status = code;
+      response.set_content(json{{"kind", "Status"}, {"reason", reason}, {"message", reason + " happened"}, {"code", code}}.dump(),
+                           "application/json");
+    };
+  };
+  local.server().Post("/exists", reply(409, "AlreadyExists"));
+  local.server().Put("/conflict", reply(409, "Conflict"));
+  local.server().Get("/missing", reply(404, "NotFound"));
+  local.server().Get("/gone", reply(410, "Expired"));
+  local.server().Post("/invalid", reply(422, "Invalid"));
+  local.server().Get("/forbidden", reply(403, "Forbidden"));
+  kube::KubeClient client(local.config(), fastRetries());
+  EXPECT_TRUE(kube::isAlreadyExists(client.create("/exists", json::object()).status()));
+  EXPECT_TRUE(kube::isConflict(client.update("/conflict", json::object()).status()));
+  EXPECT_TRUE(kube::isNotFound(client.get("/missing").status()));
+  EXPECT_TRUE(kube::isGone(client.get("/gone").status()));
+  auto invalid = client.create("/invalid", json::object());
+  EXPECT_EQ(invalid.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(invalid.status().message().find("Invalid happened"), std::string::npos);
+  EXPECT_EQ(client.get("/forbidden").status().code(), StatusCode::kPermissionDenied);
+  EXPECT_EQ(calls.load(), 6);  // one call each: none of these is retried
+}
+
+TEST(KubeClient, HonoursRetryAfterOn429) {
+  LocalServer local;
+  std::atomic<int> calls{0};
+  local.server().Get("/limited", [&](const httplib::Request&, httplib::Response& response) {
+    if (++calls == 1) {
+      response.status = 429;
+      response.set_header("Retry-After", "1");
+      return;
+    }
+    response.set_content("{}", "application/json");
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_TRUE(client.get("/limited").ok());
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 950ms);
+  EXPECT_EQ(calls.load(), 2);
+}
+
+TEST(KubeClient, ListFollowsContinueTokensAndEscapesSelectors) {
+  LocalServer local;
+  std::vector<std::string> selectors;
+  local.server().Get("/api/v1/pods", [&](const httplib::Request& request, httplib::Response& response) {
+    selectors.push_back(request.get_param_value("labelSelector"));
+    const bool first = request.get_param_value("continue").empty();
+    json page = {{"kind", "PodList"},
+                 {"metadata", {{"resourceVersion", first ? "10" : "11"}, {"continue", first ? "next" : ""}}},
+                 {"items", json::array({{{"metadata", {{"name", first ? "a" : "b"}}}}})}};
+    response.set_content(page.dump(), "application/json");
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  auto listed = client.list("/api/v1/pods", {"tandem.dev/job in (a,b),!x", "", 1});
+  ASSERT_TRUE(listed.ok()) << listed.status().message();
+  ASSERT_EQ(listed->items.size(), 2u);
+  EXPECT_EQ(listed->items[1]["metadata"]["name"], "b");
+  EXPECT_EQ(listed->resourceVersion, "11");
+  EXPECT_EQ(selectors, (std::vector<std::string>{"tandem.dev/job in (a,b),!x", "tandem.dev/job in (a,b),!x"}));
+}
+
+TEST(KubeClient, WatchParsesEventsSplitAcrossChunksAndReports410) {
+  LocalServer local;
+  std::string sentVersion;
+  local.server().Get("/api/v1/pods", [&](const httplib::Request& request, httplib::Response& response) {
+    sentVersion = request.get_param_value("resourceVersion");
+    EXPECT_EQ(request.get_param_value("watch"), "1");
+    EXPECT_EQ(request.get_param_value("allowWatchBookmarks"), "true");
+    response.set_chunked_content_provider("application/json", [](size_t, httplib::DataSink& sink) {
+      const std::string stream =
+          R"({"type":"ADDED","object":{"metadata":{"name":"a","resourceVersion":"5"}}})" "\n"
+          R"({"type":"BOOKMARK","object":{"metadata":{"resourceVersion":"7"}}})" "\n"
+          R"J({"type":"ERROR","object":{"kind":"Status","code":410,"reason":"Expired","message":"too old resource version: 1 (7)"}})J" "\n";
+      // Uneven pieces, so that lines straddle chunk boundaries.
+      for (size_t at = 0; at < stream.size(); at += 17) sink.write(stream.data() + at, std::min<size_t>(17, stream.size() - at));
+      sink.done();
+      return true;
+    });
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  std::vector<std::string> seen;
+  Status status = client.watch("/api/v1/pods", {}, "4", 30, [&](const kube::WatchEvent& event) {
+    seen.push_back(event.type + ":" + event.object["metadata"].value("resourceVersion", ""));
+    return true;
+  });
+  EXPECT_EQ(sentVersion, "4");
+  EXPECT_EQ(seen, (std::vector<std::string>{"ADDED:5", "BOOKMARK:7"}));
+  EXPECT_TRUE(kube::isGone(status)) << status.message();
+  EXPECT_NE(status.message().find("too old resource version"), std::string::npos);
+}
+
+TEST(KubeClient, ReReadsARotatedTokenFile) {
+  LocalServer local;
+  std::vector<std::string> tokens;
+  local.server().Get("/x", [&](const httplib::Request& request, httplib::Response& response) {
+    tokens.push_back(request.get_header_value("Authorization"));
+    response.set_content("{}", "application/json");
+  });
+  const auto dir = tempDir("token");
+  writeFile(dir / "token", "first\n");
+  auto config = local.config();
+  config.tokenFile = (dir / "token").string();
+  kube::KubeClient client(config, fastRetries());
+  ASSERT_TRUE(client.get("/x").ok());
+  writeFile(dir / "token", "second\n");
+  // mtime has a one-second resolution on some filesystems: make the change visible.
+  std::filesystem::last_write_time(dir / "token", std::filesystem::last_write_time(dir / "token") + 2s);
+  ASSERT_TRUE(client.get("/x").ok());
+  EXPECT_EQ(tokens, (std::vector<std::string>{"Bearer first", "Bearer second"}));
+}
+
+TEST(KubeClient, ConnectionRefusedIsUnavailableAfterRetries) {
+  kube::KubeConfig config;
+  config.server = "http://127.0.0.1:1";
+  kube::KubeClient client(config, kube::RetryPolicy{2, 1ms, 2ms});
+  auto result = client.get("/x");
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(result.status().message().find("127.0.0.1:1"), std::string::npos);
+}
+
+// ------------------------------------------------------------------------------------------ conversion
+
+TEST(ApiConvert, TimesRoundTripAndAcceptFractionsAndOffsets) {
+  const auto time = operator_core::parseTime("2026-11-27T04:05:06Z");
+  ASSERT_TRUE(time.has_value());
+  EXPECT_EQ(operator_core::formatTime(*time), "2026-11-27T04:05:06Z");
+  EXPECT_EQ(operator_core::formatTime(*operator_core::parseTime("2026-11-27T06:05:06.250000+02:00")),
+            "2026-11-27T04:05:06Z");
+  EXPECT_FALSE(operator_core::parseTime("yesterday").has_value());
+}
+
+TEST(ApiConvert, StatusRoundTripsAndMergeKeepsForeignFields) {
+  using namespace operator_core;
+  JobStatus status;
+  status.phase = JobPhase::kRunning;
+  status.restarts = 2;
+  status.preemptions = 1;
+  status.generation = 3;
+  status.observedGeneration = 4;
+  status.startTime = parseTime("2026-11-27T04:00:00Z");
+  status.workers = {1, 2, 3, 4};
+  status.readyWorkers = 2;
+  status.conditions.push_back({ConditionType::kCreated, false, "JobCreated", "created", *parseTime("2026-11-27T03:00:00Z")});
+  status.conditions.push_back({ConditionType::kRunning, true, "AllWorkersRunning", "2 of 2", *parseTime("2026-11-27T04:00:00Z")});
+  EXPECT_EQ(statusFromJson(statusToJson(status)), status);
+
+  const json existing = {{"step", 120}, {"phase", "Succeeded"}, {"completionTime", "2026-11-27T05:00:00Z"}};
+  const json merged = mergeStatus(existing, status);
+  EXPECT_EQ(merged["step"], 120);
+  EXPECT_EQ(merged["phase"], "Running");
+  EXPECT_FALSE(merged.contains("completionTime"));  // ours, and unset now
+  EXPECT_EQ(merged["conditions"][1]["status"], "True");
+}
+
+TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
+  using namespace operator_core;
+  const json pod = json::parse(R"({
+    "metadata": {"name": "j-worker-1", "labels": {"tandem.dev/job": "j", "tandem.dev/rank": "1"},
+                 "ownerReferences": [{"uid": "other", "controller": false}, {"uid": "job-uid", "controller": true}],
+                 "creationTimestamp": "2026-11-27T04:00:00Z", "deletionTimestamp": "2026-11-27T04:10:00Z"},
+    "spec": {"nodeName": "n1", "containers": [{"name": "worker"}, {"name": "sidecar"}]},
+    "status": {"phase": "Failed", "reason": "NodeLost",
+               "conditions": [{"type": "Ready", "status": "False"},
+                              {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}],
+               "containerStatuses": [{"name": "sidecar", "state": {"terminated": {"exitCode": 0}}},
+                                     {"name": "worker", "state": {"terminated": {"exitCode": 137, "signal": 9}}}]}})");
+  const ObservedPod observed = podFromJson(pod);
+  EXPECT_EQ(observed.name, "j-worker-1");
+  EXPECT_EQ(observed.labels.at("tandem.dev/rank"), "1");
+  EXPECT_EQ(observed.controllerUid, "job-uid");
+  EXPECT_EQ(observed.phase, PodPhase::kFailed);
+  EXPECT_FALSE(observed.ready);
+  EXPECT_EQ(observed.exitCode, 137);  // the worker container's, not the sidecar's
+  EXPECT_EQ(observed.signal, 9);
+  EXPECT_EQ(observed.disruptionReason, "PreemptionByScheduler");
+  EXPECT_TRUE(observed.nodeUnreachable);
+  EXPECT_TRUE(observed.terminating());
+  EXPECT_EQ(observed.nodeName, "n1");
+
+  const ObservedPod pending = podFromJson(json::parse(R"({"metadata": {"name": "p"}})"));
+  EXPECT_EQ(pending.phase, PodPhase::kPending);
+  EXPECT_FALSE(pending.exitCode.has_value());
+}
+
+TEST(ApiConvert, JobsParseWithServerMetadataAndStatus) {
+  using namespace operator_core;
+  const json object = json::parse(R"({
+    "apiVersion": "tandem.dev/v1alpha1", "kind": "DistributedTrainingJob",
+    "metadata": {"name": "fmnist", "namespace": "team", "uid": "u-1", "generation": 2, "resourceVersion": "99",
+                 "creationTimestamp": "2026-11-27T04:00:00Z", "managedFields": [{"manager": "kubectl"}]},
+    "spec": {"workers": 2, "model": {"kind": "mlp", "mlp": {"hidden": [16]}},
+             "data": {"kind": "synthetic", "samples": 512},
+             "training": {"globalBatchSize": 32, "epochs": 1}},
+    "status": {"phase": "Running", "restarts": 1, "generation": 1}})");
+  const JobObject job = jobFromJson(object);
+  EXPECT_TRUE(job.specErrors.empty()) << job.specErrors.front().toString();
+  EXPECT_EQ(job.nameSpace, "team");
+  EXPECT_EQ(job.name, "fmnist");
+  EXPECT_EQ(job.uid, "u-1");
+  EXPECT_EQ(job.generation, 2);
+  EXPECT_EQ(job.spec.workers, 2);
+  EXPECT_EQ(job.status.phase, JobPhase::kRunning);
+  EXPECT_EQ(job.status.restarts, 1);
+
+  json invalid = object;
+  invalid["spec"]["workers"] = 0;
+  EXPECT_FALSE(jobFromJson(invalid).specErrors.empty());
+}
+
+// ---------------------------------------------------------------------------------------------- queue
+
+TEST(WorkQueue, DeduplicatesAndNeverHandsOutAKeyTwiceAtOnce) {
+  WorkQueue queue;
+  queue.add("a");
+  queue.add("a");
+  queue.add("b");
+  EXPECT_EQ(queue.depth(), 2u);
+  EXPECT_EQ(*queue.get(), "a");
+  queue.add("a");  // changed while being processed: once more after done(), not now
+  EXPECT_EQ(*queue.get(), "b");
+  EXPECT_EQ(queue.depth(), 0u);
+  queue.done("b");
+  queue.done("a");
+  EXPECT_EQ(queue.depth(), 1u);
+  EXPECT_EQ(*queue.get(), "a");
+  queue.done("a");
+  EXPECT_EQ(queue.depth(), 0u);
+}
+
+TEST(WorkQueue, DelayedKeysComeDueInOrder) {
+  WorkQueue queue;
+  const auto start = std::chrono::steady_clock::now();
+  queue.addAfter("late", 150ms);
+  queue.addAfter("early", 50ms);
+  queue.addAfter("late", 400ms);  // the earlier due time is kept
+  EXPECT_EQ(*queue.get(), "early");
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 50ms);
+  EXPECT_EQ(*queue.get(), "late");
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 150ms);
+}
+
+TEST(WorkQueue, BacksOffPerKeyUntilForgotten) {
+  WorkQueue queue(WorkQueue::Options{20ms, 1000ms});
+  std::vector<std::chrono::steady_clock::duration> waits;
+  for (int i = 0; i < 3; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    queue.addRateLimited("k");
+    ASSERT_EQ(*queue.get(), "k");
+    waits.push_back(std::chrono::steady_clock::now() - start);
+    queue.done("k");
+  }
+  EXPECT_EQ(queue.failures("k"), 3);
+  EXPECT_GE(waits[0], 20ms);
+  EXPECT_GE(waits[1], 40ms);
+  EXPECT_GE(waits[2], 80ms);
+  queue.forget("k");
+  EXPECT_EQ(queue.failures("k"), 0);
+}
+
+TEST(WorkQueue, ShutDownWakesBlockedWorkers) {
+  WorkQueue queue;
+  std::atomic<bool> returned{false};
+  std::thread worker([&] {
+    EXPECT_FALSE(queue.get().has_value());
+    returned = true;
+  });
+  std::this_thread::sleep_for(20ms);
+  queue.shutDown();
+  worker.join();
+  EXPECT_TRUE(returned.load());
+}
+
+}  // namespace
+}  // namespace tandem
