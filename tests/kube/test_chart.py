@@ -199,17 +199,23 @@ class ChartRendering(unittest.TestCase):
         self.assertEqual(peers["ports"], [{"port": 29400, "protocol": "TCP"}, {"protocol": "TCP"}])
         self.assertEqual(metrics, {"ports": [{"port": 9400, "protocol": "TCP"}]})
 
-    def test_metrics_sources_restrict_both_policies(self):
+    def test_network_policy_options(self):
+        default = {p["metadata"]["namespace"] for p in by_kind(helm_render.render(sets=["networkPolicy.enabled=true"]))
+                   ["NetworkPolicy"]}
+        self.assertEqual(default, {"tandem-system"})  # operator and workers both in the release namespace
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as values:
-            values.write("networkPolicy:\n  enabled: true\n  metricsFrom:\n"
+            values.write("networkPolicy:\n  enabled: true\n  workerNamespaces: [team-a, team-b]\n  metricsFrom:\n"
                          "    - namespaceSelector: {matchLabels: {name: monitoring}}\n")
             values.flush()
             objects = helm_render.render(values_files=[values.name])
         peer = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
-        policies = {p["metadata"]["name"]: p for p in by_kind(objects)["NetworkPolicy"]}
-        self.assertEqual(policies["tandem-operator"]["spec"]["ingress"][0]["from"], peer)
-        self.assertEqual(policies["tandem-workers"]["metadata"]["namespace"], "tandem-system")
-        self.assertEqual(policies["tandem-workers"]["spec"]["ingress"][1]["from"], peer)
+        policies = by_kind(objects)["NetworkPolicy"]
+        operator = [p for p in policies if p["metadata"]["name"] == "tandem-operator"]
+        workers = [p for p in policies if p["metadata"]["name"] == "tandem-workers"]
+        self.assertEqual(operator[0]["spec"]["ingress"][0]["from"], peer)
+        self.assertEqual([p["metadata"]["namespace"] for p in workers], ["team-a", "team-b"])
+        for policy in workers:
+            self.assertEqual(policy["spec"]["ingress"][1]["from"], peer)
 
     def test_leader_election_off(self):
         objects = helm_render.render(sets=["leaderElect=false", "replicas=1"])

@@ -54,13 +54,9 @@ app.kubernetes.io/part-of: tandem
 {{- end }}
 {{- end }}
 
-{{/* The namespaces that get the worker NetworkPolicy. */}}
+{{/* The namespaces that get the worker NetworkPolicy, joined by commas. */}}
 {{- define "tandem.workerNamespaces" -}}
-{{- if .Values.networkPolicy.workerNamespaces }}
-{{- toYaml .Values.networkPolicy.workerNamespaces }}
-{{- else }}
-{{- toYaml (list (.Values.watchNamespace | default .Release.Namespace)) }}
-{{- end }}
+{{- .Values.networkPolicy.workerNamespaces | default (list (.Values.watchNamespace | default .Release.Namespace)) | join "," }}
 {{- end }}
 
 {{/*
