@@ -1,0 +1,326 @@
+"""tandem-operator end to end against a real control plane (DESIGN.md §9, §10).
+
+etcd + kube-apiserver + kube-controller-manager (garbage collector, service accounts) from kube_fixture, the
+pod runner playing scheduler and kubelet (real tandem-worker processes on their own 127.0.0.x addresses),
+and tandem-operator as a separate process. Each test works in its own namespace.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+import unittest
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kube_fixture  # noqa: E402
+from operator_process import BIN_DIR, OperatorProcess  # noqa: E402
+from pod_runner import PodRunner  # noqa: E402
+
+REPO_ROOT = kube_fixture.REPO_ROOT
+EXAMPLE = os.path.join(REPO_ROOT, "manifests", "examples", "fashion-mnist.yaml")
+CRD_DIR = os.path.join(REPO_ROOT, "manifests", "crd")
+JOBS = "/apis/tandem.dev/v1alpha1/namespaces/{ns}/distributedtrainingjobs"
+# Short leases so that takeovers happen within a test's patience.
+LEASE_FLAGS = ["--leader-elect", "--lease-namespace=default", "--lease-duration=4", "--renew-deadline=3",
+               "--retry-period=0.5"]
+
+
+class OperatorTestCase(kube_fixture.KubeTestCase):
+    """Helpers shared by the operator test classes."""
+
+    @classmethod
+    def install_crd(cls):
+        cls.kube.kubectl("apply", "-f", CRD_DIR, check=True)
+        cls.wait_for(lambda: cls.kube.request("GET", JOBS.format(ns="default"))[0] == 200, 30, "CRD established")
+
+    def namespace(self, name):
+        status, body = self.kube.request("POST", "/api/v1/namespaces",
+                                         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        self.assertIn(status, (201, 409), body)
+        if self.kube.with_controller_manager:  # pods need the namespace's default ServiceAccount
+            self.wait_for(lambda: self.kube.request("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default")[0] == 200,
+                          60, f"default ServiceAccount in {name}")
+        return name
+
+    def job(self, ns, name):
+        status, body = self.kube.request("GET", JOBS.format(ns=ns) + "/" + name)
+        return body if status == 200 else None
+
+    def create_job(self, ns, manifest):
+        status, body = self.kube.request("POST", JOBS.format(ns=ns), manifest)
+        self.assertEqual(status, 201, body)
+        return body
+
+    def wait_phase(self, ns, name, phases, timeout, op=None):
+        phases = (phases,) if isinstance(phases, str) else phases
+
+        def reached():
+            job = self.job(ns, name)
+            return job if job and job.get("status", {}).get("phase") in phases else None
+        try:
+            return self.wait_for(reached, timeout, f"{ns}/{name} reaching {phases}", interval=0.5)
+        except AssertionError as error:
+            job = self.job(ns, name)
+            extra = f"\nstatus: {json.dumps((job or {}).get('status'), indent=1)}"
+            if op is not None:
+                extra += f"\n--- operator log tail\n{op.log()[-4000:]}"
+            raise AssertionError(f"{error}{extra}") from None
+
+    def pods(self, ns, job, include_terminating=True):
+        status, body = self.kube.request("GET", f"/api/v1/namespaces/{ns}/pods?labelSelector=tandem.dev%2Fjob%3D{job}")
+        self.assertEqual(status, 200, body)
+        return [p for p in body["items"] if include_terminating or "deletionTimestamp" not in p["metadata"]]
+
+    def children(self, ns, job):
+        """Names of everything labelled with the job: pods, services, secrets, config maps."""
+        found = []
+        for kind in ("pods", "services", "secrets", "configmaps"):
+            status, body = self.kube.request("GET", f"/api/v1/namespaces/{ns}/{kind}?labelSelector=tandem.dev%2Fjob%3D{job}")
+            self.assertEqual(status, 200, body)
+            found += [f"{kind}/{item['metadata']['name']}" for item in body["items"]]
+        return found
+
+    def event_reasons(self, ns, job):
+        status, body = self.kube.request(
+            "GET", f"/api/v1/namespaces/{ns}/events?fieldSelector=involvedObject.name%3D{job}")
+        self.assertEqual(status, 200, body)
+        return [event["reason"] for event in sorted(body["items"], key=lambda e: e["metadata"]["creationTimestamp"])]
+
+    def example(self, name, **spec_changes):
+        """manifests/examples/fashion-mnist.yaml as a dict (kubectl converts it), renamed, spec fields replaced."""
+        result = self.kube.kubectl("create", "--dry-run=client", "-o", "json", "-f", EXAMPLE, check=True)
+        manifest = json.loads(result.stdout)
+        manifest["metadata"] = {"name": name}
+        for key, value in spec_changes.items():
+            if isinstance(value, dict) and isinstance(manifest["spec"].get(key), dict):
+                manifest["spec"][key].update(value)
+            else:
+                manifest["spec"][key] = value
+        return manifest
+
+
+def synthetic_job(name, workers, epochs, samples=4096, **extra):
+    spec = {"workers": workers, "model": {"kind": "mlp", "mlp": {"hidden": [64]}},
+            "data": {"kind": "synthetic", "samples": samples},
+            "training": {"globalBatchSize": 32 * workers, "epochs": epochs, "seed": 1}}
+    spec.update(extra)
+    return {"apiVersion": "tandem.dev/v1alpha1", "kind": "DistributedTrainingJob", "metadata": {"name": name}, "spec": spec}
+
+
+def progress_steps(log_text):
+    steps = []
+    for line in log_text.splitlines():
+        if line.startswith("@progress "):
+            steps.append(json.loads(line[len("@progress "):])["step"])
+    return steps
+
+
+class OperatorEndToEnd(OperatorTestCase):
+    """Training jobs through the operator and real worker processes."""
+
+    controller_manager = True
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.install_crd()
+        cls.runner = PodRunner(cls.kube, bin_dirs=[BIN_DIR]).start()
+        cls.operator = OperatorProcess(cls.kube, *LEASE_FLAGS, name="operator-a").start()
+        cls.operator.wait_ready()
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "operator", None):
+            cls.operator.stop()
+        if getattr(cls, "runner", None):
+            cls.runner.stop()
+        super().tearDownClass()
+
+    def tearDown(self):
+        self.runner.check()  # a runner error fails the test that caused it
+
+    def test_example_trains_to_succeeded_with_status_and_events(self):
+        ns = self.namespace("train")
+        self.kube.kubectl("apply", "-n", ns, "-f", EXAMPLE, check=True)
+        job = self.wait_phase(ns, "fmnist", "Succeeded", 400, self.operator)
+        status = job["status"]
+        self.assertEqual(status["restarts"], 0)
+        self.assertEqual(status["workers"]["succeeded"], 2, status)
+        self.assertIn("startTime", status)
+        self.assertIn("completionTime", status)
+        conditions = {c["type"]: c for c in status["conditions"]}
+        self.assertEqual(conditions["Succeeded"]["status"], "True")
+        self.assertEqual(conditions["Succeeded"]["reason"], "AllWorkersSucceeded")
+        self.assertEqual(conditions["Running"]["status"], "False")  # the previous phase's condition went False
+        reasons = self.event_reasons(ns, "fmnist")
+        for reason in ("JobCreated", "CreatedWorkers", "AllWorkersRunning", "AllWorkersSucceeded"):
+            self.assertIn(reason, reasons)
+        # Real training happened: rank 0 reported every step of 10 epochs of 60000 samples in batches of 256.
+        steps = progress_steps(self.runner.log_of(ns, "fmnist-worker-0"))
+        self.assertTrue(steps, self.runner.log_of(ns, "fmnist-worker-0")[-2000:])
+        self.assertEqual(steps[-1], 10 * (60000 // 256))
+        printed = self.kube.kubectl("get", "dtj", "-n", ns, "fmnist", check=True).stdout
+        self.assertIn("Succeeded", printed)
+        self.assertGreaterEqual(self.operator.metric("tandem_operator_pods_created_total"), 2)
+        self.assertGreaterEqual(self.operator.metric("tandem_operator_jobs", '{phase="Succeeded"}'), 1)
+
+    def test_killed_worker_restarts_the_gang_which_resumes_from_the_checkpoint(self):
+        ns = self.namespace("restart")
+        manifest = self.example("fmnist-restart", checkpoint={"dir": "/checkpoints", "everySteps": 200, "keep": 2,
+                                                               "claimName": "fmnist-checkpoints"})
+        manifest["spec"]["training"]["epochs"] = 4  # 936 steps
+        self.create_job(ns, manifest)
+        self.wait_phase(ns, "fmnist-restart", "Running", 120, self.operator)
+        self.wait_for(lambda: max(progress_steps(self.runner.log_of(ns, "fmnist-restart-worker-1")) or [0]) >= 450,
+                      300, "rank 1 past the checkpoint of step 400", interval=0.5)
+        first_uids = {p["metadata"]["uid"] for p in self.pods(ns, "fmnist-restart")}
+        self.runner.kill_process(ns, "fmnist-restart-worker-1", signal.SIGKILL)
+
+        job = self.wait_phase(ns, "fmnist-restart", "Succeeded", 400, self.operator)
+        status = job["status"]
+        self.assertEqual(status["restarts"], 1, status)  # exit 137: retryable, counted
+        self.assertEqual(status["generation"], 1, status)
+        reasons = self.event_reasons(ns, "fmnist-restart")
+        self.assertIn("WorkerFailed", reasons)
+        pods = self.pods(ns, "fmnist-restart")
+        self.assertTrue(pods)
+        self.assertFalse(first_uids & {p["metadata"]["uid"] for p in pods}, "the whole first generation was replaced")
+        self.assertTrue(all(p["metadata"]["labels"]["tandem.dev/generation"] == "1" for p in pods))
+        # The second generation resumed from a checkpoint of step >= 400 and finished the run.
+        log = self.runner.log_of(ns, "fmnist-restart-worker-0")
+        resumed = [json.loads(line[len("@resume "):])["step"] for line in log.splitlines() if line.startswith("@resume ")]
+        self.assertTrue(resumed and resumed[0] >= 400, log[-3000:])
+        self.assertEqual(progress_steps(log)[-1], 4 * (60000 // 256))
+
+    def test_deleting_the_job_removes_everything_it_owned(self):
+        ns = self.namespace("delete")
+        self.create_job(ns, synthetic_job("doomed", workers=2, epochs=1000))
+        self.wait_phase(ns, "doomed", "Running", 120, self.operator)
+        pids = [self.runner.pid_of(ns, f"doomed-worker-{rank}") for rank in range(2)]
+        self.assertTrue(all(pids))
+        self.assertEqual(len(self.children(ns, "doomed")), 2 + 3)  # pods, Service, Secret, ConfigMap
+        self.kube.kubectl("delete", "dtj", "-n", ns, "doomed", "--wait=false", check=True)
+        self.wait_for(lambda: not self.children(ns, "doomed"), 90, "every child of the deleted job gone", interval=0.5)
+
+        def exited(pid):
+            try:
+                os.kill(pid, 0)
+                return False
+            except ProcessLookupError:
+                return True
+        self.wait_for(lambda: all(exited(pid) for pid in pids), 60, "worker processes gone")
+
+    def test_operator_killed_mid_job_neither_duplicates_nor_orphans_pods(self):
+        ns = self.namespace("failover")
+        self.create_job(ns, synthetic_job("steady", workers=4, epochs=40))
+        # Kill the operator as soon as the first pod exists: the gang may be half created.
+        self.wait_for(lambda: self.pods(ns, "steady"), 60, "first pod", interval=0.02)
+        self.operator.kill(signal.SIGKILL)
+        self.operator.proc.wait(timeout=10)
+        half = {p["metadata"]["name"]: p["metadata"]["uid"] for p in self.pods(ns, "steady")}
+        restarted = OperatorProcess(self.kube, *LEASE_FLAGS, name="operator-b").start()
+        type(self).operator = restarted
+        restarted.wait_ready()
+        job = self.wait_phase(ns, "steady", "Running", 120, restarted)
+        pods = self.pods(ns, "steady")
+        self.assertEqual(sorted(p["metadata"]["name"] for p in pods), [f"steady-worker-{r}" for r in range(4)])
+        for pod in pods:  # the pods that existed before the restart were kept, not recreated
+            if pod["metadata"]["name"] in half:
+                self.assertEqual(pod["metadata"]["uid"], half[pod["metadata"]["name"]])
+        running_uids = {p["metadata"]["uid"] for p in pods}
+        # Kill and restart once more while the gang runs: nothing is recreated, the job still succeeds.
+        restarted.kill(signal.SIGKILL)
+        restarted.proc.wait(timeout=10)
+        again = OperatorProcess(self.kube, *LEASE_FLAGS, name="operator-c").start()
+        type(self).operator = again
+        again.wait_ready()
+        job = self.wait_phase(ns, "steady", "Succeeded", 300, again)
+        self.assertEqual(job["status"]["restarts"], 0)
+        self.assertEqual(job["status"]["generation"], 0)
+        final = self.pods(ns, "steady")
+        self.assertEqual({p["metadata"]["uid"] for p in final}, running_uids)
+        self.assertEqual(self.event_reasons(ns, "steady").count("JobCreated"), 1)
+
+
+class OperatorControlPlaneFailures(OperatorTestCase):
+    """Watch expiry (410 Gone) and leader election, without worker processes. The apiserver runs without its
+    watch cache so that a watch resumed from a compacted revision gets 410, as it would after a long outage."""
+
+    apiserver_args = ["--watch-cache=false", "--etcd-compaction-interval=0"]
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.install_crd()
+
+    def compact_etcd(self):
+        """Compacts etcd at its current revision (etcd's JSON gateway), so that older watches are refused."""
+        def post(path, body):
+            request = urllib.request.Request(self.kube.etcd_url + path, data=json.dumps(body).encode(), method="POST")
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.load(response)
+        revision = int(post("/v3/kv/range", {"key": "AA=="})["header"]["revision"])
+        post("/v3/kv/compaction", {"revision": revision, "physical": True})
+        return revision
+
+    def test_expired_watch_is_recovered_by_relisting(self):
+        ns = self.namespace("expiry")
+        op = OperatorProcess(self.kube, "--watch-timeout=3", name="operator-expiry").start()
+        try:
+            op.wait_ready()
+            op.kill(signal.SIGSTOP)
+            time.sleep(5)  # the server ends every watch stream meanwhile
+            self.create_job(ns, synthetic_job("late", workers=2, epochs=1))  # an event the frozen operator missed
+            self.compact_etcd()
+            op.kill(signal.SIGCONT)
+            # Resuming from its old resourceVersion gets 410: it relists, finds the job and creates its gang.
+            self.wait_for(lambda: len(self.pods(ns, "late")) == 2, 60, "pods of the job created after the 410",
+                          interval=0.5)
+            self.assertIn("watch expired (410 Gone", op.log())
+            self.assertEqual(self.job(ns, "late")["status"]["phase"], "Created")
+        finally:
+            op.stop()
+
+    def lease(self):
+        status, body = self.kube.request("GET", "/apis/coordination.k8s.io/v1/namespaces/default/leases/tandem-operator")
+        return body["spec"] if status == 200 else None
+
+    def test_standby_replica_takes_over_within_the_lease_duration(self):
+        ns = self.namespace("election")
+        first = OperatorProcess(self.kube, *LEASE_FLAGS, name="replica-1").start()
+        second = None
+        try:
+            first.wait_ready()
+            self.wait_for(lambda: (self.lease() or {}).get("holderIdentity") == "replica-1", 30, "replica-1 leads")
+            second = OperatorProcess(self.kube, *LEASE_FLAGS, name="replica-2").start()
+            second.wait_ready()
+            time.sleep(3)  # longer than the renew deadline: a standby must not steal a renewed lease
+            self.assertEqual(self.lease()["holderIdentity"], "replica-1")
+            self.assertIn("held by replica-1; standing by", second.log())
+            self.assertNotIn("reconciling with", second.log())
+
+            first.kill(signal.SIGKILL)
+            killed = time.monotonic()
+            self.wait_for(lambda: (self.lease() or {}).get("holderIdentity") == "replica-2", 15, "replica-2 leads",
+                          interval=0.05)
+            took = time.monotonic() - killed
+            # Expiry counts from when the standby last saw a renewal (its own clock, as in client-go), at most
+            # one retry period before the kill: lease duration 4 s + retry period 0.5 s bound the takeover.
+            self.assertLess(took, 4.5 + 0.5, f"takeover after {took:.2f} s")
+            self.assertEqual(self.lease()["leaseTransitions"], 1)
+            # The new leader reconciles.
+            self.create_job(ns, synthetic_job("after-takeover", workers=1, epochs=1))
+            self.wait_for(lambda: self.pods(ns, "after-takeover"), 30, "the new leader created the pod")
+            # Graceful shutdown hands the lease over at once.
+            self.assertEqual(second.stop(), 0)
+            self.assertEqual(self.lease()["holderIdentity"], "")
+        finally:
+            first.stop()
+            if second:
+                second.stop()
+
+
+if __name__ == "__main__":
+    unittest.main()
