@@ -4,7 +4,9 @@ Debian's etcd and a kube-apiserver 1.20.2 built from Debian's `kubernetes` sourc
 scripts/kube-apiserver (cached outside the checkout; the first call builds it, which takes minutes) run as
 child processes on 127.0.0.1 with ports chosen free: TLS with a self-signed serving certificate (openssl CLI,
 SAN IP:127.0.0.1), a static admin token in group system:masters, RBAC authorization and service-account keys.
-A kubeconfig for kubectl 1.20.2 (built from the same tree) is written next to them.
+A kubeconfig for kubectl 1.20.2 (built from the same tree) is written next to them. With
+`controller_manager=True` a kube-controller-manager 1.20.2 from the same tree runs too, with only the controllers
+the tests need: owner-reference garbage collection, namespace deletion, service accounts and their tokens.
 
 Use it as a unittest base class, one control plane per test file:
 
@@ -12,8 +14,8 @@ Use it as a unittest base class, one control plane per test file:
         def test_something(self):
             self.kube.kubectl("get", "namespaces", check=True)
 
-or by hand: `python3 tests/kube/kube_fixture.py` starts one and prints how to reach it until Ctrl-C.
-Every wait has a deadline; a failure to start raises with the tail of both servers' logs. Both servers
+or by hand: `python3 tests/kube/kube_fixture.py [--controller-manager]` starts one and prints how to reach it until Ctrl-C.
+Every wait has a deadline; a failure to start raises with the tail of the servers' logs. The servers
 run in their own process groups, are killed as groups on stop, and die with this process (PR_SET_PDEATHSIG)
 even when it is killed without a chance to clean up.
 """
@@ -45,11 +47,12 @@ _binaries = None
 
 
 def kube_binaries():
-    """(kube-apiserver, kubectl) paths, building them first when the cache is empty (stderr shows progress)."""
+    """(kube-apiserver, kubectl, kube-controller-manager) paths, building them first when the cache is empty
+    (stderr shows progress)."""
     global _binaries
     if _binaries is None:
         paths = []
-        for flag in ([], ["--kubectl"]):
+        for flag in ([], ["--kubectl"], ["--controller-manager"]):
             result = subprocess.run([KUBE_APISERVER_SCRIPT, *flag], stdout=subprocess.PIPE, stderr=None, text=True,
                                     timeout=BUILD_TIMEOUT)
             if result.returncode != 0:
@@ -87,18 +90,23 @@ class ControlPlaneError(RuntimeError):
 
 
 class ControlPlane:
-    """etcd + kube-apiserver on 127.0.0.1; start() and stop(), then kubectl() and request()."""
+    """etcd + kube-apiserver (+ kube-controller-manager when asked) on 127.0.0.1; start() and stop(), then
+    kubectl() and request()."""
 
-    def __init__(self):
-        self.apiserver_bin, self.kubectl_bin = kube_binaries()
+    def __init__(self, controller_manager=False, apiserver_args=()):
+        self.apiserver_bin, self.kubectl_bin, self.controller_manager_bin = kube_binaries()
+        self.with_controller_manager = controller_manager
+        self.apiserver_args = list(apiserver_args)  # extra kube-apiserver flags (e.g. --watch-cache=false)
         self.tmp = tempfile.mkdtemp(prefix="tandem-kube-")
         self.token = "tandem-admin-" + os.urandom(12).hex()
         self.kubeconfig = os.path.join(self.tmp, "kubeconfig")
         self.ca_file = os.path.join(self.tmp, "serving.crt")
         self.etcd_log = os.path.join(self.tmp, "etcd.log")
         self.apiserver_log = os.path.join(self.tmp, "kube-apiserver.log")
+        self.controller_manager_log = os.path.join(self.tmp, "kube-controller-manager.log")
         self.etcd = None
         self.apiserver = None
+        self.controller_manager = None
         self.server = None
         self._ssl = None
 
@@ -117,6 +125,12 @@ class ControlPlane:
                 if not in_use or attempt == 2:
                     raise ControlPlaneError(f"{error}\n{self.logs()}") from None
         self._write_kubeconfig()
+        if self.with_controller_manager:
+            try:
+                self._start_controller_manager()
+            except ControlPlaneError as error:
+                self._stop_processes()
+                raise ControlPlaneError(f"{error}\n{self.logs()}") from None
         return self
 
     def stop(self):
@@ -124,7 +138,7 @@ class ControlPlane:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _stop_processes(self):
-        for proc in (self.apiserver, self.etcd):
+        for proc in (self.controller_manager, self.apiserver, self.etcd):
             if proc is None or proc.poll() is not None:
                 continue
             try:
@@ -139,11 +153,14 @@ class ControlPlane:
                 except ProcessLookupError:
                     pass
                 proc.wait(timeout=STOP_TIMEOUT)
-        self.apiserver = self.etcd = None
+        self.controller_manager = self.apiserver = self.etcd = None
 
     def logs(self, lines=40):
-        return (f"--- tail of {self.etcd_log}\n{tail(self.etcd_log, lines)}"
+        text = (f"--- tail of {self.etcd_log}\n{tail(self.etcd_log, lines)}"
                 f"--- tail of {self.apiserver_log}\n{tail(self.apiserver_log, lines)}")
+        if self.with_controller_manager:
+            text += f"--- tail of {self.controller_manager_log}\n{tail(self.controller_manager_log, lines)}"
+        return text
 
     # --- setup steps -------------------------------------------------------------------------------------
 
@@ -216,6 +233,7 @@ class ControlPlane:
             f"--service-account-key-file={p('sa.pub')}", f"--service-account-signing-key-file={p('sa.key')}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true", "--profiling=false",
+            *self.apiserver_args,
         ], self.apiserver_log)
 
         def ready():
@@ -223,7 +241,27 @@ class ControlPlane:
             return status == 200 and body.strip() == b"ok"
         self._wait("kube-apiserver", self.apiserver, ready)
 
-    def _write_kubeconfig(self):
+    def _start_controller_manager(self):
+        # Its own kubeconfig: the admin token, so it needs no RBAC bootstrap (and no per-controller
+        # credentials). No ports of its own: nothing scrapes it, and port 0 keeps parallel planes apart.
+        kubeconfig = os.path.join(self.tmp, "controller-manager.kubeconfig")
+        self._write_kubeconfig(kubeconfig)
+        self.controller_manager = self._spawn([
+            self.controller_manager_bin, f"--kubeconfig={kubeconfig}",
+            "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token",
+            f"--service-account-private-key-file={os.path.join(self.tmp, 'sa.key')}",
+            f"--root-ca-file={self.ca_file}", "--leader-elect=false", "--use-service-account-credentials=false",
+            "--bind-address=127.0.0.1", "--port=0", "--secure-port=0",
+        ], self.controller_manager_log)
+
+        # Ready when the serviceaccount controller made `default` in namespace default and the token controller
+        # gave it its token Secret: 1.20's ServiceAccount admission refuses pods that would mount a missing token.
+        def default_service_account():
+            status, account = self.request("GET", "/api/v1/namespaces/default/serviceaccounts/default", timeout=3)
+            return status == 200 and bool(account.get("secrets"))
+        self._wait("kube-controller-manager", self.controller_manager, default_service_account)
+
+    def _write_kubeconfig(self, path=None):
         # JSON is YAML: kubectl reads it as a kubeconfig.
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "tandem",
@@ -231,7 +269,7 @@ class ControlPlane:
             "users": [{"name": "tandem-admin", "user": {"token": self.token}}],
             "contexts": [{"name": "tandem", "context": {"cluster": "tandem", "user": "tandem-admin", "namespace": "default"}}],
         }
-        with open(self.kubeconfig, "w") as f:
+        with open(path or self.kubeconfig, "w") as f:
             json.dump(config, f, indent=2)
 
     # --- clients -----------------------------------------------------------------------------------------
@@ -264,14 +302,16 @@ class ControlPlane:
 
 
 class KubeTestCase(unittest.TestCase):
-    """A test class sharing one control plane (self.kube / cls.kube) across its tests."""
+    """A test class sharing one control plane (self.kube / cls.kube) across its tests; a class that sets
+    controller_manager = True gets kube-controller-manager too (garbage collection, service accounts)."""
 
     kube = None
+    controller_manager = False
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        plane = ControlPlane()
+        plane = ControlPlane(controller_manager=cls.controller_manager, apiserver_args=cls.apiserver_args)
         try:
             plane.start()
         except BaseException:
@@ -301,11 +341,12 @@ class KubeTestCase(unittest.TestCase):
 
 
 def main():
-    plane = ControlPlane()
+    plane = ControlPlane(controller_manager="--controller-manager" in sys.argv[1:])
     try:
         plane.start()
         print(f"kube-apiserver {plane.server} ready\nexport KUBECONFIG={plane.kubeconfig}\n"
-              f"kubectl: {plane.kubectl_bin}\nlogs: {plane.etcd_log} {plane.apiserver_log}\nCtrl-C stops it.", flush=True)
+              f"kubectl: {plane.kubectl_bin}\nlogs: {plane.etcd_log} {plane.apiserver_log}"
+              f"{' ' + plane.controller_manager_log if plane.with_controller_manager else ''}\nCtrl-C stops it.", flush=True)
         signal.sigwait([signal.SIGINT, signal.SIGTERM])
     finally:
         plane.stop()
