@@ -113,7 +113,8 @@ Status Informer::relist() {
   std::map<std::string, json> fresh;
   for (json& item : listed.items) {
     if (options_.trim) options_.trim(item);
-    fresh[keyOf(item)] = std::move(item);
+    std::string key = keyOf(item);  // first: json's operator= takes its argument by value, moved before the key
+    fresh[key] = std::move(item);
   }
   std::vector<json> gone;
   {
@@ -152,7 +153,7 @@ void Informer::run() {
     if (needList) {
       Status listed = relist();
       if (!listed.ok()) {
-        if (stopping_) break;
+        if (stopping_ || listed.code() == StatusCode::kCancelled) break;  // the client was shut down
         const auto wait = backoff();
         log::warning() << "informer " << options_.name << ": list failed: " << listed.message() << "; retrying in "
                     << wait.count() << " ms";
@@ -174,7 +175,7 @@ void Informer::run() {
                                      apply(event.type, event.object);
                                      return !stopping_.load();
                                    });
-    if (stopping_) break;
+    if (stopping_ || watched.code() == StatusCode::kCancelled) break;
     if (watched.ok()) {
       failures = 0;
       continue;  // the server ended the stream: resume from the last resourceVersion

@@ -33,7 +33,7 @@ class OperatorTestCase(kube_fixture.KubeTestCase):
     @classmethod
     def install_crd(cls):
         cls.kube.kubectl("apply", "-f", CRD_DIR, check=True)
-        cls.wait_for(lambda: cls.kube.request("GET", JOBS.format(ns="default"))[0] == 200, 30, "CRD established")
+        cls.wait_for(lambda: cls.kube.request("GET", JOBS.format(ns="default"), raw=True)[0] == 200, 30, "CRD established")
 
     def namespace(self, name):
         status, body = self.kube.request("POST", "/api/v1/namespaces",
@@ -249,6 +249,7 @@ class OperatorControlPlaneFailures(OperatorTestCase):
     watch cache so that a watch resumed from a compacted revision gets 410, as it would after a long outage."""
 
     apiserver_args = ["--watch-cache=false", "--etcd-compaction-interval=0"]
+    controller_manager = True  # pods are admitted only once their namespace has its default ServiceAccount
 
     @classmethod
     def setUpClass(cls):
@@ -273,6 +274,10 @@ class OperatorControlPlaneFailures(OperatorTestCase):
             op.kill(signal.SIGSTOP)
             time.sleep(5)  # the server ends every watch stream meanwhile
             self.create_job(ns, synthetic_job("late", workers=2, epochs=1))  # an event the frozen operator missed
+            # A watch from revision r starts at r + 1: two more writes put the compaction past that.
+            for i in range(2):
+                self.kube.request("POST", f"/api/v1/namespaces/{ns}/configmaps",
+                                  {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"filler-{i}"}})
             self.compact_etcd()
             op.kill(signal.SIGCONT)
             # Resuming from its old resourceVersion gets 410: it relists, finds the job and creates its gang.
