@@ -303,10 +303,12 @@ class ControlPlane:
 
 class KubeTestCase(unittest.TestCase):
     """A test class sharing one control plane (self.kube / cls.kube) across its tests; a class that sets
-    controller_manager = True gets kube-controller-manager too (garbage collection, service accounts)."""
+    controller_manager = True gets kube-controller-manager too (garbage collection, service accounts), and
+    apiserver_args extra kube-apiserver flags."""
 
     kube = None
     controller_manager = False
+    apiserver_args = ()
 
     @classmethod
     def setUpClass(cls):

@@ -214,6 +214,34 @@ TEST(KubeClient, MapsApiErrorsWithoutRetrying) {
   EXPECT_EQ(calls.load(), 6);  // one call each: none of these is retried
 }
 
+TEST(KubeClient, PatchesAndDeletesSendTheirContentTypesAndOptions) {
+  LocalServer local;
+  std::vector<std::string> seen;
+  local.server().Patch("/o", [&](const httplib::Request& request, httplib::Response& response) {
+    seen.push_back(request.get_header_value("Content-Type") + " " + request.body);
+    response.set_content(request.body, "application/json");
+  });
+  local.server().Delete("/o", [&](const httplib::Request& request, httplib::Response& response) {
+    seen.push_back(request.body);
+    response.set_content(R"({"kind":"Status","status":"Success"})", "application/json");
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  ASSERT_TRUE(client.mergePatch("/o", {{"spec", {{"suspend", true}}}}).ok());
+  ASSERT_TRUE(client.jsonPatch("/o", json::array({{{"op", "remove"}, {"path", "/a"}}})).ok());
+  kube::DeleteOptions options;
+  options.gracePeriodSeconds = 0;
+  options.propagationPolicy = "Background";
+  options.preconditionUid = "u-1";
+  ASSERT_TRUE(client.remove("/o", options).ok());
+  ASSERT_EQ(seen.size(), 3u);
+  EXPECT_EQ(seen[0], R"(application/merge-patch+json {"spec":{"suspend":true}})");
+  EXPECT_EQ(seen[1], R"(application/json-patch+json [{"op":"remove","path":"/a"}])");
+  const json deleteOptions = json::parse(seen[2]);
+  EXPECT_EQ(deleteOptions["gracePeriodSeconds"], 0);
+  EXPECT_EQ(deleteOptions["propagationPolicy"], "Background");
+  EXPECT_EQ(deleteOptions["preconditions"]["uid"], "u-1");
+}
+
 TEST(KubeClient, HonoursRetryAfterOn429) {
   LocalServer local;
   std::atomic<int> calls{0};
