@@ -1,5 +1,6 @@
 #include "tandem/operator/controller.h"
 
+#include <malloc.h>
 #include <openssl/rand.h>
 
 #include <map>
@@ -162,10 +163,17 @@ void Controller::refreshJobCounts() {
 }
 
 void Controller::resyncLoop() {
+  constexpr auto kTrimPeriod = std::chrono::seconds(30);
+  auto nextResync = steady_clock::now() + options_.resyncPeriod;
   while (!stopping_) {
     std::unique_lock<std::mutex> lock(resyncMutex_);
-    resyncWake_.wait_for(lock, options_.resyncPeriod, [this] { return stopping_.load(); });
+    resyncWake_.wait_for(lock, std::min<steady_clock::duration>(kTrimPeriod, options_.resyncPeriod),
+                         [this] { return stopping_.load(); });
     if (stopping_) break;
+    // Freed cache entries (deleted jobs and pods) go back to the system rather than staying in the heap.
+    malloc_trim(0);
+    if (steady_clock::now() < nextResync) continue;
+    nextResync = steady_clock::now() + options_.resyncPeriod;
     // Periodic resync: catches anything a lost event or a failed write left behind.
     for (const json& job : jobs_->list()) queue_.add(Informer::keyOf(job));
   }

@@ -174,7 +174,7 @@ std::unique_ptr<httplib::ClientImpl> KubeClient::acquire() {
 
 void KubeClient::release(std::unique_ptr<httplib::ClientImpl> client) {
   std::lock_guard<std::mutex> lock(poolMutex_);
-  if (idle_.size() < 16) idle_.push_back(std::move(client));
+  if (idle_.size() < 12) idle_.push_back(std::move(client));  // each keeps its own TLS context
 }
 
 std::string KubeClient::bearerToken() {

@@ -26,7 +26,7 @@ namespace tandem::operator_core {
 struct ControllerOptions {
   std::string nameSpace;  // "": every namespace
   int workers = 4;        // keys reconciled concurrently
-  int createParallelism = 16;  // concurrent pod creations within one gang
+  int createParallelism = 8;  // concurrent pod creations within one gang (each holds a TLS connection)
   std::chrono::seconds resyncPeriod{300};
   int watchTimeoutSeconds = 300;
   std::string identity;  // reportingInstance of Events
