@@ -4,8 +4,8 @@
 #   docker build --target operator -t tandem-operator:0.1.0 .
 #   docker build --target worker   -t tandem-worker:0.1.0 .
 # The build stage installs dependencies with scripts/setup and builds with scripts/build: the very steps
-# CI runs. Expected sizes: operator ~120 MB (Debian slim + gRPC/protobuf/yaml-cpp/OpenSSL runtime
-# libraries), worker ~350 MB on CPU (adds OpenBLAS, Gloo and the Fashion-MNIST package); the CUDA worker
+# CI runs. Expected sizes: operator ~125 MB (Debian slim + gRPC/protobuf/yaml-cpp/OpenSSL/httplib/
+# prometheus-cpp runtime libraries), worker ~350 MB on CPU (adds OpenBLAS, Gloo and the Fashion-MNIST package); the CUDA worker
 # base (CUDA runtime + NCCL) arrives with the GPU path.
 
 FROM debian:12 AS build
@@ -21,6 +21,7 @@ FROM debian:12-slim AS runtime-base
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
        libgrpc++1.51 libprotobuf32 libyaml-cpp0.7 libssl3 zlib1g ca-certificates \
+       libcpp-httplib0.11 libprometheus-cpp-core1.0 \
     && rm -rf /var/lib/apt/lists/*
 
 FROM runtime-base AS operator
@@ -32,7 +33,7 @@ ENTRYPOINT ["/usr/local/bin/tandem-operator"]
 FROM runtime-base AS worker
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-       libopenblas0-pthread libgloo0 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 dataset-fashion-mnist \
+       libopenblas0-pthread libgloo0 libprometheus-cpp-pull1.0 dataset-fashion-mnist \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/build/bin/tandem-worker /src/build/bin/tandem /usr/local/bin/
 USER 65532:65532

@@ -213,6 +213,18 @@ ObservedPod podFromJson(const json& pod) {
   return out;
 }
 
+bool nodeUnreachable(const json& node) {
+  const json::json_pointer conditions("/status/conditions");
+  if (node.contains(conditions) && node.at(conditions).is_array())
+    for (const json& condition : node.at(conditions))
+      if (condition.value("type", "") == "Ready" && condition.value("status", "") == "Unknown") return true;
+  const json::json_pointer taints("/spec/taints");
+  if (node.contains(taints) && node.at(taints).is_array())
+    for (const json& taint : node.at(taints))
+      if (taint.value("key", "") == "node.kubernetes.io/unreachable") return true;
+  return false;
+}
+
 ObservedChild childFromJson(const json& object) {
   ObservedChild out;
   out.name = stringAt(object, "/metadata/name");

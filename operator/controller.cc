@@ -19,6 +19,7 @@ const kube::Resource kSecrets{"", "v1", "secrets", true};
 const kube::Resource kConfigMaps{"", "v1", "configmaps", true};
 const kube::Resource kEvents{"", "v1", "events", true};
 const kube::Resource kLeases{"coordination.k8s.io", "v1", "leases", true};
+const kube::Resource kNodes{"", "v1", "nodes", false};
 }  // namespace resources
 
 namespace {
@@ -58,6 +59,19 @@ void trimToMetadata(json& object) {
   json metadata = std::move(object["metadata"]);
   metadata.erase("annotations");
   object = {{"metadata", std::move(metadata)}};
+}
+
+// Nodes: their name, Ready condition and taints (all that nodeUnreachable reads).
+void trimNode(json& node) {
+  json metadata = {{"name", node["metadata"].value("name", "")},
+                   {"resourceVersion", node["metadata"].value("resourceVersion", "")}};
+  json conditions = json::array();
+  if (node.contains("/status/conditions"_json_pointer))
+    for (const json& condition : node["status"]["conditions"])
+      if (condition.value("type", "") == "Ready") conditions.push_back({{"type", "Ready"}, {"status", condition.value("status", "")}});
+  json kept = {{"metadata", std::move(metadata)}, {"status", {{"conditions", std::move(conditions)}}}};
+  if (node.contains("/spec/taints"_json_pointer)) kept["spec"] = {{"taints", node["spec"]["taints"]}};
+  node = std::move(kept);
 }
 
 std::string jobKey(const std::string& nameSpace, const std::string& name) { return nameSpace + "/" + name; }
@@ -102,18 +116,32 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
   services_ = informer("services", resources::kServices, kJobLabel, trimToMetadata, child);
   secrets_ = informer("secrets", resources::kSecrets, kJobLabel, trimToMetadata, child);
   configMaps_ = informer("configmaps", resources::kConfigMaps, kJobLabel, trimToMetadata, child);
+  // A node becoming unreachable changes the decision for every job with a pod there.
+  nodes_ = std::make_unique<Informer>(
+      client_,
+      Informer::Options{"nodes", resources::kNodes.collectionPath(""), "", options_.watchTimeoutSeconds, trimNode, true},
+      [this](const json& node, bool) {
+        const std::string name = node["metadata"].value("name", "");
+        for (const json& pod : pods_->list([&](const json& pod) {
+               return pod.value("/spec/nodeName"_json_pointer, std::string()) == name;
+             }))
+          enqueueOwner(pod);
+      });
+}
+
+std::vector<Informer*> Controller::informers() const {
+  return {jobs_.get(), pods_.get(), services_.get(), secrets_.get(), configMaps_.get(), nodes_.get()};
 }
 
 Controller::~Controller() { stop(); }
 
 void Controller::startInformers() {
-  for (Informer* informer : {jobs_.get(), pods_.get(), services_.get(), secrets_.get(), configMaps_.get()})
-    informer->start();
+  for (Informer* informer : informers()) informer->start();
 }
 
 bool Controller::waitForSync(std::chrono::milliseconds timeout) {
   const auto deadline = steady_clock::now() + timeout;
-  for (Informer* informer : {jobs_.get(), pods_.get(), services_.get(), secrets_.get(), configMaps_.get()}) {
+  for (Informer* informer : informers()) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady_clock::now());
     if (!informer->waitForSync(std::max(left, std::chrono::milliseconds(0)))) return false;
   }
@@ -121,7 +149,9 @@ bool Controller::waitForSync(std::chrono::milliseconds timeout) {
 }
 
 bool Controller::synced() const {
-  return jobs_->synced() && pods_->synced() && services_->synced() && secrets_->synced() && configMaps_->synced();
+  for (Informer* informer : informers())
+    if (!informer->synced()) return false;
+  return true;
 }
 
 void Controller::startWorkers() {
@@ -143,8 +173,7 @@ void Controller::stop() {
   if (stopped_.exchange(true)) return;
   stopWorkers();
   client_.cancel();
-  for (Informer* informer : {jobs_.get(), pods_.get(), services_.get(), secrets_.get(), configMaps_.get()})
-    informer->stop();
+  for (Informer* informer : informers()) informer->stop();
 }
 
 void Controller::enqueueOwner(const json& child) {
@@ -201,7 +230,12 @@ Observed Controller::observe(const JobObject& job) const {
          return pod["metadata"].value("namespace", "") == job.nameSpace &&
                 pod.value("/metadata/labels/tandem.dev~1job"_json_pointer, std::string()) == job.name;
        }))
-    observed.pods.push_back(podFromJson(pod));
+  {
+    ObservedPod observedPod = podFromJson(pod);
+    if (!observedPod.nodeName.empty())
+      if (auto node = nodes_->get("/" + observedPod.nodeName)) observedPod.nodeUnreachable |= nodeUnreachable(*node);
+    observed.pods.push_back(std::move(observedPod));
+  }
   if (auto service = services_->get(jobKey(job.nameSpace, serviceName(job.name))))
     observed.services.push_back(ObservedService{childFromJson(*service)});
   if (auto secret = secrets_->get(jobKey(job.nameSpace, secretName(job.name))))

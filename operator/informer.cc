@@ -154,6 +154,16 @@ void Informer::run() {
       Status listed = relist();
       if (!listed.ok()) {
         if (stopping_ || listed.code() == StatusCode::kCancelled) break;  // the client was shut down
+        if (options_.optional && listed.code() == StatusCode::kPermissionDenied) {
+          if (!synced_) {
+            log::warning() << "informer " << options_.name << ": not permitted (" << listed.message()
+                           << "); carrying on without it, retrying every 5 minutes";
+            synced_ = true;
+            waitChanged_.notify_all();
+          }
+          pause(std::chrono::minutes(5));
+          continue;
+        }
         const auto wait = backoff();
         log::warning() << "informer " << options_.name << ": list failed: " << listed.message() << "; retrying in "
                     << wait.count() << " ms";

@@ -60,6 +60,8 @@ class PlainManifests(kube_fixture.KubeTestCase):
         self.assertTrue(can("patch", "distributedtrainingjobs.tandem.dev", subresource="status"))
         self.assertTrue(can("update", "distributedtrainingjobs.tandem.dev", subresource="status"))
         self.assertTrue(can("create", "events"))
+        for verb in ("get", "list", "watch"):
+            self.assertTrue(can(verb, "nodes"), f"{verb} nodes")
         self.assertTrue(can("update", "leases.coordination.k8s.io", "tandem-system"))
         # And nothing more.
         self.assertFalse(can("update", "pods"))
@@ -68,7 +70,8 @@ class PlainManifests(kube_fixture.KubeTestCase):
         self.assertFalse(can("update", "distributedtrainingjobs.tandem.dev"))
         self.assertFalse(can("patch", "pods", subresource="status"))
         self.assertFalse(can("update", "leases.coordination.k8s.io", "team-a"))
-        self.assertFalse(can("get", "nodes"))
+        self.assertFalse(can("update", "nodes"))
+        self.assertFalse(can("delete", "nodes"))
         self.assertFalse(can("create", "deployments.apps"))
         self.assertFalse(can("*", "*"))
 

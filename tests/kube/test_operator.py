@@ -31,6 +31,8 @@ JOBS = "/apis/tandem.dev/v1alpha1/namespaces/{ns}/distributedtrainingjobs"
 # Short leases so that takeovers happen within a test's patience.
 LEASE_FLAGS = ["--leader-elect", "--lease-namespace=default", "--lease-duration=4", "--renew-deadline=3",
                "--retry-period=0.5"]
+# Pods stuck terminating on an unreachable node are force-deleted 2 s after their grace period (default 60 s).
+E2E_FLAGS = LEASE_FLAGS + ["--force-delete-after=2"]
 
 
 class OperatorTestCase(kube_fixture.KubeTestCase):
@@ -135,7 +137,7 @@ class OperatorEndToEnd(OperatorTestCase):
         super().setUpClass()
         cls.install_crd()
         cls.runner = PodRunner(cls.kube, bin_dirs=[BIN_DIR]).start()
-        cls.operator = OperatorProcess(cls.kube, *LEASE_FLAGS, name="operator-a").start()
+        cls.operator = OperatorProcess(cls.kube, *E2E_FLAGS, name="operator-a").start()
         cls.operator.wait_ready()
 
     @classmethod
@@ -229,7 +231,7 @@ class OperatorEndToEnd(OperatorTestCase):
         self.operator.kill(signal.SIGKILL)
         self.operator.proc.wait(timeout=10)
         half = {p["metadata"]["name"]: p["metadata"]["uid"] for p in self.pods(ns, "steady")}
-        restarted = OperatorProcess(self.kube, *LEASE_FLAGS, name="operator-b").start()
+        restarted = OperatorProcess(self.kube, *E2E_FLAGS, name="operator-b").start()
         type(self).operator = restarted
         restarted.wait_ready()
         job = self.wait_phase(ns, "steady", "Running", 120, restarted)
@@ -242,7 +244,7 @@ class OperatorEndToEnd(OperatorTestCase):
         # Kill and restart once more while the gang runs: nothing is recreated, the job still succeeds.
         restarted.kill(signal.SIGKILL)
         restarted.proc.wait(timeout=10)
-        again = OperatorProcess(self.kube, *LEASE_FLAGS, name="operator-c").start()
+        again = OperatorProcess(self.kube, *E2E_FLAGS, name="operator-c").start()
         type(self).operator = again
         again.wait_ready()
         job = self.wait_phase(ns, "steady", "Succeeded", 300, again)
@@ -253,6 +255,38 @@ class OperatorEndToEnd(OperatorTestCase):
         # Never twice (a kill between the pods and the Event may lose it: Events are best effort).
         self.assertLessEqual(self.event_reasons(ns, "steady").count("JobCreated"), 1)
 
+
+    def test_pods_stuck_on_an_unreachable_node_are_force_deleted_without_consuming_retries(self):
+        ns = self.namespace("nodelost")
+        # A node whose kubelet stopped reporting: the node lifecycle controller would set Ready=Unknown and the
+        # unreachable taint. No runner serves it, so its pods never run and never finish terminating.
+        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "lost-node"},
+                "spec": {"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]}}
+        status, body = self.kube.request("POST", "/api/v1/nodes", node)
+        self.assertIn(status, (201, 409), body)
+        self.addCleanup(self.kube.request, "DELETE", "/api/v1/nodes/lost-node")
+        status, body = self.kube.request("GET", "/api/v1/nodes/lost-node")
+        body["status"] = {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}
+        status, body = self.kube.request("PUT", "/api/v1/nodes/lost-node/status", body)
+        self.assertEqual(status, 200, body)
+
+        manifest = synthetic_job("stranded", workers=2, epochs=1, runPolicy={"restartPolicy": "OnFailure", "backoffLimit": 0},
+                                 template={"spec": {"nodeName": "lost-node", "terminationGracePeriodSeconds": 1}})
+        self.create_job(ns, manifest)
+
+        def restarted_twice():
+            job = self.job(ns, "stranded")
+            return job if job.get("status", {}).get("preemptions", 0) >= 2 else None
+        job = self.wait_for(restarted_twice, 90, "two gang restarts after node loss", interval=0.5)
+        # Node loss never consumes backoffLimit (0 here): the job keeps restarting instead of failing.
+        self.assertEqual(job["status"]["restarts"], 0)
+        self.assertNotEqual(job["status"].get("phase"), "Failed")
+        reasons = self.event_reasons(ns, "stranded")
+        self.assertIn("NodeLost", reasons)
+        self.assertIn("ForceDeleted", reasons)
+        generations = {p["metadata"]["labels"]["tandem.dev/generation"] for p in self.pods(ns, "stranded")}
+        self.assertTrue(generations and min(int(g) for g in generations) >= 1, generations)
+        self.kube.kubectl("delete", "dtj", "-n", ns, "stranded", "--wait=false", check=True)
 
     def test_prometheus_scrapes_the_operator_and_every_operator_panel_has_data(self):
         """The dashboard's operator row against Debian's Prometheus scraping the running operator."""

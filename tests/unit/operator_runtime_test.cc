@@ -404,6 +404,17 @@ TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
   EXPECT_FALSE(pending.exitCode.has_value());
 }
 
+TEST(ApiConvert, NodesAreUnreachableByReadyUnknownOrTheUnreachableTaint) {
+  using operator_core::nodeUnreachable;
+  EXPECT_FALSE(nodeUnreachable(json::parse(R"({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})")));
+  EXPECT_FALSE(nodeUnreachable(json::parse(R"({"status": {"conditions": [{"type": "Ready", "status": "False"}]}})")));
+  EXPECT_TRUE(nodeUnreachable(json::parse(R"({"status": {"conditions": [{"type": "MemoryPressure", "status": "False"},
+                                                                          {"type": "Ready", "status": "Unknown"}]}})")));
+  EXPECT_TRUE(nodeUnreachable(json::parse(
+      R"({"spec": {"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]}})")));
+  EXPECT_FALSE(nodeUnreachable(json::parse(R"({"spec": {"taints": [{"key": "gpu", "effect": "NoSchedule"}]}})")));
+}
+
 TEST(ApiConvert, JobsParseWithServerMetadataAndStatus) {
   using namespace operator_core;
   const json object = json::parse(R"({

@@ -79,4 +79,9 @@ them), used by the ClusterRole or, with watchNamespace, by a Role in that namesp
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
+# Nodes, read only: a pod stuck terminating is force-deleted only when its node is unreachable (a namespaced
+# Role cannot grant this; the operator then recognises lost nodes by pod status only).
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get, list, watch]
 {{- end }}

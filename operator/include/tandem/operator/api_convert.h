@@ -30,8 +30,13 @@ nlohmann::json mergeStatus(const nlohmann::json& existing, const JobStatus& stat
 JobObject jobFromJson(const nlohmann::json& object);
 
 // A pod as reconcile sees it. The worker container is spec.containers[0]; nodeUnreachable is read from
-// status.reason NodeLost, which the node lifecycle controller sets on pods of an unreachable node.
+// status.reason NodeLost here (set on pods evicted from a lost node); the controller also sets it from the
+// pod's Node (nodeUnreachable below).
 ObservedPod podFromJson(const nlohmann::json& pod);
 ObservedChild childFromJson(const nlohmann::json& object);
+
+// A Node the node lifecycle controller has given up on: its Ready condition is Unknown, or it carries the
+// node.kubernetes.io/unreachable taint. Only then may a pod stuck terminating there be force-deleted.
+bool nodeUnreachable(const nlohmann::json& node);
 
 }  // namespace tandem::operator_core

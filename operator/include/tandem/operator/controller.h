@@ -71,6 +71,8 @@ class Controller {
   std::unique_ptr<Informer> services_;
   std::unique_ptr<Informer> secrets_;
   std::unique_ptr<Informer> configMaps_;
+  std::unique_ptr<Informer> nodes_;  // optional: where the pods run, to recognise unreachable nodes
+  std::vector<Informer*> informers() const;
   std::vector<std::thread> workers_;
   std::thread resync_;
   std::atomic<bool> stopping_{false};
@@ -88,6 +90,7 @@ extern const kube::Resource kSecrets;
 extern const kube::Resource kConfigMaps;
 extern const kube::Resource kEvents;
 extern const kube::Resource kLeases;
+extern const kube::Resource kNodes;
 }  // namespace resources
 
 }  // namespace tandem::operator_core

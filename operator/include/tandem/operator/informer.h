@@ -31,6 +31,9 @@ class Informer {
     int watchTimeoutSeconds = 300;  // the server ends each watch after about this long (jittered)
     // Trims an object before it is cached (drop managedFields and what the controller never reads).
     std::function<void(nlohmann::json&)> trim;
+    // Optional: without permission to list (403) it counts as synced with an empty cache and retries slowly,
+    // so that the operator still runs where RBAC does not grant it (e.g. nodes under a namespaced Role).
+    bool optional = false;
   };
   // deleted: the object is gone (its last known state is passed).
   using Handler = std::function<void(const nlohmann::json& object, bool deleted)>;
