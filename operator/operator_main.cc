@@ -137,6 +137,9 @@ int run(int argc, char** argv) {
   // glibc gives every thread that allocates its own arena (up to 8 per core); the operator's many short-lived
   // request threads would each keep one. Two arenas hold the caches of 100 jobs in under 50 MB.
   mallopt(M_ARENA_MAX, 2);
+  // A write on a connection the API server has closed must be an error to retry, not a silent death:
+  // OpenSSL writes to the socket without MSG_NOSIGNAL.
+  std::signal(SIGPIPE, SIG_IGN);
   // Signals go to one thread that sets `stop`; every other thread inherits the blocked mask.
   sigset_t signals;
   sigemptyset(&signals);

@@ -74,8 +74,17 @@ class OperatorTestCase(kube_fixture.KubeTestCase):
         except AssertionError as error:
             job = self.job(ns, name)
             extra = f"\nstatus: {json.dumps((job or {}).get('status'), indent=1)}"
+            for pod in self.pods(ns, name):
+                extra += (f"\npod {pod['metadata']['name']} uid {pod['metadata']['uid']} phase "
+                          f"{pod.get('status', {}).get('phase')} deletionTimestamp {pod['metadata'].get('deletionTimestamp')}")
             if op is not None:
+                if op.proc.poll() is not None:
+                    extra += f"\noperator exited with {op.proc.returncode}"
                 extra += f"\n--- operator log tail\n{op.log()[-4000:]}"
+            runner = getattr(self, "runner", None)
+            if runner is not None:
+                with open(runner.runner_log, errors="replace") as f:
+                    extra += "\n--- pod runner log tail\n" + "".join(f.readlines()[-40:])
             raise AssertionError(f"{error}{extra}") from None
 
     def pods(self, ns, job, include_terminating=True):
