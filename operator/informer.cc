@@ -1,6 +1,8 @@
 #include "tandem/operator/informer.h"
 
 #include <cstdlib>
+#include <iterator>
+#include <limits>
 #include <random>
 
 #include "tandem/common/log.h"
@@ -78,6 +80,11 @@ void Informer::upsertIfNewer(json object) {
   if (options_.trim) options_.trim(object);
   const std::string key = keyOf(object);
   std::lock_guard<std::mutex> lock(cacheMutex_);
+  if (auto tomb = tombstones_.find(key); tomb != tombstones_.end()) {
+    const auto offered = numericVersion(object);
+    // Deleted at or after this version (or versions are not comparable): the watch has the last word.
+    if (!offered || *offered <= tomb->second.resourceVersion) return;
+  }
   auto it = cache_.find(key);
   if (it != cache_.end()) {
     const auto cached = numericVersion(it->second);
@@ -96,6 +103,10 @@ void Informer::apply(const std::string& type, json object) {
     if (type == "BOOKMARK") return;
     if (type == "DELETED") {
       cache_.erase(key);
+      const auto now = std::chrono::steady_clock::now();
+      for (auto tomb = tombstones_.begin(); tomb != tombstones_.end();)
+        tomb = now - tomb->second.seen > std::chrono::minutes(5) ? tombstones_.erase(tomb) : std::next(tomb);
+      tombstones_[key] = Tombstone{numericVersion(object).value_or(std::numeric_limits<long long>::max()), now};
     } else {
       auto it = cache_.find(key);
       const auto cached = it == cache_.end() ? std::nullopt : numericVersion(it->second);

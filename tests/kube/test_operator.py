@@ -190,6 +190,8 @@ class OperatorEndToEnd(OperatorTestCase):
         manifest = self.example("fmnist-restart", checkpoint={"dir": "/checkpoints", "everySteps": 200, "keep": 2,
                                                                "claimName": "fmnist-checkpoints"})
         manifest["spec"]["training"]["epochs"] = 6  # 1404 steps
+        # The surviving rank waits on its dead peer; a short grace period lets the next gang start sooner.
+        manifest["spec"]["template"] = {"spec": {"terminationGracePeriodSeconds": 5}}
         self.create_job(ns, manifest)
         self.wait_phase(ns, "fmnist-restart", "Running", 120, self.operator)
         # Rank 0 reports progress; rank 1 is the one killed.
@@ -234,7 +236,7 @@ class OperatorEndToEnd(OperatorTestCase):
 
     def test_operator_killed_mid_job_neither_duplicates_nor_orphans_pods(self):
         ns = self.namespace("failover")
-        self.create_job(ns, synthetic_job("steady", workers=4, epochs=40))
+        self.create_job(ns, synthetic_job("steady", workers=4, epochs=15))
         # Kill the operator as soon as the first pod exists: the gang may be half created.
         self.wait_for(lambda: self.pods(ns, "steady"), 60, "first pod", interval=0.02)
         self.operator.kill(signal.SIGKILL)

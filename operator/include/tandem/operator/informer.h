@@ -52,7 +52,9 @@ class Informer {
   std::vector<nlohmann::json> list(const std::function<bool(const nlohmann::json&)>& filter = nullptr) const;
   size_t size() const;
   // The object a write returned, so that the next reconcile does not act on an older copy. Ignored when the
-  // cache already holds a newer resourceVersion (both parse as integers, as etcd-backed servers issue them).
+  // cache already holds a newer resourceVersion (both parse as integers, as etcd-backed servers issue them),
+  // and when the watch has already reported the object deleted: a DELETE's response can arrive after the
+  // DELETED event, and must not bring back a pod that will never be reported again.
   void upsertIfNewer(nlohmann::json object);
 
   int64_t relists() const { return relists_.load(); }
@@ -76,6 +78,13 @@ class Informer {
 
   mutable std::mutex cacheMutex_;
   std::map<std::string, nlohmann::json> cache_;
+  // Keys the watch reported deleted: the resourceVersion of the deletion and when it was seen (pruned after
+  // a few minutes; a later relist replaces the cache anyway).
+  struct Tombstone {
+    long long resourceVersion = 0;
+    std::chrono::steady_clock::time_point seen;
+  };
+  std::map<std::string, Tombstone> tombstones_;
   std::string resourceVersion_;
 };
 
