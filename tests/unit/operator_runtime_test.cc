@@ -14,6 +14,7 @@
 #include "tandem/kube/client.h"
 #include "tandem/kube/config.h"
 #include "tandem/operator/api_convert.h"
+#include "tandem/operator/informer.h"
 #include "tandem/operator/work_queue.h"
 
 namespace tandem {
@@ -338,6 +339,51 @@ TEST(KubeClient, ConnectionRefusedIsUnavailableAfterRetries) {
   ASSERT_FALSE(result.ok());
   EXPECT_EQ(result.status().code(), StatusCode::kUnavailable);
   EXPECT_NE(result.status().message().find("127.0.0.1:1"), std::string::npos);
+}
+
+TEST(Informer, ListsWatchesAndNeverRevivesAnObjectTheWatchDeleted) {
+  LocalServer local;
+  std::atomic<int> watches{0};
+  local.server().Get("/api/v1/pods", [&](const httplib::Request& request, httplib::Response& response) {
+    if (request.get_param_value("watch") != "1") {
+      response.set_content(R"({"kind":"PodList","metadata":{"resourceVersion":"5"},
+        "items":[{"metadata":{"name":"a","namespace":"ns","resourceVersion":"5","managedFields":[{"manager":"x"}]}}]})",
+                           "application/json");
+      return;
+    }
+    if (++watches == 1) {
+      EXPECT_EQ(request.get_param_value("resourceVersion"), "5");
+      response.set_content(R"({"type":"DELETED","object":{"metadata":{"name":"a","namespace":"ns","resourceVersion":"7"}}})" "\n",
+                           "application/json");
+      return;
+    }
+    std::this_thread::sleep_for(100ms);  // later watches: quiet streams the server ends
+    response.set_content("", "application/json");
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  std::vector<std::string> seen;
+  std::mutex seenMutex;
+  operator_core::Informer informer(client, {"pods", "/api/v1/pods", "", 10, operator_core::trimMetadata},
+                                   [&](const json& object, bool deleted) {
+                                     std::lock_guard<std::mutex> lock(seenMutex);
+                                     seen.push_back((deleted ? "-" : "+") + object["metadata"].value("name", ""));
+                                   });
+  informer.start();
+  ASSERT_TRUE(informer.waitForSync(5s));
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (informer.get("ns/a") && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(5ms);
+  EXPECT_FALSE(informer.get("ns/a").has_value());
+  // A DELETE's response (older than the deletion) arriving late must not bring the object back...
+  informer.upsertIfNewer(json::parse(R"({"metadata":{"name":"a","namespace":"ns","resourceVersion":"6"}})"));
+  EXPECT_FALSE(informer.get("ns/a").has_value());
+  // ...but a new object of the same name (a newer version) is taken.
+  informer.upsertIfNewer(json::parse(R"({"metadata":{"name":"a","namespace":"ns","resourceVersion":"9"}})"));
+  ASSERT_TRUE(informer.get("ns/a").has_value());
+  EXPECT_FALSE(informer.get("ns/a")->at("metadata").contains("managedFields"));
+  client.cancel();
+  informer.stop();
+  std::lock_guard<std::mutex> lock(seenMutex);
+  EXPECT_EQ(seen, (std::vector<std::string>{"+a", "-a"}));
 }
 
 // ------------------------------------------------------------------------------------------ conversion
