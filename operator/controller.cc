@@ -1,11 +1,11 @@
 #include "tandem/operator/controller.h"
 
 #include <malloc.h>
-#include <openssl/rand.h>
 
 #include <map>
 
 #include "tandem/common/log.h"
+#include "tandem/common/random.h"
 #include "tandem/operator/api_convert.h"
 #include "tandem/operator/naming.h"
 
@@ -26,19 +26,6 @@ namespace {
 
 using json = nlohmann::json;
 using std::chrono::steady_clock;
-
-// 32 random bytes from the CSPRNG, hex: the rendezvous token of a new job.
-std::string randomToken() {
-  unsigned char bytes[32];
-  if (RAND_bytes(bytes, sizeof bytes) != 1) return "";
-  static const char* hex = "0123456789abcdef";
-  std::string token;
-  for (unsigned char b : bytes) {
-    token += hex[b >> 4];
-    token += hex[b & 15];
-  }
-  return token;
-}
 
 // Pods: what podFromJson reads, nothing more (a gang of 512 pods stays small in memory).
 void trimPod(json& pod) {
@@ -76,6 +63,14 @@ void trimNode(json& node) {
 
 std::string jobKey(const std::string& nameSpace, const std::string& name) { return nameSpace + "/" + name; }
 
+// The tandem.dev/job label of a child; "" when absent.
+std::string jobLabelOf(const json& object) {
+  const json::json_pointer labels("/metadata/labels");
+  if (!object.contains(labels) || !object.at(labels).is_object()) return "";
+  const json& label = object.at(labels).value(kJobLabel, json());
+  return label.is_string() ? label.get<std::string>() : "";
+}
+
 // Runs fn(i) for i in [0, count) on up to `parallelism` threads; returns the first failure in index order.
 Status parallelFor(size_t count, int parallelism, const std::function<Status(size_t)>& fn) {
   if (count == 0) return Status::Ok();
@@ -100,11 +95,11 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
     : client_(client), options_(std::move(options)), metrics_(metrics) {
   queue_.setDepthObserver([this](size_t depth) { metrics_.setWorkqueueDepth(static_cast<double>(depth)); });
   auto informer = [&](const char* name, const kube::Resource& resource, std::string selector,
-                      std::function<void(json&)> trim, Informer::Handler handler) {
+                      std::function<void(json&)> trim, Informer::Handler handler, bool optional = false) {
     return std::make_unique<Informer>(
         client_,
         Informer::Options{name, resource.collectionPath(options_.nameSpace), std::move(selector),
-                          options_.watchTimeoutSeconds, std::move(trim)},
+                          options_.watchTimeoutSeconds, std::move(trim), optional},
         std::move(handler));
   };
   jobs_ = informer("distributedtrainingjobs", resources::kJobs, "", trimMetadata, [this](const json& job, bool) {
@@ -117,16 +112,16 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
   secrets_ = informer("secrets", resources::kSecrets, kJobLabel, trimToMetadata, child);
   configMaps_ = informer("configmaps", resources::kConfigMaps, kJobLabel, trimToMetadata, child);
   // A node becoming unreachable changes the decision for every job with a pod there.
-  nodes_ = std::make_unique<Informer>(
-      client_,
-      Informer::Options{"nodes", resources::kNodes.collectionPath(""), "", options_.watchTimeoutSeconds, trimNode, true},
+  nodes_ = informer(
+      "nodes", resources::kNodes, "", trimNode,
       [this](const json& node, bool) {
         const std::string name = node["metadata"].value("name", "");
         for (const json& pod : pods_->list([&](const json& pod) {
                return pod.value("/spec/nodeName"_json_pointer, std::string()) == name;
              }))
           enqueueOwner(pod);
-      });
+      },
+      /*optional=*/true);
 }
 
 std::vector<Informer*> Controller::informers() const {
@@ -157,7 +152,7 @@ bool Controller::synced() const {
 void Controller::startWorkers() {
   for (int i = 0; i < std::max(1, options_.workers); ++i) workers_.emplace_back([this] { worker(); });
   resync_ = std::thread([this] { resyncLoop(); });
-  for (const json& job : jobs_->list()) queue_.add(Informer::keyOf(job));
+  enqueueAllJobs();
 }
 
 void Controller::stopWorkers() {
@@ -177,18 +172,21 @@ void Controller::stop() {
 }
 
 void Controller::enqueueOwner(const json& child) {
-  const json::json_pointer label("/metadata/labels/" + std::string("tandem.dev~1job"));
-  if (!child.contains(label) || !child.at(label).is_string()) return;
-  queue_.add(jobKey(child["metadata"].value("namespace", ""), child.at(label).get<std::string>()));
+  const std::string job = jobLabelOf(child);
+  if (!job.empty()) queue_.add(jobKey(child["metadata"].value("namespace", ""), job));
 }
 
 void Controller::refreshJobCounts() {
   std::map<std::string, int64_t> counts;
-  for (const json& job : jobs_->list()) {
-    std::string phase = job.value("/status/phase"_json_pointer, std::string());
+  jobs_->forEach([&](const json& job) {
+    const std::string phase = job.value("/status/phase"_json_pointer, std::string());
     ++counts[phase.empty() ? "Pending" : phase];
-  }
+  });
   metrics_.setJobsByPhase(counts);
+}
+
+void Controller::enqueueAllJobs() {
+  jobs_->forEach([this](const json& job) { queue_.add(Informer::keyOf(job)); });
 }
 
 void Controller::resyncLoop() {
@@ -204,7 +202,7 @@ void Controller::resyncLoop() {
     if (steady_clock::now() < nextResync) continue;
     nextResync = steady_clock::now() + options_.resyncPeriod;
     // Periodic resync: catches anything a lost event or a failed write left behind.
-    for (const json& job : jobs_->list()) queue_.add(Informer::keyOf(job));
+    enqueueAllJobs();
   }
 }
 
@@ -227,8 +225,7 @@ void Controller::worker() {
 Observed Controller::observe(const JobObject& job) const {
   Observed observed;
   for (const json& pod : pods_->list([&](const json& pod) {
-         return pod["metadata"].value("namespace", "") == job.nameSpace &&
-                pod.value("/metadata/labels/tandem.dev~1job"_json_pointer, std::string()) == job.name;
+         return pod["metadata"].value("namespace", "") == job.nameSpace && jobLabelOf(pod) == job.name;
        }))
   {
     ObservedPod observedPod = podFromJson(pod);
@@ -250,7 +247,7 @@ Status Controller::reconcileKey(const std::string& key) {
   if (!object) return Status::Ok();  // deleted: owner references let the garbage collector remove the rest
   const JobObject job = jobFromJson(*object);
   ReconcileOptions options = options_.reconcile;
-  options.rendezvousToken = randomToken();
+  options.rendezvousToken = secureRandomHex(32);  // used only when the Secret is missing
   const Plan plan = reconcile(job, observe(job), Clock::now(), options);
   if (!plan.empty()) log::info() << "reconcile " << key << ":\n" << describe(plan);
   TANDEM_RETURN_IF_ERROR(execute(job, *object, plan));
@@ -323,14 +320,10 @@ Status Controller::execute(const JobObject& job, const json& jobJson, const Plan
       const int64_t restarted = (update->status.restarts + update->status.preemptions) -
                                 (job.status.restarts + job.status.preemptions);
       if (restarted > 0) metrics_.addJobRestarts(static_cast<double>(restarted));
-      refreshJobCounts();
     } else if (const auto* service = std::get_if<CreateService>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kServices, job, service->object, services_.get()));
     } else if (const auto* secret = std::get_if<CreateSecret>(&action)) {
-      json created;
-      auto result = client_.create(resources::kSecrets.collectionPath(job.nameSpace), secret->object);
-      if (!result.ok() && !kube::isAlreadyExists(result.status())) return result.status();
-      if (result.ok()) secrets_->upsertIfNewer(std::move(result).value());  // trimmed: the token is dropped
+      TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, secrets_.get()));
     } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
     } else if (std::holds_alternative<CreatePod>(action)) {

@@ -76,6 +76,22 @@ size_t Informer::size() const {
   return cache_.size();
 }
 
+void Informer::forEach(const std::function<void(const json&)>& visit) const {
+  std::lock_guard<std::mutex> lock(cacheMutex_);
+  for (const auto& [key, object] : cache_) visit(object);
+}
+
+void Informer::storeLocked(const std::string& key, json object) {
+  auto it = cache_.find(key);
+  if (it != cache_.end()) {
+    // A write's response may already be cached; what arrives later can be older than that, never newer.
+    const auto cached = numericVersion(it->second);
+    const auto offered = numericVersion(object);
+    if (cached && offered && *cached > *offered) return;
+  }
+  cache_[key] = std::move(object);
+}
+
 void Informer::upsertIfNewer(json object) {
   if (options_.trim) options_.trim(object);
   const std::string key = keyOf(object);
@@ -85,22 +101,20 @@ void Informer::upsertIfNewer(json object) {
     // Deleted at or after this version (or versions are not comparable): the watch has the last word.
     if (!offered || *offered <= tomb->second.resourceVersion) return;
   }
-  auto it = cache_.find(key);
-  if (it != cache_.end()) {
-    const auto cached = numericVersion(it->second);
-    const auto offered = numericVersion(object);
-    if (cached && offered && *cached > *offered) return;
-  }
-  cache_[key] = std::move(object);
+  storeLocked(key, std::move(object));
 }
 
 void Informer::apply(const std::string& type, json object) {
+  if (type == "BOOKMARK") {  // only a newer resourceVersion to resume from
+    std::lock_guard<std::mutex> lock(cacheMutex_);
+    resourceVersion_ = object.value("/metadata/resourceVersion"_json_pointer, resourceVersion_);
+    return;
+  }
   if (options_.trim) options_.trim(object);
   const std::string key = keyOf(object);
   {
     std::lock_guard<std::mutex> lock(cacheMutex_);
     resourceVersion_ = object.value("/metadata/resourceVersion"_json_pointer, resourceVersion_);
-    if (type == "BOOKMARK") return;
     if (type == "DELETED") {
       cache_.erase(key);
       const auto now = std::chrono::steady_clock::now();
@@ -108,11 +122,7 @@ void Informer::apply(const std::string& type, json object) {
         tomb = now - tomb->second.seen > std::chrono::minutes(5) ? tombstones_.erase(tomb) : std::next(tomb);
       tombstones_[key] = Tombstone{numericVersion(object).value_or(std::numeric_limits<long long>::max()), now};
     } else {
-      auto it = cache_.find(key);
-      const auto cached = it == cache_.end() ? std::nullopt : numericVersion(it->second);
-      const auto offered = numericVersion(object);
-      // A write's response may already be cached; an event can only be older than that, never newer.
-      if (!(cached && offered && *cached > *offered)) cache_[key] = object;
+      storeLocked(key, object);
     }
   }
   handler_(object, type == "DELETED");

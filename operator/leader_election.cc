@@ -10,6 +10,12 @@ namespace tandem::operator_core {
 namespace {
 using json = nlohmann::json;
 using std::chrono::steady_clock;
+
+// Sleeps `duration` in 50 ms steps, returning early once `stop` is set.
+void sleepUnless(const std::atomic<bool>& stop, std::chrono::milliseconds duration) {
+  for (auto slept = std::chrono::milliseconds(0); slept < duration && !stop; slept += std::chrono::milliseconds(50))
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+}
 }  // namespace
 
 std::string formatMicroTime(std::chrono::system_clock::time_point time) {
@@ -109,8 +115,7 @@ bool LeaderElector::acquire(const std::atomic<bool>& stop) {
           observedAt_ + options_.leaseDuration - steady_clock::now() + std::chrono::milliseconds(50));
       if (expiresIn > std::chrono::milliseconds(0) && expiresIn < wait) wait = expiresIn;
     }
-    for (auto slept = std::chrono::milliseconds(0); slept < wait && !stop; slept += std::chrono::milliseconds(50))
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    sleepUnless(stop, wait);
   }
   return false;
 }
@@ -118,9 +123,7 @@ bool LeaderElector::acquire(const std::atomic<bool>& stop) {
 bool LeaderElector::holdUntil(const std::atomic<bool>& stop) {
   auto lastRenewal = steady_clock::now();
   while (!stop) {
-    for (auto slept = std::chrono::milliseconds(0); slept < options_.retryPeriod && !stop;
-         slept += std::chrono::milliseconds(50))
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    sleepUnless(stop, options_.retryPeriod);
     if (stop) break;
     const Attempt attempt = tryAcquireOrRenew();
     if (attempt == Attempt::kLeading) {

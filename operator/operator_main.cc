@@ -233,7 +233,6 @@ int run(int argc, char** argv) {
     elector = std::make_unique<LeaderElector>(client, election);
     leading = elector->acquire(stop);
   }
-  int exitCode = 0;
   if (leading) {
     log::info() << "reconciling with " << options.workers << " workers";
     controller.startWorkers();
@@ -252,7 +251,7 @@ int run(int argc, char** argv) {
   server.stop();
   httpThread.join();
   log::info() << "tandem-operator stopped";
-  return exitCode;
+  return kExitOk;
 }
 
 }  // namespace

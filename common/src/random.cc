@@ -1,7 +1,11 @@
 #include "tandem/common/random.h"
 
+#include <sys/random.h>
+
+#include <cerrno>
 #include <cmath>
 #include <numeric>
+#include <stdexcept>
 
 namespace tandem {
 
@@ -33,6 +37,26 @@ std::vector<int64_t> Random::permutation(int64_t n) {
   std::iota(order.begin(), order.end(), 0);
   for (int64_t i = n - 1; i > 0; --i) std::swap(order[i], order[below(static_cast<uint64_t>(i) + 1)]);
   return order;
+}
+
+std::string secureRandomHex(size_t bytes) {
+  std::vector<unsigned char> random(bytes);
+  for (size_t filled = 0; filled < bytes;) {
+    const ssize_t got = getrandom(random.data() + filled, bytes - filled, 0);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      throw std::runtime_error("getrandom failed");  // only without a kernel CSPRNG: nothing sane to do
+    }
+    filled += static_cast<size_t>(got);
+  }
+  static const char* kHex = "0123456789abcdef";
+  std::string text;
+  text.reserve(bytes * 2);
+  for (unsigned char byte : random) {
+    text += kHex[byte >> 4];
+    text += kHex[byte & 15];
+  }
+  return text;
 }
 
 }  // namespace tandem

@@ -72,6 +72,12 @@ Status apiError(int code, const std::string& method, const std::string& path, co
   return TANDEM_ERROR(statusCode, text);
 }
 
+httplib::Headers requestHeaders(const std::string& token) {
+  httplib::Headers headers = {{"Accept", "application/json"}, {"User-Agent", kUserAgent}};
+  if (!token.empty()) headers.emplace("Authorization", "Bearer " + token);
+  return headers;
+}
+
 bool retryableCode(int code) { return code == 429 || code >= 500; }
 
 std::chrono::milliseconds backoffFor(int attempt, const RetryPolicy& policy) {
@@ -203,8 +209,7 @@ StatusOr<json> KubeClient::send(const Call& call) {
     request.method = call.method;
     request.path = call.path;
     request.body = call.body;
-    request.headers = {{"Accept", "application/json"}, {"User-Agent", kUserAgent}};
-    if (const std::string token = bearerToken(); !token.empty()) request.headers.emplace("Authorization", "Bearer " + token);
+    request.headers = requestHeaders(bearerToken());
     if (!call.body.empty()) request.headers.emplace("Content-Type", call.contentType);
     auto client = acquire();
     ++requests_;
@@ -295,8 +300,7 @@ Status KubeClient::watch(const std::string& collectionPath, const ListOptions& o
                                             {"timeoutSeconds", std::to_string(timeoutSeconds)},
                                             {"labelSelector", options.labelSelector},
                                             {"fieldSelector", options.fieldSelector}});
-  request.headers = {{"Accept", "application/json"}, {"User-Agent", kUserAgent}};
-  if (const std::string token = bearerToken(); !token.empty()) request.headers.emplace("Authorization", "Bearer " + token);
+  request.headers = requestHeaders(bearerToken());
 
   std::string pending;  // one JSON event per line; a line may span chunks
   std::string errorBody;

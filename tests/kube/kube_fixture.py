@@ -68,8 +68,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _die_with_parent():
-    """preexec_fn: own process group, and SIGKILL when the process that started us goes away."""
+def die_with_parent():
+    """preexec_fn: own process group, and SIGKILL when the thread that started us goes away (Linux ties
+    PR_SET_PDEATHSIG to the forking thread: the pod runner's processes die with its poll thread)."""
     os.setsid()
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # main() below blocks SIGINT/SIGTERM for sigwait
     libc = ctypes.CDLL(None, use_errno=True)
@@ -183,7 +184,7 @@ class ControlPlane:
         log = open(log_path, "ab")
         try:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, preexec_fn=_die_with_parent)
+                                    env=env, preexec_fn=die_with_parent)
         finally:
             log.close()
 

@@ -6,7 +6,6 @@
     op.kill(signal.SIGKILL)  # or op.stop() for a graceful SIGTERM, returning the exit code
 """
 
-import ctypes
 import os
 import re
 import signal
@@ -14,14 +13,12 @@ import subprocess
 import time
 import urllib.request
 
+from kube_fixture import die_with_parent
+
 BIN_DIR = os.environ.get("TANDEM_BIN_DIR",
                          os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "build", "bin"))
 OPERATOR = os.path.join(BIN_DIR, "tandem-operator")
 
-
-def _die_with_parent():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 class OperatorProcess:
@@ -39,7 +36,7 @@ class OperatorProcess:
             self.proc = subprocess.Popen(
                 [OPERATOR, f"--kubeconfig={self.plane.kubeconfig}", "--metrics-address=127.0.0.1", "--metrics-port=0",
                  f"--identity={self.name}", *self.args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         finally:
             log.close()
         self._port = None

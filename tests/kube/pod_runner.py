@@ -29,7 +29,6 @@ Thread-safety: the public methods may be called from any thread; they take the r
 """
 
 import base64
-import ctypes
 import datetime
 import os
 import shlex
@@ -42,6 +41,8 @@ import threading
 import time
 import traceback
 import urllib.parse
+
+from kube_fixture import die_with_parent
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 POLL_INTERVAL = 0.2
@@ -57,14 +58,6 @@ HOSTNAME = shutil.which("hostname", path="/usr/bin:/bin") or "/bin/hostname"
 # a gRPC client in a pod of this runner), so the hosts file suffices and GRPC_DNS_RESOLVER stays unset: the
 # pods get exactly the kubelet's environment.
 
-
-def _die_with_parent():
-    """preexec_fn: own process group, and SIGKILL when the runner's poll thread (the forking thread) goes."""
-    os.setsid()
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _now():
@@ -365,7 +358,7 @@ class PodRunner:
             try:
                 record.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                   env=env, cwd=os.path.join(directory, "home"),
-                                                  preexec_fn=_die_with_parent)
+                                                  preexec_fn=die_with_parent)
             except OSError as error:
                 record.finished = True
                 record.pending_status = self._config_failure_status(
@@ -451,29 +444,18 @@ class PodRunner:
         raise ConfigError("CreateContainerConfigError", f"{where}: unsupported valueFrom {sorted(source)}")
 
     def _object_data(self, pod, resource, name, optional, where):
-        """A Secret's (base64-decoded) or ConfigMap's data; None when missing and optional."""
+        """A Secret's (base64-decoded) or ConfigMap's data as text; None when missing and optional."""
+        data = self._object_bytes(pod, resource, name, optional, where)
+        return None if data is None else {key: value.decode(errors="replace") for key, value in data.items()}
+
+    def _object_bytes(self, pod, resource, name, optional, where):
+        """A Secret's or ConfigMap's data (and binaryData) as bytes, for files; None when missing and optional."""
         namespace = pod["metadata"]["namespace"]
         kind = "secret" if resource == "secrets" else "configmap"
         status, body = self._request("GET", f"/api/v1/namespaces/{namespace}/{resource}/{name}", ok=(200, 404))
         if status == 404:
             if optional:
                 return None
-            raise ConfigError("CreateContainerConfigError", f"{where}: {kind} {namespace}/{name} not found")
-        data = {}
-        for key, value in (body.get("binaryData") or {}).items():
-            data[key] = base64.b64decode(value).decode(errors="replace")
-        for key, value in (body.get("data") or {}).items():
-            data[key] = base64.b64decode(value).decode(errors="replace") if resource == "secrets" else value
-        return data
-
-    def _object_bytes(self, pod, resource, name, optional, where):
-        """Like _object_data, but values as bytes, for files."""
-        namespace = pod["metadata"]["namespace"]
-        kind = "secret" if resource == "secrets" else "configmap"
-        status, body = self._request("GET", f"/api/v1/namespaces/{namespace}/{resource}/{name}", ok=(200, 404))
-        if status == 404:
-            if optional:
-                return {}
             raise ConfigError("CreateContainerConfigError", f"{where}: {kind} {namespace}/{name} not found")
         data = {key: base64.b64decode(value) for key, value in (body.get("binaryData") or {}).items()}
         for key, value in (body.get("data") or {}).items():
@@ -492,7 +474,7 @@ class PodRunner:
                 spec = volume["secret" if secret else "configMap"]
                 object_name = spec.get("secretName" if secret else "name")
                 data = self._object_bytes(pod, "secrets" if secret else "configmaps", object_name,
-                                          spec.get("optional"), where)
+                                          spec.get("optional"), where) or {}  # optional and missing: empty
                 path = os.path.join(directory, "volumes", name)
                 os.makedirs(path, exist_ok=True)
                 items = spec.get("items") or [{"key": k, "path": k} for k in data]

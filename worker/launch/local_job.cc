@@ -13,12 +13,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <iostream>
 #include <map>
 #include <thread>
 
 #include "tandem/common/exit_codes.h"
+#include "tandem/common/random.h"
 
 namespace tandem::launch {
 namespace {
@@ -39,19 +39,6 @@ int freePort() {
   getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
   close(fd);
   return ntohs(address.sin_port);
-}
-
-std::string randomToken() {
-  std::ifstream random("/dev/urandom", std::ios::binary);
-  unsigned char bytes[16];
-  random.read(reinterpret_cast<char*>(bytes), sizeof(bytes));
-  static const char* kHex = "0123456789abcdef";
-  std::string token;
-  for (unsigned char byte : bytes) {
-    token += kHex[byte >> 4];
-    token += kHex[byte & 15];
-  }
-  return token;
 }
 
 std::string formatDuration(double seconds) {
@@ -171,7 +158,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   const int workers = static_cast<int>(options.spec.workers);
   const int rendezvousPort = freePort();
   const int masterPort = freePort();
-  const std::string token = randomToken();
+  const std::string token = secureRandomHex(16);
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   const std::string gemmThreads = std::to_string(std::max(1u, cores / static_cast<unsigned>(workers)));
 

@@ -2,8 +2,10 @@
 // version (std::mt19937_64 is fully specified; std::*_distribution is not, so we do not use them).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace tandem {
@@ -30,5 +32,9 @@ class Random {
  private:
   std::mt19937_64 engine_;
 };
+
+// Secrets (rendezvous tokens): `bytes` bytes from the kernel's CSPRNG (getrandom), as lowercase hex.
+// Never the deterministic Random above.
+std::string secureRandomHex(size_t bytes);
 
 }  // namespace tandem

@@ -55,6 +55,7 @@ class Controller {
   void resyncLoop();
   void enqueueOwner(const nlohmann::json& child);
   void refreshJobCounts();
+  void enqueueAllJobs();
   Observed observe(const JobObject& job) const;
   Status execute(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan);
   Status createChild(const kube::Resource& resource, const JobObject& job, const nlohmann::json& object,

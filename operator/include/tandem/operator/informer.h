@@ -50,6 +50,8 @@ class Informer {
 
   std::optional<nlohmann::json> get(const std::string& key) const;  // key: "namespace/name"
   std::vector<nlohmann::json> list(const std::function<bool(const nlohmann::json&)>& filter = nullptr) const;
+  // Visits every cached object under the cache's lock, without copies; `visit` must not call back into it.
+  void forEach(const std::function<void(const nlohmann::json&)>& visit) const;
   size_t size() const;
   // The object a write returned, so that the next reconcile does not act on an older copy. Ignored when the
   // cache already holds a newer resourceVersion (both parse as integers, as etcd-backed servers issue them),
@@ -65,6 +67,8 @@ class Informer {
   void run();
   Status relist();
   void apply(const std::string& type, nlohmann::json object);
+  // Caches `object` unless the cache holds a newer version of it. Requires cacheMutex_.
+  void storeLocked(const std::string& key, nlohmann::json object);
 
   kube::KubeClient& client_;
   Options options_;
