@@ -1,14 +1,18 @@
 """Pipeline benchmark: measured bubble ratio per schedule, stages and microbatches next to the
 theoretical (P-1)/(M+P-1), and peak activation memory per stage for GPipe and 1F1B.
 
-Model: mlp 784-3072-521-3072-521-10. A step costs each linear layer 3 x its multiply-adds (forward,
-weight gradient, input gradient), except the first, which needs no input gradient: so a first layer of
-784 x 3072 and three of ~1.6M multiply-adds cost the same, and P=2 and P=4 stages are balanced as the
-theory assumes; fashion-mnist, D=1. The microbatch
-size is fixed (64 samples), so the global batch is 64 x M: per-microbatch work stays the same, as the
-theory assumes, and activation memory shows what a schedule keeps alive.
+Model: mlp 784-512x16-10 (16 hidden layers of 512). A step costs a linear layer 3 x its
+multiply-adds (forward, weight gradient, input gradient), except the first, which needs no input
+gradient: the first layer (784 x 512 x 2) costs what a 512 x 512 layer costs, so with 15 identical
+middle layers the partitioner's contiguous stages hold equal work for P = 2 (8 + 8 layer-equivalents)
+and P = 4 (4 each), made of the same GEMM shapes, as the theory assumes (its formula is for equal
+stages; a stage that is slower than the others makes every other stage wait on it each microbatch).
+fashion-mnist or synthetic data, D=1. The microbatch size is fixed (64 samples), so the global batch is
+64 x M: per-microbatch work stays the same, as the theory assumes, and activation memory shows what a
+schedule keeps alive.
 Bubble ratio of a stage = time blocked on its neighbours / (that + its forward and backward compute);
-the table gives the mean over stages.
+the table gives the mean over stages, and "stage imbalance" the slowest stage's compute over the
+mean stage's (1.00 = equal stages).
 
     python3 bench/pipeline_bench.py [--build build] [--steps 12] [--data fashion-mnist|synthetic]
 
@@ -30,8 +34,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DATA = {
     "fashion-mnist": "{kind: fashion-mnist, path: /usr/share/datasets/fashion-mnist}",
-    "synthetic": "{kind: synthetic, samples: 20000}",
+    "synthetic": "{kind: synthetic, samples: 40000}",
 }
+
+
+HIDDEN = "[" + ", ".join(["512"] * 16) + "]"
 
 
 def job(stages, micro_batches, schedule, data):
@@ -41,7 +48,7 @@ metadata: {{name: bubble}}
 spec:
   workers: {stages}
   parallelism: {{pipelineStages: {stages}, microBatches: {micro_batches}, schedule: {schedule}}}
-  model: {{kind: mlp, mlp: {{hidden: [3072, 521, 3072, 521], activation: relu}}}}
+  model: {{kind: mlp, mlp: {{hidden: {HIDDEN}, activation: relu}}}}
   data: {DATA[data]}
   optimizer: {{kind: adamw, lr: 1.0e-4}}
   training: {{globalBatchSize: {64 * micro_batches}, epochs: 1, seed: 1}}
@@ -59,7 +66,13 @@ def measure(tandem, workdir, stages, micro_batches, schedule, steps, data):
     stats = re.findall(r"stage (\d+): forward ([0-9.e-]+) s, backward ([0-9.e-]+) s, idle ([0-9.e-]+) s, bubble ratio "
                        r"([0-9.e-]+), peak activations (\d+) microbatches \((\d+) bytes\)", result.stderr)
     samples = float(re.search(r"([0-9.]+) samples/s", result.stdout).group(1))
-    return {int(s[0]): {"bubble": float(s[4]), "peak": int(s[5]), "bytes": int(s[6])} for s in stats}, samples
+    return {int(s[0]): {"bubble": float(s[4]), "busy": float(s[1]) + float(s[2]), "peak": int(s[5]), "bytes": int(s[6])}
+            for s in stats}, samples
+
+
+def imbalance(stats):
+    busy = [s["busy"] for s in stats.values()]
+    return max(busy) / statistics.mean(busy)
 
 
 def main():
@@ -73,7 +86,8 @@ def main():
     print(f"# Pipeline benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
           f"{args.steps} steps per point, 1 GEMM thread per stage, data {args.data}")
     print("\n## Bubble ratio (mean over stages) against theory (P-1)/(M+P-1)\n")
-    print("| P | M | theory | GPipe | 1F1B | GPipe samples/s | 1F1B samples/s |\n|---|---|---|---|---|---|---|")
+    print("| P | M | theory | GPipe | 1F1B | GPipe samples/s | 1F1B samples/s | stage imbalance GPipe / 1F1B |\n"
+          "|---|---|---|---|---|---|---|---|")
     memory = {}
     for stages in (2, 4):
         for micro in (1, 2, 4, 8, 16):
@@ -81,11 +95,11 @@ def main():
             for schedule in ("GPipe", "1F1B"):
                 stats, samples = measure(tandem, workdir, stages, micro, schedule, args.steps,
                                          args.data)
-                row[schedule] = (statistics.mean(s["bubble"] for s in stats.values()), samples)
+                row[schedule] = (statistics.mean(s["bubble"] for s in stats.values()), samples, imbalance(stats))
                 memory[(stages, micro, schedule)] = stats
             theory = (stages - 1) / (micro + stages - 1)
             print(f"| {stages} | {micro} | {theory:.1%} | {row['GPipe'][0]:.1%} | {row['1F1B'][0]:.1%} | "
-                  f"{row['GPipe'][1]:,.0f} | {row['1F1B'][1]:,.0f} |", flush=True)
+                  f"{row['GPipe'][1]:,.0f} | {row['1F1B'][1]:,.0f} | {row['GPipe'][2]:.2f} / {row['1F1B'][2]:.2f} |", flush=True)
     print("\n## Peak activation memory per stage (P=4): microbatches in flight and bytes\n")
     print("| M | schedule | stage 0 | stage 1 | stage 2 | stage 3 |\n|---|---|---|---|---|---|")
     for micro in (1, 2, 4, 8, 16):

@@ -1,7 +1,7 @@
 // Every CUDA kernel against its CPU reference (tandem/kernels/*.h), on random inputs of awkward sizes.
-// Tolerances: fp32 1e-5 relative (normwise, and per element against the row's scale); TF32 GEMM 2e-3;
-// bf16 GEMM 1e-4 against the CPU product of the same bf16-rounded inputs and 1e-2 against the fp32
-// inputs; bf16 casts bit-exact (round to nearest even). Without a GPU the binary exits 77, which ctest
+// Tolerances: fp32 1e-5 relative (normwise, and per element against the values' RMS); TF32 GEMM 2e-3;
+// bf16 GEMM 1e-4 against the CPU product of the same bf16-rounded inputs and 1e-2 normwise against the
+// fp32 inputs; bf16 casts bit-exact (round to nearest even). Without a GPU the binary exits 77, which ctest
 // reports as skipped.
 #include "tandem/kernels/cross_entropy.h"
 #include "tandem/kernels/cuda/ops.h"
@@ -57,8 +57,10 @@ T downloadOne(const T* device) {
 
 // ||got - want|| <= tolerance * ||want||, and every element within tolerance of the values' RMS scale
 // (a per-element relative test would be meaningless where the reference is close to 0).
+enum class Check { kNormAndElements, kNormOnly };
+
 void expectClose(const std::vector<float>& got, const std::vector<float>& want, double tolerance,
-                 const std::string& what) {
+                 const std::string& what, Check check = Check::kNormAndElements) {
   ASSERT_EQ(got.size(), want.size()) << what;
   double difference = 0, norm = 0;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -67,6 +69,7 @@ void expectClose(const std::vector<float>& got, const std::vector<float>& want, 
   }
   const double rms = std::sqrt(norm / std::max<size_t>(1, want.size()));
   EXPECT_LE(std::sqrt(difference), tolerance * std::sqrt(norm) + 1e-30) << what << ": normwise relative error";
+  if (check == Check::kNormOnly) return;
   int reported = 0;
   for (size_t i = 0; i < want.size() && reported < 5; ++i)
     if (std::abs(double(got[i]) - want[i]) > tolerance * (std::abs(double(want[i])) + rms)) {
@@ -177,7 +180,9 @@ TEST_P(GemmTest, Bf16InputsAccumulateInFp32) {
   gemm(p.transposeA, p.transposeB, p.m, p.n, p.k, 1.0f, o.a.data(), o.lda, o.b.data(), o.ldb, p.beta,
        fp32Inputs.data(), o.ldc);
   expectClose(got, sameInputs, 1e-4, "bf16 gemm vs the same rounded inputs");
-  expectClose(got, fp32Inputs, 1e-2, "bf16 gemm vs fp32 inputs");
+  // Rounding the inputs to bf16 (8 mantissa bits) moves each product by a random ~2^-9 relative error,
+  // so single elements stray by several of those; only the normwise error is a fair bound here.
+  expectClose(got, fp32Inputs, 1e-2, "bf16 gemm vs fp32 inputs", Check::kNormOnly);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GemmTest,
