@@ -23,6 +23,7 @@
 #include "tandem/data/dataset.h"
 #include "tandem/engine/trainer.h"
 #include "tandem/kernels/gemm.h"
+#include "tandem/kernels/gpu_info.h"
 #include "tandem/manifest/job_spec.h"
 #include "tandem/metrics/worker_metrics.h"
 #include "tandem/rendezvous/rendezvous.h"
@@ -318,6 +319,16 @@ int run(int argc, char** argv) {
     emit("eval", {{"step", eval.step}, {"accuracy", eval.accuracy}, {"loss", eval.loss}});
   };
   log::info() << "training on cpu with " << kernels::gemmThreads() << " GEMM threads";
+  // Device queries only: no CUDA context (and none of its GPU memory) is taken while the engine trains on
+  // the CPU.
+  if (kernels::builtWithCuda()) {
+    const int gpus = kernels::gpuCount();
+    if (gpus == 0)
+      log::info() << "CUDA build: no GPU visible";
+    else
+      log::info() << "CUDA build: " << gpus << " GPU(s) visible, GPU 0 " << kernels::gpuDescription(0)
+                  << "; spec.training.device auto trains on the cpu until the CUDA engine lands";
+  }
   auto summary = engine::train(options, *dataset);
   if (!summary.ok()) {
     if (summary.status().code() == StatusCode::kCancelled) {
