@@ -127,31 +127,22 @@ GemmOperands makeOperands(const GemmCase& p, uint32_t seed) {
   return o;
 }
 
-TEST_P(GemmTest, Fp32MatchesOpenBlas) {
-  const GemmCase p = GetParam();
-  GemmOperands o = makeOperands(p, 11);
+// fp32 inputs on the GPU with `precision`, against OpenBLAS on the same operands.
+void checkFp32Inputs(const GemmCase& p, GemmPrecision precision, float alpha, double tolerance, const char* what) {
+  GemmOperands o = makeOperands(p, precision == GemmPrecision::kFp32 ? 11 : 21);
   auto a = upload(o.a), b = upload(o.b);
   auto c = upload(o.c);
-  cuda::gemm(p.transposeA, p.transposeB, p.m, p.n, p.k, 0.75f, a.data(), o.lda, b.data(), o.ldb, p.beta, c.data(),
-             o.ldc, GemmPrecision::kFp32, Epilogue::kNone, nullptr, nullptr);
+  cuda::gemm(p.transposeA, p.transposeB, p.m, p.n, p.k, alpha, a.data(), o.lda, b.data(), o.ldb, p.beta, c.data(),
+             o.ldc, precision, Epilogue::kNone, nullptr, nullptr);
   std::vector<float> want = o.c;
-  gemm(p.transposeA, p.transposeB, p.m, p.n, p.k, 0.75f, o.a.data(), o.lda, o.b.data(), o.ldb, p.beta, want.data(),
+  gemm(p.transposeA, p.transposeB, p.m, p.n, p.k, alpha, o.a.data(), o.lda, o.b.data(), o.ldb, p.beta, want.data(),
        o.ldc);
-  expectClose(download(c), want, 1e-5, "fp32 gemm");
+  expectClose(download(c), want, tolerance, what);
 }
 
-TEST_P(GemmTest, Tf32IsCloseToFp32) {
-  const GemmCase p = GetParam();
-  GemmOperands o = makeOperands(p, 21);
-  auto a = upload(o.a), b = upload(o.b);
-  auto c = upload(o.c);
-  cuda::gemm(p.transposeA, p.transposeB, p.m, p.n, p.k, 1.0f, a.data(), o.lda, b.data(), o.ldb, p.beta, c.data(),
-             o.ldc, GemmPrecision::kTf32, Epilogue::kNone, nullptr, nullptr);
-  std::vector<float> want = o.c;
-  gemm(p.transposeA, p.transposeB, p.m, p.n, p.k, 1.0f, o.a.data(), o.lda, o.b.data(), o.ldb, p.beta, want.data(),
-       o.ldc);
-  expectClose(download(c), want, 2e-3, "tf32 gemm");
-}
+TEST_P(GemmTest, Fp32MatchesOpenBlas) { checkFp32Inputs(GetParam(), GemmPrecision::kFp32, 0.75f, 1e-5, "fp32 gemm"); }
+
+TEST_P(GemmTest, Tf32IsCloseToFp32) { checkFp32Inputs(GetParam(), GemmPrecision::kTf32, 1.0f, 2e-3, "tf32 gemm"); }
 
 TEST_P(GemmTest, Bf16InputsAccumulateInFp32) {
   const GemmCase p = GetParam();
