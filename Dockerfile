@@ -63,7 +63,7 @@ ENTRYPOINT ["/usr/local/bin/tandem-operator"]
 FROM runtime-base AS worker-base
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-       libopenblas0-pthread libgloo0 libprometheus-cpp-pull1.0 dataset-fashion-mnist \
+       libopenblas0-pthread libgloo0 dataset-fashion-mnist \
     && rm -rf /var/lib/apt/lists/*
 
 FROM worker-base AS worker-cpu

@@ -112,7 +112,7 @@ scrape_configs:
         now = time.time()
         series = get_json(base + "/api/v1/query_range?" + urllib.parse.urlencode(
             {"query": "tandem_step_seconds_count", "start": now - 300, "end": now, "step": 1}))["data"]["result"]
-        self.assertTrue(series, "prometheus never scraped the workers")
+        self.assertTrue(series, f"prometheus never scraped the workers: {targets}")
         at = min(float(s["values"][-1][0]) for s in series) - 1.0
 
         exported = set()

@@ -1,10 +1,13 @@
 #include "tandem/metrics/worker_metrics.h"
 
+#include <httplib.h>
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+
+#include <thread>
 
 namespace tandem::metrics {
 namespace {
@@ -20,11 +23,57 @@ prometheus::Histogram::BucketBoundaries exponentialBuckets(double start, double 
   return bounds;
 }
 
+// GET /metrics on cpp-httplib, whose handler threads get the default 8 MiB stack. (prometheus-cpp's own
+// exposer runs on civetweb, whose Debian build fixes its threads' stacks at 100 KiB; the static TLS of
+// OpenBLAS (60 KiB) and CUDA's runtime is carved out of every thread's stack, and a scrape then overflowed
+// what was left.)
+class MetricsEndpoint {
+ public:
+  static StatusOr<std::unique_ptr<MetricsEndpoint>> start(const std::string& bindAddress,
+                                                          std::shared_ptr<prometheus::Registry> registry) {
+    const size_t colon = bindAddress.rfind(':');
+    if (colon == std::string::npos)
+      return TANDEM_ERROR(StatusCode::kInvalidArgument, "metrics: bind address " + bindAddress + " has no port");
+    std::string host = bindAddress.substr(0, colon);
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+    int port = 0;
+    try {
+      port = std::stoi(bindAddress.substr(colon + 1));
+    } catch (const std::exception&) {
+      return TANDEM_ERROR(StatusCode::kInvalidArgument, "metrics: bind address " + bindAddress + " has no port");
+    }
+    auto endpoint = std::unique_ptr<MetricsEndpoint>(new MetricsEndpoint(std::move(registry)));
+    endpoint->server_.Get("/metrics", [raw = endpoint.get()](const httplib::Request&, httplib::Response& response) {
+      response.set_content(prometheus::TextSerializer().Serialize(raw->registry_->Collect()),
+                           "text/plain; version=0.0.4");
+    });
+    endpoint->port_ = port == 0 ? endpoint->server_.bind_to_any_port(host)
+                                : (endpoint->server_.bind_to_port(host, port) ? port : -1);
+    if (endpoint->port_ < 0)
+      return TANDEM_ERROR(StatusCode::kUnavailable, "metrics: cannot listen on " + bindAddress);
+    endpoint->thread_ = std::thread([raw = endpoint.get()] { raw->server_.listen_after_bind(); });
+    return endpoint;
+  }
+
+  ~MetricsEndpoint() {
+    server_.stop();
+    if (thread_.joinable()) thread_.join();
+  }
+  int port() const { return port_; }
+
+ private:
+  explicit MetricsEndpoint(std::shared_ptr<prometheus::Registry> registry) : registry_(std::move(registry)) {}
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  httplib::Server server_;
+  std::thread thread_;
+  int port_ = -1;
+};
+
 class PrometheusWorkerMetrics final : public WorkerMetrics {
  public:
-  PrometheusWorkerMetrics(std::unique_ptr<prometheus::Exposer> exposer, const prometheus::Labels& labels)
-      : exposer_(std::move(exposer)),
-        registry_(std::make_shared<prometheus::Registry>()),
+  PrometheusWorkerMetrics(std::shared_ptr<prometheus::Registry> registry, const prometheus::Labels& labels)
+      : registry_(std::move(registry)),
         stepSeconds_(BuildHistogram().Name("tandem_step_seconds").Help("Wall time of one optimizer step")
                          .Register(*registry_).Add(labels, exponentialBuckets(0.001, 2, 16))),
         samples_(BuildCounter().Name("tandem_samples_total").Help("Training samples processed by this rank")
@@ -51,14 +100,11 @@ class PrometheusWorkerMetrics final : public WorkerMetrics {
         restarts_(BuildGauge().Name("tandem_restarts_total").Help("Job restarts before this worker's generation")
                       .Register(*registry_).Add(labels)),
         gpuMemory_(BuildGauge().Name("tandem_gpu_memory_bytes").Help("GPU memory in use (0 on CPU)")
-                       .Register(*registry_).Add(labels)) {
-    exposer_->RegisterCollectable(registry_);
-  }
+                       .Register(*registry_).Add(labels)) {}
 
-  int port() const override {
-    const auto ports = exposer_->GetListeningPorts();
-    return ports.empty() ? 0 : ports.front();
-  }
+  // Set once, right after construction: the endpoint serves the registry built above.
+  void serve(std::unique_ptr<MetricsEndpoint> endpoint) { endpoint_ = std::move(endpoint); }
+  int port() const override { return endpoint_ ? endpoint_->port() : 0; }
   void observeStep(double seconds, int64_t samples, int64_t tokens) override {
     stepSeconds_.Observe(seconds);
     samples_.Increment(static_cast<double>(samples));
@@ -80,7 +126,6 @@ class PrometheusWorkerMetrics final : public WorkerMetrics {
   void setGpuMemoryBytes(int64_t bytes) override { gpuMemory_.Set(static_cast<double>(bytes)); }
 
  private:
-  std::unique_ptr<prometheus::Exposer> exposer_;
   std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Histogram& stepSeconds_;
   prometheus::Counter& samples_;
@@ -95,20 +140,20 @@ class PrometheusWorkerMetrics final : public WorkerMetrics {
   prometheus::Counter& checkpointBytes_;
   prometheus::Gauge& restarts_;
   prometheus::Gauge& gpuMemory_;
+  // Last: destroyed (its thread stopped) before the metrics it serves.
+  std::unique_ptr<MetricsEndpoint> endpoint_;
 };
 
 }  // namespace
 
 StatusOr<std::unique_ptr<WorkerMetrics>> WorkerMetrics::start(const std::string& bindAddress, const std::string& job,
                                                               int rank, int stage) {
-  std::unique_ptr<prometheus::Exposer> exposer;
-  try {
-    exposer = std::make_unique<prometheus::Exposer>(bindAddress, 2);
-  } catch (const std::exception& error) {
-    return TANDEM_ERROR(StatusCode::kUnavailable, "metrics: cannot listen on " + bindAddress + ": " + error.what());
-  }
+  auto registry = std::make_shared<prometheus::Registry>();
   const prometheus::Labels labels{{"job", job}, {"rank", std::to_string(rank)}, {"stage", std::to_string(stage)}};
-  return std::unique_ptr<WorkerMetrics>(std::make_unique<PrometheusWorkerMetrics>(std::move(exposer), labels));
+  auto metrics = std::make_unique<PrometheusWorkerMetrics>(registry, labels);
+  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<MetricsEndpoint> endpoint, MetricsEndpoint::start(bindAddress, registry));
+  metrics->serve(std::move(endpoint));
+  return std::unique_ptr<WorkerMetrics>(std::move(metrics));
 }
 
 }  // namespace tandem::metrics
