@@ -8,13 +8,10 @@ namespace {
 using detail::blocksFor;
 using detail::checkLaunch;
 using detail::kThreads;
+using detail::launchOver;
 
 constexpr float kSqrtTwoOverPi = 0.7978845608028654f;
 constexpr float kGeluCubic = 0.044715f;
-
-#define TANDEM_GRID_STRIDE(i, n) \
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 __global__ void broadcastRowsKernel(int64_t rows, int64_t cols, const float* bias, float* out) {
   TANDEM_GRID_STRIDE(i, rows * cols) out[i] = bias[i % cols];
@@ -125,39 +122,27 @@ void bias_backward(int64_t rows, int64_t cols, const float* grad_out, float* gra
 }
 
 void relu_forward(int64_t n, const float* in, float* out, cudaStream_t stream) {
-  if (n == 0) return;
-  reluForwardKernel<<<blocksFor(n), kThreads, 0, stream>>>(n, in, out);
-  checkLaunch("relu_forward");
+  launchOver("relu_forward", reluForwardKernel, n, stream, in, out);
 }
 
 void relu_backward(int64_t n, const float* out, const float* grad_out, float* grad_in, cudaStream_t stream) {
-  if (n == 0) return;
-  reluBackwardKernel<<<blocksFor(n), kThreads, 0, stream>>>(n, out, grad_out, grad_in);
-  checkLaunch("relu_backward");
+  launchOver("relu_backward", reluBackwardKernel, n, stream, out, grad_out, grad_in);
 }
 
 void gelu_forward(int64_t n, const float* in, float* out, cudaStream_t stream) {
-  if (n == 0) return;
-  geluForwardKernel<<<blocksFor(n), kThreads, 0, stream>>>(n, in, out);
-  checkLaunch("gelu_forward");
+  launchOver("gelu_forward", geluForwardKernel, n, stream, in, out);
 }
 
 void gelu_backward(int64_t n, const float* in, const float* grad_out, float* grad_in, cudaStream_t stream) {
-  if (n == 0) return;
-  geluBackwardKernel<<<blocksFor(n), kThreads, 0, stream>>>(n, in, grad_out, grad_in);
-  checkLaunch("gelu_backward");
+  launchOver("gelu_backward", geluBackwardKernel, n, stream, in, grad_out, grad_in);
 }
 
 void cast_to_bf16(int64_t n, const float* in, __nv_bfloat16* out, cudaStream_t stream) {
-  if (n == 0) return;
-  toBf16Kernel<<<blocksFor(n), kThreads, 0, stream>>>(n, in, out);
-  checkLaunch("cast_to_bf16");
+  launchOver("cast_to_bf16", toBf16Kernel, n, stream, in, out);
 }
 
 void cast_to_fp32(int64_t n, const __nv_bfloat16* in, float* out, cudaStream_t stream) {
-  if (n == 0) return;
-  toFp32Kernel<<<blocksFor(n), kThreads, 0, stream>>>(n, in, out);
-  checkLaunch("cast_to_fp32");
+  launchOver("cast_to_fp32", toFp32Kernel, n, stream, in, out);
 }
 
 void flatten_bucket(int count, const float* const* tensors, const int64_t* sizes, const int64_t* offsets,

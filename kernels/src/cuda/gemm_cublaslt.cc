@@ -12,7 +12,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <tuple>
 
 namespace tandem::kernels::cuda {
 namespace {
@@ -32,8 +31,15 @@ uint32_t alignmentOf(const void* pointer) {
   return alignment;
 }
 
-using PlanKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, uint32_t,
-                           uint32_t, uint32_t, uint32_t>;
+// Everything a plan depends on: the problem and its operands' alignments.
+struct PlanKey {
+  Transpose transposeA, transposeB;
+  int64_t m, n, k, lda, ldb, ldc;
+  GemmPrecision precision;
+  Epilogue epilogue;
+  uint32_t alignA, alignB, alignC;
+  auto operator<=>(const PlanKey&) const = default;
+};
 
 // Descriptors and the chosen algorithm for one shape: built once, reused every step (the heuristic
 // query costs more than a small GEMM).
@@ -52,10 +58,7 @@ struct Plan {
 // One per device and thread: a cuBLASLt handle, its workspace and the plan cache.
 class Context {
  public:
-  explicit Context(int device) : workspace_(kWorkspaceBytes) {
-    (void)device;
-    checkBlas(cublasLtCreate(&handle_), "create");
-  }
+  Context() : workspace_(kWorkspaceBytes) { checkBlas(cublasLtCreate(&handle_), "create"); }
   ~Context() { cublasLtDestroy(handle_); }
 
   static Context& current() {
@@ -63,15 +66,14 @@ class Context {
     int device = 0;
     TANDEM_CUDA_CHECK(cudaGetDevice(&device));
     auto& context = contexts[device];
-    if (!context) context = std::make_unique<Context>(device);
+    if (!context) context = std::make_unique<Context>();
     return *context;
   }
 
-  const Plan& plan(const PlanKey& key, Transpose transposeA, Transpose transposeB, int64_t m, int64_t n, int64_t k,
-                   int64_t lda, int64_t ldb, int64_t ldc, GemmPrecision precision, Epilogue epilogue,
-                   uint32_t alignA, uint32_t alignB, uint32_t alignC, uint32_t alignBias) {
+  const Plan& plan(const PlanKey& key) {
     auto found = plans_.find(key);
     if (found != plans_.end()) return *found->second;
+    const auto [transposeA, transposeB, m, n, k, lda, ldb, ldc, precision, epilogue, alignA, alignB, alignC] = key;
     auto plan = std::make_unique<Plan>();
     const cublasComputeType_t compute =
         precision == GemmPrecision::kTf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
@@ -113,7 +115,6 @@ class Context {
     cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alignA, sizeof(alignA));
     cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alignC, sizeof(alignC));
     cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &alignC, sizeof(alignC));
-    (void)alignBias;
     cublasLtMatmulHeuristicResult_t result{};
     int found_count = 0;
     const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle_, plan->desc, plan->layoutA, plan->layoutB,
@@ -144,12 +145,8 @@ void gemm(Transpose transposeA, Transpose transposeB, int64_t m, int64_t n, int6
   if (m == 0 || n == 0) return;
   if (epilogue != Epilogue::kNone && bias == nullptr) throw CudaError("gemm: a bias epilogue needs a bias pointer");
   Context& context = Context::current();
-  const uint32_t alignA = alignmentOf(a), alignB = alignmentOf(b), alignC = alignmentOf(c);
-  const uint32_t alignBias = bias ? alignmentOf(bias) : 256;
-  const PlanKey key{static_cast<int>(transposeA), static_cast<int>(transposeB), m, n, k, lda, ldb, ldc,
-                    static_cast<int>(precision), static_cast<int>(epilogue), alignA, alignB, alignC, alignBias};
-  const Plan& plan = context.plan(key, transposeA, transposeB, m, n, k, lda, ldb, ldc, precision, epilogue, alignA,
-                                  alignB, alignC, alignBias);
+  const Plan& plan = context.plan({transposeA, transposeB, m, n, k, lda, ldb, ldc, precision, epilogue,
+                                   alignmentOf(a), alignmentOf(b), alignmentOf(c)});
   if (epilogue != Epilogue::kNone)
     checkBlas(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)),
               "bias pointer");

@@ -16,8 +16,7 @@ __global__ void adamwKernel(int64_t n, float* __restrict__ param, const float* _
   const float stepSize = p.lr / biasCorrection1;
   const float inverseSqrtBc2 = 1.0f / sqrtf(biasCorrection2);
   const float decay = 1.0f - p.lr * p.weight_decay;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  TANDEM_GRID_STRIDE(i, n) {
     const float g = grad[i];
     const float m = __fadd_rn(__fmul_rn(p.beta1, exp_avg[i]), __fmul_rn(1.0f - p.beta1, g));
     const float v = __fadd_rn(__fmul_rn(p.beta2, exp_avg_sq[i]), __fmul_rn(__fmul_rn(1.0f - p.beta2, g), g));
@@ -32,8 +31,7 @@ __global__ void advanceStep(int64_t* step_counter) { ++*step_counter; }
 
 __global__ void sgdKernel(int64_t n, float* __restrict__ param, const float* __restrict__ grad,
                           float* __restrict__ momentum_buffer, SgdParams p) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  TANDEM_GRID_STRIDE(i, n) {
     float g = __fadd_rn(grad[i], __fmul_rn(p.weight_decay, param[i]));
     if (p.momentum != 0.0f) {
       const float buf = p.first_step ? g : __fadd_rn(__fmul_rn(p.momentum, momentum_buffer[i]), g);
@@ -48,11 +46,8 @@ __global__ void sgdKernel(int64_t n, float* __restrict__ param, const float* __r
 
 void adamw_step(int64_t n, float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
                 const AdamWParams& params, int64_t* step_counter, cudaStream_t stream) {
-  if (n > 0) {
-    adamwKernel<<<detail::blocksFor(n), detail::kThreads, 0, stream>>>(n, param, grad, exp_avg, exp_avg_sq, params,
-                                                                       step_counter);
-    detail::checkLaunch("adamw_step");
-  }
+  detail::launchOver("adamw_step", adamwKernel, n, stream, param, grad, exp_avg, exp_avg_sq, params,
+                     static_cast<const int64_t*>(step_counter));
   if (step_counter != nullptr) {
     advanceStep<<<1, 1, 0, stream>>>(step_counter);
     detail::checkLaunch("adamw_step (advance step)");
@@ -61,9 +56,7 @@ void adamw_step(int64_t n, float* param, const float* grad, float* exp_avg, floa
 
 void sgd_step(int64_t n, float* param, const float* grad, float* momentum_buffer, const SgdParams& params,
               cudaStream_t stream) {
-  if (n == 0) return;
-  sgdKernel<<<detail::blocksFor(n), detail::kThreads, 0, stream>>>(n, param, grad, momentum_buffer, params);
-  detail::checkLaunch("sgd_step");
+  detail::launchOver("sgd_step", sgdKernel, n, stream, param, grad, momentum_buffer, params);
 }
 
 }  // namespace tandem::kernels::cuda
