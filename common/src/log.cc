@@ -1,6 +1,7 @@
 #include "tandem/common/log.h"
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -40,6 +41,19 @@ void setJob(const std::string& job) {
 void setRank(int rank) { rankField = rank; }
 void setStep(int64_t step) { stepField = step; }
 void setMinimumLevel(Level level) { minimumLevel = static_cast<int>(level); }
+bool enabled(Level level) { return static_cast<int>(level) >= minimumLevel.load(); }
+
+bool parseLevel(const std::string& name, Level* level) {
+  for (const Level candidate : {Level::kDebug, Level::kInfo, Level::kWarning, Level::kError}) {
+    std::string lower = levelName(candidate);
+    for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (name == lower || (candidate == Level::kWarning && name == "warning")) {
+      *level = candidate;
+      return true;
+    }
+  }
+  return false;
+}
 
 void write(Level level, const std::string& message) {
   if (static_cast<int>(level) < minimumLevel.load()) return;

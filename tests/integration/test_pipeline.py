@@ -1,6 +1,6 @@
 """Pipeline model parallelism and hybrid pipeline x data parallelism through `tandem run`:
 equivalence with one worker (bitwise, for both schedules), validation of bad layouts, the 1F1B
-activation bound, and a SIGKILL of a middle stage resumed from its checkpoint."""
+activation bound, the debug timeline, and a SIGKILL of a middle stage resumed from its checkpoint."""
 
 import os
 import random
@@ -105,6 +105,45 @@ class ActivationMemory(TempDirTest):
             self.assertEqual(micro, 4 - stage)
         for stage, (micro, _) in self.peaks("GPipe").items():
             self.assertEqual(micro, 8, f"stage {stage}")
+
+
+class StageTimeline(TempDirTest):
+    """TANDEM_LOG_LEVEL=debug logs every step's timeline per stage: the schedule's ops in order, each
+    with its wait on a neighbour and its compute, in ms from the step's start."""
+
+    OP = re.compile(r"([FB])(\d+) ([0-9.]+)-([0-9.]+) \(waited ([0-9.]+)\)")
+
+    def test_debug_level_logs_each_stage_step_in_schedule_order(self):
+        env = dict(ONE_THREAD, TANDEM_LOG_LEVEL="debug")
+        result = tandem("run", self.write("job.yaml", pipeline_job(2, 2, 2, "GPipe")), "--max-steps", "3", "--quiet",
+                        env=env)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        lines = re.findall(r"DEBUG .* step=(\d+) stage (\d) timeline \(ms from the step's start\):(.*); sends done "
+                           r"([0-9.]+)", result.stderr)
+        self.assertEqual(sorted((int(step), int(stage)) for step, stage, _, _ in lines),
+                         [(step, stage) for step in (1, 2, 3) for stage in (0, 1)], result.stderr[-3000:])
+        for step, stage, ops, sends_done in lines:
+            parsed = self.OP.findall(ops)
+            self.assertEqual([kind + micro for kind, micro, *_ in parsed], ["F0", "F1", "B0", "B1"], ops)
+            previous_end = 0.0
+            for kind, micro, start, end, waited in parsed:
+                start, end, waited = float(start), float(end), float(waited)
+                self.assertLessEqual(previous_end, start - waited + 0.2, ops)  # rounded to 0.1 ms
+                self.assertLessEqual(start, end, ops)
+                previous_end = end
+            self.assertLessEqual(previous_end, float(sends_done), ops)
+        # The last stage starts each step waiting for the first microbatch's activations.
+        self.assertTrue(any(float(self.OP.findall(ops)[0][4]) > 0 for _, stage, ops, _ in lines if stage == "1"))
+
+    def test_info_level_logs_no_timeline_and_a_bad_level_is_named(self):
+        result = tandem("run", self.write("job.yaml", pipeline_job(2, 2, 2)), "--max-steps", "1", "--quiet",
+                        env=ONE_THREAD)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertNotIn("timeline", result.stderr)
+        result = tandem("run", self.write("job.yaml", pipeline_job(2, 2, 2)), "--max-steps", "1", "--quiet",
+                        env=dict(ONE_THREAD, TANDEM_LOG_LEVEL="loud"))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn('TANDEM_LOG_LEVEL: expected debug, info, warning or error, got "loud"', result.stderr)
 
 
 class PipelineFaultTolerance(TempDirTest):

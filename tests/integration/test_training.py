@@ -1,11 +1,13 @@
 """Training through `tandem run` with real worker processes: the example reaches its accuracy with 1
-and 4 workers, and 1, 2 and 4 workers follow the same trajectory (parameters after 50 steps)."""
+and 4 workers, and 1, 2 and 4 workers follow the same trajectory (parameters after 50 steps); custom
+mode and --bind-cores."""
 
 import os
 import re
+import subprocess
 import unittest
 
-from tandem_testlib import TempDirTest, relative_error, read_floats, tandem
+from tandem_testlib import TANDEM, TempDirTest, relative_error, read_floats, tandem
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 EXAMPLE = os.path.join(ROOT, "manifests", "examples", "fashion-mnist.yaml")
@@ -114,6 +116,40 @@ spec:
         result = tandem("run", self.write("custom.yaml", self.job(script)), timeout=120)
         self.assertEqual(result.returncode, 7, result.stderr[-2000:])
         self.assertIn("worker rank 1 exited with code 7", result.stderr)
+
+    def test_bind_cores_gives_each_worker_cpus_of_its_own(self):
+        cpus = sorted(os.sched_getaffinity(0))
+        workers = min(len(cpus), 2)
+        script = ("import os; print('CPUS', ' '.join(map(str, sorted(os.sched_getaffinity(0)))), "
+                  "'THREADS', os.environ['OPENBLAS_NUM_THREADS'])")
+        # Without the user's OPENBLAS_NUM_THREADS, a bound worker gets one GEMM thread per core it owns.
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        result = subprocess.run([TANDEM, "run", self.write("custom.yaml", self.job(script, workers=workers)),
+                                 "--bind-cores"], capture_output=True, text=True, timeout=120, env=env)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        sets = {}
+        for line in result.stdout.splitlines():
+            match = re.match(r"\[rank (\d)\] CPUS ([\d ]+) THREADS (\d+)", line)
+            if match:
+                sets[int(match.group(1))] = ({int(c) for c in match.group(2).split()}, int(match.group(3)))
+        self.assertEqual(sorted(sets), list(range(workers)))
+        used = set()
+        for rank, (bound, threads) in sets.items():
+            self.assertTrue(bound, f"rank {rank}")
+            self.assertTrue(bound <= set(cpus), f"rank {rank}: {bound} outside {cpus}")
+            self.assertFalse(bound & used, f"rank {rank} shares CPUs with another rank")
+            used |= bound
+            self.assertGreaterEqual(threads, 1)
+            self.assertLessEqual(threads, len(bound))
+            self.assertIn(f"tandem: rank {rank} bound to CPUs", result.stderr)
+
+    def test_bind_cores_refuses_more_workers_than_cpus(self):
+        workers = len(os.sched_getaffinity(0)) + 1
+        result = tandem("run", self.write("custom.yaml", self.job("print('never')", workers=workers)), "--bind-cores",
+                        timeout=60)
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        self.assertIn(f"--bind-cores: {workers} workers but only {workers - 1} CPUs available to tandem", result.stderr)
+        self.assertNotIn("never", result.stdout)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@
 
 #include "tandem/common/exit_codes.h"
 #include "tandem/config.h"
+#include "tandem/launch/core_binding.h"
 #include "tandem/launch/local_job.h"
 #include "tandem/manifest/job_spec.h"
 
@@ -27,7 +28,7 @@ const char* kUsage =
     "usage:\n"
     "  tandem run FILE [--workers N] [--max-steps N] [--dump-params FILE] [--loss-log FILE]\n"
     "                  [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB]\n"
-    "                  [--grace-seconds SECONDS] [--quiet]\n"
+    "                  [--grace-seconds SECONDS] [--bind-cores] [--quiet]\n"
     "  tandem validate FILE\n"
     "  tandem version\n";
 
@@ -115,6 +116,7 @@ int validate(const std::vector<std::string>& arguments) {
 int run(const std::vector<std::string>& arguments) {
   std::string file;
   int64_t workersOverride = 0;
+  bool bindCores = false;
   launch::LocalJobOptions options;
   for (size_t i = 0; i < arguments.size(); ++i) {
     const std::string& argument = arguments[i];
@@ -135,6 +137,8 @@ int run(const std::vector<std::string>& arguments) {
       }
     } else if (argument == "--quiet") {
       options.quiet = true;
+    } else if (argument == "--bind-cores") {
+      bindCores = true;
     } else if (argument == "--max-steps" || argument == "--dump-params" || argument == "--loss-log" ||
                argument == "--rendezvous-timeout" || argument == "--collective-timeout" ||
                argument == "--bucket-cap-mb" || argument == "--grace-seconds") {
@@ -169,6 +173,17 @@ int run(const std::vector<std::string>& arguments) {
     std::cerr << "spec.data.path: dataset directory " << spec.data.path
               << " does not exist (Debian: apt-get install dataset-fashion-mnist)\n";
     return kExitInvalidConfig;
+  }
+  if (bindCores) {
+    auto topology = launch::readCpuTopology();
+    auto plan = topology.ok() ? launch::planCoreBinding(*topology, static_cast<int>(spec.workers))
+                              : StatusOr<std::vector<std::vector<int>>>(topology.status());
+    if (!plan.ok()) {
+      std::cerr << plan.status().message() << "\n";
+      return kExitInvalidConfig;
+    }
+    options.cpuSets = *plan;
+    for (const auto& cpus : options.cpuSets) options.gemmThreads.push_back(launch::physicalCoresIn(*topology, cpus));
   }
   options.spec = spec;
   options.configPath = std::filesystem::absolute(file).string();

@@ -57,7 +57,8 @@ const char* kUsage =
     "                     [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB]\n"
     "                     [--grace-seconds SECONDS] [--metrics-port PORT]\n"
     "Identity comes from TANDEM_RANK, TANDEM_WORLD_SIZE, TANDEM_GENERATION, TANDEM_RDZV_ENDPOINT,\n"
-    "TANDEM_RDZV_TOKEN, TANDEM_POD_IP and TANDEM_CONFIG (DESIGN.md §3).\n";
+    "TANDEM_RDZV_TOKEN, TANDEM_POD_IP and TANDEM_CONFIG (DESIGN.md §3); TANDEM_LOG_LEVEL=debug adds\n"
+    "per-step detail (a pipeline stage's timeline).\n";
 
 std::optional<std::string> environment(const char* name) {
   const char* value = std::getenv(name);
@@ -90,6 +91,13 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
   }
   if (auto port = environment("TANDEM_METRICS_PORT")) {
     TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parseInteger("TANDEM_METRICS_PORT", *port));
+  }
+  if (auto level = environment("TANDEM_LOG_LEVEL")) {
+    log::Level parsed;
+    if (!log::parseLevel(*level, &parsed))
+      return TANDEM_ERROR(StatusCode::kInvalidArgument,
+                          "TANDEM_LOG_LEVEL: expected debug, info, warning or error, got \"" + *level + "\"");
+    log::setMinimumLevel(parsed);
   }
   if (auto timeout = environment("TANDEM_COLLECTIVE_TIMEOUT_SECONDS")) {
     TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parsePositive("TANDEM_COLLECTIVE_TIMEOUT_SECONDS", *timeout));

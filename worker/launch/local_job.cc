@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -19,6 +20,7 @@
 
 #include "tandem/common/exit_codes.h"
 #include "tandem/common/random.h"
+#include "tandem/launch/core_binding.h"
 
 namespace tandem::launch {
 namespace {
@@ -130,6 +132,15 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   close(stdoutPipe[1]);
   close(stderrPipe[1]);
   for (const auto& [name, value] : environment) setenv(name.c_str(), value.c_str(), 1);
+  if (!options.cpuSets.empty()) {
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    for (const int cpu : options.cpuSets[rank]) CPU_SET(cpu, &cpus);
+    if (sched_setaffinity(0, sizeof(cpus), &cpus) != 0) {
+      std::fprintf(stderr, "--bind-cores: cannot bind rank %d to its CPUs: %s\n", rank, std::strerror(errno));
+      _exit(kExitInternal);
+    }
+  }
   std::vector<std::string> arguments{options.workerBinary};
   arguments.insert(arguments.end(), options.workerArguments.begin(), options.workerArguments.end());
   std::vector<char*> argv;
@@ -193,8 +204,12 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
       if (!options.quiet || options.generation == 0)
         std::cerr << "tandem: rank " << rank << " metrics at http://127.0.0.1:" << metricsPort << "/metrics" << std::endl;
     }
-    // Share the cores: each worker's GEMMs get cores/workers threads unless the user chose.
-    if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr) environment["OPENBLAS_NUM_THREADS"] = gemmThreads;
+    // Share the cores: each worker's GEMMs get cores/workers threads (its own cores when bound) unless
+    // the user chose.
+    if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr)
+      environment["OPENBLAS_NUM_THREADS"] = options.cpuSets.empty() ? gemmThreads : std::to_string(options.gemmThreads[rank]);
+    if (!options.cpuSets.empty() && (!options.quiet || options.generation == 0))
+      std::cerr << "tandem: rank " << rank << " bound to CPUs " << describeCpuList(options.cpuSets[rank]) << std::endl;
     int stdoutPipe[2], stderrPipe[2];
     if (pipe2(stdoutPipe, O_CLOEXEC) != 0 || pipe2(stderrPipe, O_CLOEXEC) != 0) {
       result.exitCode = kExitInternal;

@@ -17,6 +17,9 @@ void setJob(const std::string& job);
 void setRank(int rank);
 void setStep(int64_t step);
 void setMinimumLevel(Level level);
+bool enabled(Level level);
+// "debug", "info", "warning" or "error"; false for anything else.
+bool parseLevel(const std::string& name, Level* level);
 
 void write(Level level, const std::string& message);
 

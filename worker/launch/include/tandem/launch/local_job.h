@@ -24,6 +24,9 @@ struct LocalJobOptions {
   bool quiet = false;                // no progress display (logs still flow)
   bool customCommand = false;        // workerBinary is the user's command (custom mode): no metrics port
   int64_t generation = 0;            // TANDEM_GENERATION: the job's restart count
+  // --bind-cores: rank r runs on cpuSets[r] with gemmThreads[r] GEMM threads; empty: no binding.
+  std::vector<std::vector<int>> cpuSets;
+  std::vector<int> gemmThreads;
   // When the previous generation failed: the first step of this one reports the recovery time.
   std::optional<std::chrono::steady_clock::time_point> previousFailure;
 };
