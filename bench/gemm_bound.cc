@@ -1,7 +1,7 @@
 // gemm_bound: the physical limit of the CPU engine for an MLP step: only the step's GEMMs (forward,
 // weight gradients, input gradients except the first layer's), in a plain loop through OpenBLAS.
 //   gemm_bound [--threads N] [--batch B] [--layers 784,256,128,10] [--seconds S]
-// Prints one JSON line: {"threads":..,"batch":..,"gflops":..,"samplesPerSecond":..}
+// Prints one JSON line: {"threads":..,"core":..,"batch":..,"gflops":..,"samplesPerSecond":..}
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -14,6 +14,7 @@
 using tandem::kernels::Transpose;
 
 int main(int argc, char** argv) {
+  tandem::kernels::restartWithBetterGemmCore(argv);  // the kernels tandem-worker gets (OPENBLAS_CORETYPE overrides)
   int threads = 1;
   int64_t batch = 256;
   double seconds = 3.0;
@@ -74,8 +75,8 @@ int main(int argc, char** argv) {
     steps += 10;
     elapsed = std::chrono::duration<double>(Clock::now() - start).count();
   } while (elapsed < seconds);
-  std::printf("{\"threads\":%d,\"batch\":%lld,\"stepsTimed\":%lld,\"gflops\":%.2f,\"samplesPerSecond\":%.0f}\n", threads,
-              static_cast<long long>(batch), static_cast<long long>(steps), flopsPerStep * steps / elapsed / 1e9,
+  std::printf("{\"threads\":%d,\"core\":\"%s\",\"batch\":%lld,\"stepsTimed\":%lld,\"gflops\":%.2f,\"samplesPerSecond\":%.0f}\n",
+              threads, tandem::kernels::gemmCore().c_str(), static_cast<long long>(batch), static_cast<long long>(steps), flopsPerStep * steps / elapsed / 1e9,
               batch * steps / elapsed);
   return 0;
 }

@@ -552,6 +552,13 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       if (!topology.lastStage()) TANDEM_RETURN_IF_ERROR(waitIdle(gradientRecvs[m]));
       const bool lastBackward = o + 1 == operations.size();
       const auto start = Clock::now();
+      // dL/dinput goes to the previous stage as soon as backward has it, before this stage's own
+      // gradient bookkeeping: that stage is waiting for it.
+      auto sendGradInput = [&] {
+        if (!topology.firstStage())
+          sends.push_back(topology.pipeline->sendAsync(gradInputs[m].data(), gradInputs[m].size() * 4,
+                                                       topology.stage - 1, gradientTag(m)));
+      };
       if (microBatches == 1) {
         if (metricsInGradients) {
           network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
@@ -560,9 +567,13 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
         // One microbatch: its backward finalises the gradients and launches the buckets as it goes.
         network->backward(activations[m], gradOutputs[m], onGradientsReady,
                           topology.firstStage() ? nullptr : &gradInputs[m]);
+        sendGradInput();
       } else {
         network->zeroGradients();
         network->backward(activations[m], gradOutputs[m], noHook, topology.firstStage() ? nullptr : &gradInputs[m]);
+        sendGradInput();
+        // Pairwise accumulation costs more on some microbatches (carries) than on others; off the
+        // previous stage's critical path now.
         accumulator.add(network->gradients());
         if (lastBackward) {
           accumulator.finish(network->gradients());
@@ -576,9 +587,6 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       summary.backwardSeconds += secondsSince(start);
       --live;
       liveBytes -= activations[m].bytes();
-      if (!topology.firstStage())
-        sends.push_back(topology.pipeline->sendAsync(gradInputs[m].data(), gradInputs[m].size() * 4, topology.stage - 1,
-                                                     gradientTag(m)));
       if (timeline) timeline->record(op, opStart, start);
     }
     for (auto& send : sends) TANDEM_RETURN_IF_ERROR(waitIdle(send));
