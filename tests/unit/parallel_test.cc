@@ -1,9 +1,13 @@
 // parallel: planGradientBuckets on mlps (disjoint, contiguous, covering every parameter and the trailing
 // slots, in reverse layer order, within the cap except for one oversized layer) and BucketedAllReduce
-// summing gradients of 2 thread ranks over Gloo (closed form), driven by a real backward's hook.
+// summing gradients of 2 thread ranks over Gloo (closed form), driven by a real backward's hook;
+// GradientAccumulator's background pairwise sums (bitwise those of an explicit tree) and buffer recycling.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -12,6 +16,7 @@
 #include "tandem/comm/communicator.h"
 #include "tandem/model/sequential.h"
 #include "tandem/parallel/data_parallel.h"
+#include "tandem/parallel/gradient_accumulator.h"
 
 namespace tandem::parallel {
 namespace {
@@ -45,6 +50,105 @@ void expectValidPlan(const model::Sequential& network, const std::vector<Gradien
     end = bucket.offset;
   }
   EXPECT_EQ(end, 0);
+}
+
+// Microbatch gradients whose sum depends on the order of additions (wide magnitudes).
+std::vector<std::vector<float>> orderSensitiveGradients(int count, int64_t size) {
+  std::mt19937 generator(7);
+  std::uniform_real_distribution<float> mantissa(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> exponent(-20, 20);
+  std::vector<std::vector<float>> gradients(count, std::vector<float>(size));
+  for (auto& gradient : gradients)
+    for (auto& value : gradient) value = std::ldexp(mantissa(generator), exponent(generator));
+  return gradients;
+}
+
+// The reference: equal-level neighbours merge as soon as they exist, the rest fold right to left.
+std::vector<float> treeSum(const std::vector<std::vector<float>>& gradients) {
+  std::vector<std::pair<std::vector<float>, int>> stack;
+  for (const auto& gradient : gradients) {
+    stack.emplace_back(gradient, 0);
+    while (stack.size() >= 2 && stack[stack.size() - 1].second == stack[stack.size() - 2].second) {
+      for (size_t i = 0; i < gradient.size(); ++i) stack[stack.size() - 2].first[i] += stack.back().first[i];
+      ++stack[stack.size() - 2].second;
+      stack.pop_back();
+    }
+  }
+  while (stack.size() >= 2) {
+    for (size_t i = 0; i < stack.back().first.size(); ++i) stack[stack.size() - 2].first[i] += stack.back().first[i];
+    stack.pop_back();
+  }
+  return stack.front().first;
+}
+
+// Hands gradients to the accumulator the way the trainer does: copy into a zeroed buffer, add.
+std::vector<float> accumulate(GradientAccumulator& accumulator, const std::vector<std::vector<float>>& gradients,
+                              int64_t size) {
+  for (const auto& gradient : gradients) {
+    FloatBuffer buffer = accumulator.zeroedBuffer();
+    EXPECT_EQ(buffer.size(), size);
+    for (int64_t i = 0; i < size; ++i) EXPECT_EQ(buffer.data()[i], 0.0f) << "buffer not zeroed at " << i;
+    std::memcpy(buffer.data(), gradient.data(), size * sizeof(float));
+    accumulator.add(std::move(buffer));
+  }
+  FloatBuffer total = accumulator.finish();
+  std::vector<float> result(total.data(), total.data() + size);
+  accumulator.recycle(std::move(total));
+  return result;
+}
+
+TEST(GradientAccumulator, SumsBitwiseAsTheFixedPairwiseTree) {
+  const int64_t size = 4097;
+  GradientAccumulator accumulator(size);
+  bool someOrderMattered = false;
+  for (int count : {1, 2, 3, 4, 5, 7, 8, 12, 16}) {
+    const auto gradients = orderSensitiveGradients(count, size);
+    const std::vector<float> expected = treeSum(gradients);
+    EXPECT_EQ(accumulate(accumulator, gradients, size), expected) << count << " microbatches";
+    std::vector<float> sequential(size, 0.0f);
+    for (const auto& gradient : gradients)
+      for (int64_t i = 0; i < size; ++i) sequential[i] += gradient[i];
+    someOrderMattered = someOrderMattered || sequential != expected;
+  }
+  EXPECT_TRUE(someOrderMattered) << "the data cannot tell a tree from a running sum";
+}
+
+TEST(GradientAccumulator, StepsAfterStepsReuseZeroedBuffers) {
+  const int64_t size = 1000;
+  GradientAccumulator accumulator(size);
+  const auto gradients = orderSensitiveGradients(8, size);
+  const std::vector<float> expected = treeSum(gradients);
+  for (int step = 0; step < 20; ++step) ASSERT_EQ(accumulate(accumulator, gradients, size), expected) << "step " << step;
+}
+
+TEST(GradientAccumulator, FinishWithNothingAddedIsZero) {
+  GradientAccumulator accumulator(16);
+  FloatBuffer total = accumulator.finish();
+  ASSERT_EQ(total.size(), 16);
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(total.data()[i], 0.0f);
+}
+
+TEST(GradientAccumulator, ExchangeGradientsRebindsTheLayers) {
+  auto network = buildMlp(8, {6}, 3, ActivationKind::kRelu);
+  network->initialize(1);
+  GradientAccumulator accumulator(network->gradientBufferSize());
+  Tensor input({4, 8});
+  for (int64_t i = 0; i < input.size(); ++i) input.data()[i] = 0.1f * static_cast<float>(i % 7) - 0.3f;
+  Tensor gradOutput({4, 3});
+  for (int64_t i = 0; i < gradOutput.size(); ++i) gradOutput.data()[i] = 0.05f * static_cast<float>(i) - 0.2f;
+  // The same backward into the model's own buffer and, after an exchange, into the accumulator's.
+  network->zeroGradients();
+  network->forward(input);
+  network->backward(gradOutput);
+  const std::vector<float> direct(network->gradients(), network->gradients() + network->gradientBufferSize());
+  FloatBuffer other = accumulator.zeroedBuffer();
+  ASSERT_TRUE(network->exchangeGradients(other).ok());
+  network->forward(input);
+  network->backward(gradOutput);
+  EXPECT_EQ(std::vector<float>(network->gradients(), network->gradients() + network->gradientBufferSize()), direct);
+  EXPECT_EQ(std::vector<float>(other.data(), other.data() + other.size()), direct);  // the first buffer, untouched
+  FloatBuffer wrongSize(3);
+  EXPECT_FALSE(network->exchangeGradients(wrongSize).ok());
 }
 
 TEST(PlanGradientBuckets, LargeCapGivesOneBucketCoveringEverything) {

@@ -17,6 +17,7 @@
 #include "tandem/model/sequential.h"
 #include "tandem/optim/optimizer.h"
 #include "tandem/parallel/data_parallel.h"
+#include "tandem/parallel/gradient_accumulator.h"
 #include "tandem/parallel/pipeline_schedule.h"
 
 namespace tandem::engine {
@@ -25,47 +26,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double secondsSince(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
-
-// Sums the gradients of a step's microbatches pairwise, as a binary tree in microbatch order:
-// ((g0 + g1) + (g2 + g3)) + ... With power-of-two degrees this is the very order in which data-parallel
-// replicas' partial sums meet in the recursive-doubling all-reduce, so a run split into D replicas of M
-// microbatches computes bitwise the same gradient as one worker with D x M microbatches of the same size.
-class PairwiseAccumulator {
- public:
-  explicit PairwiseAccumulator(int64_t size) : size_(size) {}
-
-  void add(const float* gradients) {
-    if (depth_ == buffers_.size()) buffers_.emplace_back(size_);
-    std::copy(gradients, gradients + size_, buffers_[depth_].data());
-    levels_.resize(depth_ + 1);
-    levels_[depth_++] = 0;
-    // Merge equal-level neighbours: the earlier (lower) partial sum is always the left operand.
-    while (depth_ >= 2 && levels_[depth_ - 1] == levels_[depth_ - 2]) {
-      float* left = buffers_[depth_ - 2].data();
-      const float* right = buffers_[depth_ - 1].data();
-      for (int64_t i = 0; i < size_; ++i) left[i] = left[i] + right[i];
-      ++levels_[depth_ - 2];
-      --depth_;
-    }
-  }
-
-  // Writes the total to `out` and resets. Unequal levels (M not a power of two) fold right to left.
-  void finish(float* out) {
-    for (; depth_ >= 2; --depth_) {
-      float* left = buffers_[depth_ - 2].data();
-      const float* right = buffers_[depth_ - 1].data();
-      for (int64_t i = 0; i < size_; ++i) left[i] = left[i] + right[i];
-    }
-    if (depth_ == 1) std::copy(buffers_[0].data(), buffers_[0].data() + size_, out);
-    depth_ = 0;
-  }
-
- private:
-  int64_t size_;
-  size_t depth_ = 0;
-  std::vector<FloatBuffer> buffers_;  // reused across steps
-  std::vector<int> levels_;
-};
 
 // The layout of this rank in the job: rank = replica * stages + stage (DESIGN.md §6).
 struct Topology {
@@ -475,7 +435,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   const int64_t outFeatures = network->layer(network->layerCount() - 1).outputFeatures();
   const std::function<void(int64_t)> onGradientsReady = [&](int64_t offset) { allReduce.onGradientsReady(offset); };
   const std::function<void(int64_t)> noHook;
-  PairwiseAccumulator accumulator(network->parameterCount());
+  parallel::GradientAccumulator accumulator(network->gradientBufferSize());
   double evalSeconds = 0.0;
   std::optional<Clock::time_point> stopDeadline;
   const auto loopStart = Clock::now();
@@ -499,7 +459,14 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     const double exposedBefore = allReduce.exposedSeconds();
     const int64_t bytesBefore = allReduce.bytesReduced();
     const std::vector<int64_t>& shard = batches.shard(step);
-    network->zeroGradients();
+    if (microBatches > 1) {
+      // Last step's total (the optimizer has used it) is zeroed in the background for later.
+      FloatBuffer fresh = accumulator.zeroedBuffer();
+      TANDEM_RETURN_IF_ERROR(network->exchangeGradients(fresh));
+      accumulator.recycle(std::move(fresh));
+    } else {
+      network->zeroGradients();
+    }
     double lossSum = 0.0;
     int live = 0;
     int64_t liveBytes = 0;
@@ -550,7 +517,6 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
         continue;
       }
       if (!topology.lastStage()) TANDEM_RETURN_IF_ERROR(waitIdle(gradientRecvs[m]));
-      const bool lastBackward = o + 1 == operations.size();
       const auto start = Clock::now();
       // dL/dinput goes to the previous stage as soon as backward has it, before this stage's own
       // gradient bookkeeping: that stage is waiting for it.
@@ -569,20 +535,12 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
                           topology.firstStage() ? nullptr : &gradInputs[m]);
         sendGradInput();
       } else {
-        network->zeroGradients();
         network->backward(activations[m], gradOutputs[m], noHook, topology.firstStage() ? nullptr : &gradInputs[m]);
         sendGradInput();
-        // Pairwise accumulation costs more on some microbatches (carries) than on others; off the
-        // previous stage's critical path now.
-        accumulator.add(network->gradients());
-        if (lastBackward) {
-          accumulator.finish(network->gradients());
-          if (metricsInGradients) {
-            network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
-            network->trailingGradientSlots()[1] = stopVote ? 1.0f : 0.0f;
-          }
-          onGradientsReady(0);
-        }
+        // This microbatch's gradients go to the accumulator's thread; the next backward gets a zeroed buffer.
+        FloatBuffer filled = accumulator.zeroedBuffer();
+        TANDEM_RETURN_IF_ERROR(network->exchangeGradients(filled));
+        accumulator.add(std::move(filled));
       }
       summary.backwardSeconds += secondsSince(start);
       --live;
@@ -592,13 +550,30 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     for (auto& send : sends) TANDEM_RETURN_IF_ERROR(waitIdle(send));
     sends.clear();
     if (timeline) log::debug() << "stage " << topology.stage << " timeline " << timeline->finish();
-    TANDEM_RETURN_IF_ERROR(allReduce.finish().withContext("step " + std::to_string(step + 1)));
     float metrics[2] = {static_cast<float>(lossSum), stopVote ? 1.0f : 0.0f};
+    if (!metricsInGradients && topology.world != nullptr) {
+      // The pipeline's flush: when this all-reduce returns, every stage has run all its microbatches. A
+      // stage's wait here for the slower ones is bubble, as in the theory's (P-1)/(M+P-1).
+      const auto flushStart = Clock::now();
+      TANDEM_RETURN_IF_ERROR(topology.world->allReduce(metrics, 2).withContext("step " + std::to_string(step + 1)));
+      if (stages > 1) summary.idleSeconds += secondsSince(flushStart);
+    }
+    if (microBatches > 1) {
+      const auto start = Clock::now();
+      FloatBuffer total = accumulator.finish();
+      TANDEM_RETURN_IF_ERROR(network->exchangeGradients(total));
+      accumulator.recycle(std::move(total));
+      if (metricsInGradients) {
+        network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
+        network->trailingGradientSlots()[1] = stopVote ? 1.0f : 0.0f;
+      }
+      summary.backwardSeconds += secondsSince(start);
+      onGradientsReady(0);
+    }
+    TANDEM_RETURN_IF_ERROR(allReduce.finish().withContext("step " + std::to_string(step + 1)));
     if (metricsInGradients) {
       metrics[0] = network->trailingGradientSlots()[0];
       metrics[1] = network->trailingGradientSlots()[1];
-    } else if (topology.world != nullptr) {
-      TANDEM_RETURN_IF_ERROR(topology.world->allReduce(metrics, 2).withContext("step " + std::to_string(step + 1)));
     }
     const double loss = metrics[0] / static_cast<double>(globalBatch);
     const double lr = optim::learningRate(schedule, step);

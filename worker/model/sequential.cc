@@ -1,6 +1,7 @@
 #include "tandem/model/sequential.h"
 
 #include <sstream>
+#include <utility>
 
 namespace tandem::model {
 
@@ -15,6 +16,16 @@ Sequential::Sequential(std::vector<std::unique_ptr<Layer>> layers, int64_t trail
   for (size_t i = 0; i < layers_.size(); ++i)
     layers_[i]->bindParameters(parameters_.data() + ranges_[i].first, gradients_.data() + ranges_[i].first);
   activations_.outputs.resize(layers_.size());
+}
+
+Status Sequential::exchangeGradients(FloatBuffer& other) {
+  if (other.size() != gradients_.size())
+    return TANDEM_ERROR(StatusCode::kInvalidArgument, "exchangeGradients: a buffer of " + std::to_string(other.size()) +
+                                                          " floats for a model with " + std::to_string(gradients_.size()));
+  std::swap(gradients_, other);
+  for (size_t i = 0; i < layers_.size(); ++i)
+    layers_[i]->bindParameters(parameters_.data() + ranges_[i].first, gradients_.data() + ranges_[i].first);
+  return Status::Ok();
 }
 
 int64_t Activations::bytes() const {

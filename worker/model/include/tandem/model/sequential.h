@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "tandem/common/status.h"
 #include "tandem/model/layer.h"
 
 namespace tandem::model {
@@ -45,6 +46,11 @@ class Sequential {
   // position in the whole model, so a pipeline stage draws exactly what the unsplit model would.
   void initialize(uint64_t seed, size_t firstLayerIndex = 0);
   void zeroGradients() { gradients_.zero(); }
+  int64_t gradientBufferSize() const { return gradients_.size(); }  // parameters + trailing slots
+  // Swaps the gradient buffer (gradientBufferSize() floats) for `other` and points the layers at the
+  // new one: microbatch accumulation hands buffers around instead of copying them.
+  // A buffer of another size is refused (InvalidArgument) and left as it was.
+  Status exchangeGradients(FloatBuffer& other);
 
   // input (batch, in) -> output (batch, out). Keeps every activation for backward; `input` must stay
   // alive until backward returns.

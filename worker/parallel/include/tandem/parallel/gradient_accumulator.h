@@ -1,0 +1,58 @@
+// Sums a step's per-microbatch gradients on a thread of its own.
+//
+// The sum is pairwise, a binary tree in microbatch order: ((g0 + g1) + (g2 + g3)) + ... With power-of-two
+// degrees this is the very order in which data-parallel replicas' partial sums meet in the
+// recursive-doubling all-reduce, so D replicas of M microbatches compute bitwise the gradient of one
+// worker with D x M microbatches of the same size. Gradient buffers change hands instead of being copied:
+// after each backward the trainer swaps the filled buffer for a zeroed one (zeroedBuffer()) and hands
+// the filled one over (add()), so the sums and the zeroing run while the stage computes its next
+// microbatch instead of delaying the neighbours waiting for it.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "tandem/tensor/tensor.h"
+
+namespace tandem::parallel {
+
+class GradientAccumulator {
+ public:
+  explicit GradientAccumulator(int64_t size);  // floats per gradient buffer
+  ~GradientAccumulator();
+  GradientAccumulator(const GradientAccumulator&) = delete;
+  GradientAccumulator& operator=(const GradientAccumulator&) = delete;
+
+  // A zeroed buffer of `size` floats for the next backward (a fresh one when none is ready yet).
+  FloatBuffer zeroedBuffer();
+  // Takes one microbatch's gradients; summed in the background.
+  void add(FloatBuffer gradients);
+  // Waits for the running sums and returns the total of everything added since the last finish.
+  // Unequal levels (a microbatch count that is not a power of two) fold right to left.
+  FloatBuffer finish();
+  // Gives back a buffer that is no longer needed (zeroed in the background for later use).
+  void recycle(FloatBuffer buffer);
+
+ private:
+  void run();
+  void mergeEqualLevels();
+
+  const int64_t size_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<FloatBuffer> added_;     // handed over, not yet in the tree
+  std::deque<FloatBuffer> dirty_;     // to zero
+  std::vector<FloatBuffer> zeroed_;   // ready for zeroedBuffer()
+  bool working_ = false;              // the thread holds a buffer outside the queues
+  bool stopping_ = false;
+  // Partial sums and their levels: only the thread touches them, and finish() once the thread is idle.
+  std::vector<FloatBuffer> tree_;
+  std::vector<int> levels_;
+  std::thread thread_;
+};
+
+}  // namespace tandem::parallel
