@@ -23,15 +23,24 @@ GradientAccumulator::~GradientAccumulator() {
 }
 
 FloatBuffer GradientAccumulator::zeroedBuffer() {
+  FloatBuffer buffer;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!zeroed_.empty()) {
-      FloatBuffer buffer = std::move(zeroed_.back());
+      buffer = std::move(zeroed_.back());
       zeroed_.pop_back();
       return buffer;
     }
+    if (dirty_.empty()) {  // every buffer is in use: one more, allocated zeroed
+      ++allocated_;
+      return FloatBuffer(size_);
+    }
+    // The thread has not got round to zeroing: do it here rather than grow the pool.
+    buffer = std::move(dirty_.back());
+    dirty_.pop_back();
   }
-  return FloatBuffer(size_);  // allocated zeroed; the pool grows to what a step needs, then stays
+  buffer.zero();
+  return buffer;
 }
 
 void GradientAccumulator::add(FloatBuffer gradients) {
@@ -59,7 +68,11 @@ FloatBuffer GradientAccumulator::finish() {
     dirty_.push_back(std::move(tree_[depth - 1]));
     tree_.pop_back();
   }
-  FloatBuffer total = tree_.empty() ? FloatBuffer(size_) : std::move(tree_.front());
+  if (tree_.empty()) {
+    ++allocated_;
+    tree_.emplace_back(size_);
+  }
+  FloatBuffer total = std::move(tree_.front());
   tree_.clear();
   levels_.clear();
   lock.unlock();

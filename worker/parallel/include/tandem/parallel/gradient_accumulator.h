@@ -9,6 +9,7 @@
 // microbatch instead of delaying the neighbours waiting for it.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -27,7 +28,8 @@ class GradientAccumulator {
   GradientAccumulator(const GradientAccumulator&) = delete;
   GradientAccumulator& operator=(const GradientAccumulator&) = delete;
 
-  // A zeroed buffer of `size` floats for the next backward (a fresh one when none is ready yet).
+  // A zeroed buffer of `size` floats for the next backward: one the thread zeroed, else a recycled one
+  // zeroed here, else a new one (so there are never more buffers than a step holds at once).
   FloatBuffer zeroedBuffer();
   // Takes one microbatch's gradients; summed in the background.
   void add(FloatBuffer gradients);
@@ -36,12 +38,15 @@ class GradientAccumulator {
   FloatBuffer finish();
   // Gives back a buffer that is no longer needed (zeroed in the background for later use).
   void recycle(FloatBuffer buffer);
+  // Buffers allocated so far (the pool only grows while a step holds more than it has).
+  int64_t buffersAllocated() const { return allocated_.load(); }
 
  private:
   void run();
   void mergeEqualLevels();
 
   const int64_t size_;
+  std::atomic<int64_t> allocated_{0};
   std::mutex mutex_;
   std::condition_variable changed_;
   std::deque<FloatBuffer> added_;     // handed over, not yet in the tree

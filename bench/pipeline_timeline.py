@@ -1,0 +1,88 @@
+"""Reads pipeline runs' debug logs (`TANDEM_LOG_LEVEL=debug`, e.g. `pipeline_bench.py --logs DIR`) and
+says how big each run's bubble was and what its ops looked like:
+
+- bubble: from each stage's step timeline and the log's timestamps, a stage's step spans from its
+  start to the end of the pipeline's flush (when the last stage has logged its step), and its bubble is
+  the part of that span it did not compute: the theory's (P-1)/(M+P-1) for equal, steady ops. (The
+  engine counts the same since 2026-11-27; this recomputes it for logs of earlier runs as well.)
+- stage imbalance: the slowest stage's compute over the mean stage's;
+- backward spread: over microbatch indices, the largest median backward over the smallest. Ops that
+  take longer at some microbatches than at others make the neighbours wait even when stages are equal.
+
+    python3 bench/pipeline_timeline.py LOG|DIR [...]     (the first logged step is left out as warm-up)
+"""
+
+import datetime
+import glob
+import os
+import re
+import statistics
+import sys
+
+LINE = re.compile(r"(\d{4}-\d\d-\d\dT[\d:.]+Z) DEBUG .*? step=(\d+) stage (\d+) timeline[^:]*:(.*); sends done ([0-9.]+)")
+OP = re.compile(r"([FB])(\d+) ([0-9.]+)-([0-9.]+) \(waited ([0-9.]+)\)")
+
+
+def milliseconds(stamp):
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp() * 1000
+
+
+def read_steps(path):
+    """{step: {stage: (start ms, end ms, [(kind, microbatch, duration ms)])}} from one run's log."""
+    steps = {}
+    with open(path) as f:
+        for stamp, step, stage, ops, done in LINE.findall(f.read()):
+            end = milliseconds(stamp)  # logged as the stage's sends complete (1 ms resolution)
+            durations = [(kind, int(m), float(b) - float(a)) for kind, m, a, b, _ in OP.findall(ops)]
+            steps.setdefault(int(step), {})[int(stage)] = (end - float(done), end, durations)
+    return steps
+
+
+def analyse(path, warmup_steps=1):
+    steps = {step: by for step, by in read_steps(path).items() if step > warmup_steps}
+    if not steps:
+        return None
+    stages = max(len(by) for by in steps.values())
+    idle = total = 0.0
+    compute = [0.0] * stages
+    backward = {}
+    counted = 0
+    for by in steps.values():
+        if len(by) != stages:
+            continue
+        counted += 1
+        flush = max(end for _, end, _ in by.values())
+        for stage, (start, _, durations) in by.items():
+            busy = sum(d for _, _, d in durations)
+            idle += flush - start - busy
+            total += flush - start
+            compute[stage] += busy
+            for kind, m, d in durations:
+                if kind == "B":
+                    backward.setdefault(m, []).append(d)
+    medians = [statistics.median(v) for v in backward.values()]
+    micro_batches = len(backward)
+    return {"stages": stages, "micro_batches": micro_batches, "steps": counted,
+            "theory": (stages - 1) / (micro_batches + stages - 1), "bubble": idle / total,
+            "imbalance": max(compute) / statistics.mean(compute), "spread": max(medians) / min(medians)}
+
+
+def main():
+    paths = []
+    for argument in sys.argv[1:]:
+        paths += sorted(glob.glob(os.path.join(argument, "*.log"))) if os.path.isdir(argument) else [argument]
+    if not paths:
+        sys.exit(__doc__)
+    print("| run | P | M | steps | theory | bubble | stage imbalance | backward spread |\n|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        result = analyse(path)
+        if result is None:
+            print(f"| {os.path.basename(path)} | no timelines: run with TANDEM_LOG_LEVEL=debug | | | | | | |")
+            continue
+        print(f"| {os.path.basename(path)} | {result['stages']} | {result['micro_batches']} | {result['steps']} | "
+              f"{result['theory']:.1%} | {result['bubble']:.1%} | {result['imbalance']:.2f} | {result['spread']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
