@@ -435,7 +435,9 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   const int64_t outFeatures = network->layer(network->layerCount() - 1).outputFeatures();
   const std::function<void(int64_t)> onGradientsReady = [&](int64_t offset) { allReduce.onGradientsReady(offset); };
   const std::function<void(int64_t)> noHook;
-  parallel::GradientAccumulator accumulator(network->gradientBufferSize());
+  // Several microbatches: their gradients are summed on the accumulator's thread.
+  std::optional<parallel::GradientAccumulator> accumulator;
+  if (microBatches > 1) accumulator.emplace(network->gradientBufferSize());
   double evalSeconds = 0.0;
   std::optional<Clock::time_point> stopDeadline;
   const auto loopStart = Clock::now();
@@ -461,9 +463,9 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     const std::vector<int64_t>& shard = batches.shard(step);
     if (microBatches > 1) {
       // Last step's total (the optimizer has used it) is zeroed in the background for later.
-      FloatBuffer fresh = accumulator.zeroedBuffer();
+      FloatBuffer fresh = accumulator->zeroedBuffer();
       TANDEM_RETURN_IF_ERROR(network->exchangeGradients(fresh));
-      accumulator.recycle(std::move(fresh));
+      accumulator->recycle(std::move(fresh));
     } else {
       network->zeroGradients();
     }
@@ -538,9 +540,9 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
         network->backward(activations[m], gradOutputs[m], noHook, topology.firstStage() ? nullptr : &gradInputs[m]);
         sendGradInput();
         // This microbatch's gradients go to the accumulator's thread; the next backward gets a zeroed buffer.
-        FloatBuffer filled = accumulator.zeroedBuffer();
+        FloatBuffer filled = accumulator->zeroedBuffer();
         TANDEM_RETURN_IF_ERROR(network->exchangeGradients(filled));
-        accumulator.add(std::move(filled));
+        accumulator->add(std::move(filled));
       }
       summary.backwardSeconds += secondsSince(start);
       --live;
@@ -560,9 +562,9 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     }
     if (microBatches > 1) {
       const auto start = Clock::now();
-      FloatBuffer total = accumulator.finish();
+      FloatBuffer total = accumulator->finish();
       TANDEM_RETURN_IF_ERROR(network->exchangeGradients(total));
-      accumulator.recycle(std::move(total));
+      accumulator->recycle(std::move(total));
       if (metricsInGradients) {
         network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
         network->trailingGradientSlots()[1] = stopVote ? 1.0f : 0.0f;
