@@ -1,12 +1,28 @@
 #include "tandem/parallel/gradient_accumulator.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace tandem::parallel {
 namespace {
 
-void addInto(float* __restrict left, const float* __restrict right, int64_t size) {
-  for (int64_t i = 0; i < size; ++i) left[i] = left[i] + right[i];
+// buffers[0] = buffers[0] + (buffers[1] + (... + (buffers[n-2] + buffers[n-1]))): the tree's order of
+// adds, in one pass over memory instead of one pass per add. Blocks stay in L1 between the adds.
+void foldInto(const std::vector<float*>& buffers, int64_t size) {
+  constexpr int64_t kBlock = 512;
+  alignas(64) float partial[kBlock];
+  const int count = static_cast<int>(buffers.size());
+  for (int64_t begin = 0; begin < size; begin += kBlock) {
+    const int64_t length = std::min(kBlock, size - begin);
+    const float* last = buffers[count - 1] + begin;
+    for (int64_t i = 0; i < length; ++i) partial[i] = last[i];
+    for (int b = count - 2; b >= 0; --b) {
+      const float* __restrict left = buffers[b] + begin;
+      for (int64_t i = 0; i < length; ++i) partial[i] = left[i] + partial[i];
+    }
+    float* __restrict out = buffers[0] + begin;
+    for (int64_t i = 0; i < length; ++i) out[i] = partial[i];
+  }
 }
 
 }  // namespace
@@ -63,10 +79,10 @@ FloatBuffer GradientAccumulator::finish() {
   std::unique_lock<std::mutex> lock(mutex_);
   changed_.wait(lock, [&] { return added_.empty() && !working_; });
   // The thread is idle until the next add(): the tree is ours.
-  for (size_t depth = tree_.size(); depth >= 2; --depth) {
-    addInto(tree_[depth - 2].data(), tree_[depth - 1].data(), size_);
-    dirty_.push_back(std::move(tree_[depth - 1]));
-    tree_.pop_back();
+  if (tree_.size() >= 2) {
+    foldTop(tree_.size());
+    for (size_t i = 1; i < tree_.size(); ++i) dirty_.push_back(std::move(tree_[i]));
+    tree_.resize(1);
   }
   if (tree_.empty()) {
     ++allocated_;
@@ -80,17 +96,28 @@ FloatBuffer GradientAccumulator::finish() {
   return total;
 }
 
+void GradientAccumulator::foldTop(size_t count) {
+  std::vector<float*> buffers;
+  for (size_t i = tree_.size() - count; i < tree_.size(); ++i) buffers.push_back(tree_[i].data());
+  foldInto(buffers, size_);
+}
+
 void GradientAccumulator::mergeEqualLevels() {
-  while (tree_.size() >= 2 && levels_[tree_.size() - 1] == levels_[tree_.size() - 2]) {
-    addInto(tree_[tree_.size() - 2].data(), tree_.back().data(), size_);
-    ++levels_[tree_.size() - 2];
-    FloatBuffer merged = std::move(tree_.back());
-    tree_.pop_back();
-    levels_.pop_back();
-    merged.zero();
-    std::lock_guard<std::mutex> lock(mutex_);
-    zeroed_.push_back(std::move(merged));
-  }
+  // The newest sum (level 0) carries up like a binary counter: it merges with the sums of levels 0, 1,
+  // 2, ... sitting right below it, all in one fold.
+  const size_t newest = tree_.size() - 1;
+  size_t merges = 0;
+  while (merges < newest && levels_[newest - 1 - merges] == static_cast<int>(merges)) ++merges;
+  if (merges == 0) return;
+  foldTop(merges + 1);
+  levels_[newest - merges] = static_cast<int>(merges);
+  std::vector<FloatBuffer> merged;
+  for (size_t i = newest - merges + 1; i <= newest; ++i) merged.push_back(std::move(tree_[i]));
+  tree_.resize(newest - merges + 1);
+  levels_.resize(newest - merges + 1);
+  for (auto& buffer : merged) buffer.zero();
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& buffer : merged) zeroed_.push_back(std::move(buffer));
 }
 
 void GradientAccumulator::run() {

@@ -44,6 +44,7 @@ class GradientAccumulator {
  private:
   void run();
   void mergeEqualLevels();
+  void foldTop(size_t count);  // the top `count` partial sums into the lowest of them
 
   const int64_t size_;
   std::atomic<int64_t> allocated_{0};
