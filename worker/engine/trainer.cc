@@ -470,6 +470,12 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       network->zeroGradients();
     }
     double lossSum = 0.0;
+    // Without a pipeline the loss sum and the stop vote ride in the gradients' trailing slots.
+    auto setTrailingSlots = [&] {
+      if (!metricsInGradients) return;
+      network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
+      network->trailingGradientSlots()[1] = stopVote ? 1.0f : 0.0f;
+    };
     int live = 0;
     int64_t liveBytes = 0;
     // Post every receive of the step up front: Gloo moves a message once its receive is posted, so a
@@ -528,10 +534,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
                                                        topology.stage - 1, gradientTag(m)));
       };
       if (microBatches == 1) {
-        if (metricsInGradients) {
-          network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
-          network->trailingGradientSlots()[1] = stopVote ? 1.0f : 0.0f;
-        }
+        setTrailingSlots();
         // One microbatch: its backward finalises the gradients and launches the buckets as it goes.
         network->backward(activations[m], gradOutputs[m], onGradientsReady,
                           topology.firstStage() ? nullptr : &gradInputs[m]);
@@ -561,15 +564,11 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       if (stages > 1) summary.idleSeconds += secondsSince(flushStart);
     }
     if (microBatches > 1) {
-      const auto start = Clock::now();
+      // Outside the pipeline's timing, like the optimizer step: the flush is over.
       FloatBuffer total = accumulator->finish();
       TANDEM_RETURN_IF_ERROR(network->exchangeGradients(total));
       accumulator->recycle(std::move(total));
-      if (metricsInGradients) {
-        network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
-        network->trailingGradientSlots()[1] = stopVote ? 1.0f : 0.0f;
-      }
-      summary.backwardSeconds += secondsSince(start);
+      setTrailingSlots();
       onGradientsReady(0);
     }
     TANDEM_RETURN_IF_ERROR(allReduce.finish().withContext("step " + std::to_string(step + 1)));
