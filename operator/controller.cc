@@ -63,6 +63,10 @@ void trimNode(json& node) {
 
 std::string jobKey(const std::string& nameSpace, const std::string& name) { return nameSpace + "/" + name; }
 
+// The pod informer's indexes.
+constexpr const char* kPodsByJob = "job";    // "namespace/job name"
+constexpr const char* kPodsByNode = "node";  // spec.nodeName
+
 // The tandem.dev/job label of a child; "" when absent.
 std::string jobLabelOf(const json& object) {
   const json::json_pointer labels("/metadata/labels");
@@ -95,11 +99,12 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
     : client_(client), options_(std::move(options)), metrics_(metrics) {
   queue_.setDepthObserver([this](size_t depth) { metrics_.setWorkqueueDepth(static_cast<double>(depth)); });
   auto informer = [&](const char* name, const kube::Resource& resource, std::string selector,
-                      std::function<void(json&)> trim, Informer::Handler handler, bool optional = false) {
+                      std::function<void(json&)> trim, Informer::Handler handler, bool optional = false,
+                      decltype(Informer::Options::indexers) indexers = {}) {
     return std::make_unique<Informer>(
         client_,
         Informer::Options{name, resource.collectionPath(options_.nameSpace), std::move(selector),
-                          options_.watchTimeoutSeconds, std::move(trim), optional},
+                          options_.watchTimeoutSeconds, std::move(trim), optional, std::move(indexers)},
         std::move(handler));
   };
   jobs_ = informer("distributedtrainingjobs", resources::kJobs, "", trimMetadata, [this](const json& job, bool) {
@@ -107,7 +112,14 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
     refreshJobCounts();
   });
   auto child = [this](const json& object, bool) { enqueueOwner(object); };
-  pods_ = informer("pods", resources::kPods, kJobLabel, trimPod, child);
+  // Indexed by job and by node: a reconcile and a node event each read their own pods, not the whole cache.
+  pods_ = informer("pods", resources::kPods, kJobLabel, trimPod, child, /*optional=*/false,
+                   {{kPodsByJob,
+                     [](const json& pod) {
+                       const std::string job = jobLabelOf(pod);
+                       return job.empty() ? job : jobKey(pod["metadata"].value("namespace", ""), job);
+                     }},
+                    {kPodsByNode, [](const json& pod) { return pod.value("/spec/nodeName"_json_pointer, std::string()); }}});
   services_ = informer("services", resources::kServices, kJobLabel, trimToMetadata, child);
   secrets_ = informer("secrets", resources::kSecrets, kJobLabel, trimToMetadata, child);
   configMaps_ = informer("configmaps", resources::kConfigMaps, kJobLabel, trimToMetadata, child);
@@ -116,10 +128,7 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
       "nodes", resources::kNodes, "", trimNode,
       [this](const json& node, bool) {
         const std::string name = node["metadata"].value("name", "");
-        for (const json& pod : pods_->list([&](const json& pod) {
-               return pod.value("/spec/nodeName"_json_pointer, std::string()) == name;
-             }))
-          enqueueOwner(pod);
+        for (const json& pod : pods_->listByIndex(kPodsByNode, name)) enqueueOwner(pod);
       },
       /*optional=*/true);
 }
@@ -224,10 +233,7 @@ void Controller::worker() {
 
 Observed Controller::observe(const JobObject& job) const {
   Observed observed;
-  for (const json& pod : pods_->list([&](const json& pod) {
-         return pod["metadata"].value("namespace", "") == job.nameSpace && jobLabelOf(pod) == job.name;
-       }))
-  {
+  for (const json& pod : pods_->listByIndex(kPodsByJob, jobKey(job.nameSpace, job.name))) {
     ObservedPod observedPod = podFromJson(pod);
     if (!observedPod.nodeName.empty())
       if (auto node = nodes_->get("/" + observedPod.nodeName)) observedPod.nodeUnreachable |= nodeUnreachable(*node);

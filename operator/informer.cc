@@ -71,6 +71,31 @@ std::vector<json> Informer::list(const std::function<bool(const json&)>& filter)
   return out;
 }
 
+std::vector<json> Informer::listByIndex(const std::string& index, const std::string& value) const {
+  std::lock_guard<std::mutex> lock(cacheMutex_);
+  std::vector<json> out;
+  const auto byValue = indexes_.find(index);
+  if (byValue == indexes_.end()) return out;
+  const auto keys = byValue->second.find(value);
+  if (keys == byValue->second.end()) return out;
+  for (const std::string& key : keys->second) out.push_back(cache_.at(key));
+  return out;
+}
+
+void Informer::indexLocked(const std::string& key, const json& object, bool add) {
+  for (const auto& [index, valueOf] : options_.indexers) {
+    const std::string value = valueOf(object);
+    if (value.empty()) continue;
+    auto& keys = indexes_[index][value];
+    if (add) {
+      keys.insert(key);
+    } else {
+      keys.erase(key);
+      if (keys.empty()) indexes_[index].erase(value);
+    }
+  }
+}
+
 size_t Informer::size() const {
   std::lock_guard<std::mutex> lock(cacheMutex_);
   return cache_.size();
@@ -88,7 +113,9 @@ void Informer::storeLocked(const std::string& key, json object) {
     const auto cached = numericVersion(it->second);
     const auto offered = numericVersion(object);
     if (cached && offered && *cached > *offered) return;
+    indexLocked(key, it->second, /*add=*/false);
   }
+  indexLocked(key, object, /*add=*/true);
   cache_[key] = std::move(object);
 }
 
@@ -116,7 +143,10 @@ void Informer::apply(const std::string& type, json object) {
     std::lock_guard<std::mutex> lock(cacheMutex_);
     resourceVersion_ = object.value("/metadata/resourceVersion"_json_pointer, resourceVersion_);
     if (type == "DELETED") {
-      cache_.erase(key);
+      if (auto it = cache_.find(key); it != cache_.end()) {
+        indexLocked(key, it->second, /*add=*/false);
+        cache_.erase(it);
+      }
       const auto now = std::chrono::steady_clock::now();
       for (auto tomb = tombstones_.begin(); tomb != tombstones_.end();)
         tomb = now - tomb->second.seen > std::chrono::minutes(5) ? tombstones_.erase(tomb) : std::next(tomb);
@@ -143,6 +173,8 @@ Status Informer::relist() {
     for (auto& [key, object] : cache_)
       if (fresh.count(key) == 0) gone.push_back(std::move(object));
     cache_ = fresh;
+    indexes_.clear();
+    for (const auto& [key, object] : cache_) indexLocked(key, object, /*add=*/true);
     resourceVersion_ = listed.resourceVersion;
   }
   ++relists_;

@@ -1,13 +1,13 @@
 """Training through `tandem run` with real worker processes: the example reaches its accuracy with 1
 and 4 workers, and 1, 2 and 4 workers follow the same trajectory (parameters after 50 steps); custom
-mode and --bind-cores."""
+mode, --bind-cores and the OpenBLAS kernels workers pick."""
 
 import os
 import re
 import subprocess
 import unittest
 
-from tandem_testlib import TANDEM, TempDirTest, relative_error, read_floats, tandem
+from tandem_testlib import TANDEM, TempDirTest, manifest, relative_error, read_floats, tandem
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 EXAMPLE = os.path.join(ROOT, "manifests", "examples", "fashion-mnist.yaml")
@@ -63,6 +63,44 @@ class DataParallelEquivalence(TempDirTest):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         relative, _ = relative_error(read_floats(path), self.parameters_after_50_steps(1))
         self.assertGreater(relative, 1e-3)
+
+
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+class GemmKernels(TempDirTest):
+    """Workers run OpenBLAS kernels as good as the CPU allows (Debian's OpenBLAS falls back to generic ones on
+    CPUs newer than itself), and a user's OPENBLAS_CORETYPE is kept."""
+
+    AVX512 = {"skylakex", "cooperlake", "sapphirerapids"}
+
+    def kernels(self, env=None):
+        config = self.write("job.yaml", manifest(hidden=(64,)))
+        full_env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+        full_env.update(env or {})
+        result = subprocess.run([TANDEM, "run", config, "--max-steps", "1", "--quiet"], capture_output=True, text=True,
+                                timeout=120, env=full_env)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        match = re.search(r"GEMM threads, OpenBLAS (\w+) kernels", result.stderr)
+        self.assertIsNotNone(match, result.stderr[-2000:])
+        return match.group(1).lower()
+
+    def test_kernels_match_the_cpu(self):
+        flags = cpu_flags()
+        core = self.kernels()
+        print(f"OpenBLAS kernels: {core}")
+        if {"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512cd"} <= flags:
+            self.assertIn(core, self.AVX512)
+        elif {"avx2", "fma"} <= flags:
+            self.assertIn(core, self.AVX512 | {"haswell", "zen"})
+
+    def test_the_users_choice_is_kept(self):
+        self.assertEqual(self.kernels({"OPENBLAS_CORETYPE": "Prescott"}), "prescott")
 
 
 class CustomMode(TempDirTest):

@@ -236,7 +236,9 @@ class OperatorEndToEnd(OperatorTestCase):
 
     def test_operator_killed_mid_job_neither_duplicates_nor_orphans_pods(self):
         ns = self.namespace("failover")
-        self.create_job(ns, synthetic_job("steady", workers=4, epochs=15))
+        # Long enough to still be running after two operator kills and lease takeovers (~16 s of training
+        # on the 2-core dev machine; 15 epochs, 4 s since the workers' GEMMs use AVX-512, once finished first).
+        self.create_job(ns, synthetic_job("steady", workers=4, epochs=60))
         # Kill the operator as soon as the first pod exists: the gang may be half created.
         self.wait_for(lambda: self.pods(ns, "steady"), 60, "first pod", interval=0.02)
         self.operator.kill(signal.SIGKILL)

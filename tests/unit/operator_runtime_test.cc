@@ -363,7 +363,7 @@ TEST(Informer, ListsWatchesAndNeverRevivesAnObjectTheWatchDeleted) {
   kube::KubeClient client(local.config(), fastRetries());
   std::vector<std::string> seen;
   std::mutex seenMutex;
-  operator_core::Informer informer(client, {"pods", "/api/v1/pods", "", 10, operator_core::trimMetadata},
+  operator_core::Informer informer(client, {"pods", "/api/v1/pods", "", 10, operator_core::trimMetadata, false, {}},
                                    [&](const json& object, bool deleted) {
                                      std::lock_guard<std::mutex> lock(seenMutex);
                                      seen.push_back((deleted ? "-" : "+") + object["metadata"].value("name", ""));
@@ -384,6 +384,64 @@ TEST(Informer, ListsWatchesAndNeverRevivesAnObjectTheWatchDeleted) {
   informer.stop();
   std::lock_guard<std::mutex> lock(seenMutex);
   EXPECT_EQ(seen, (std::vector<std::string>{"+a", "-a"}));
+}
+
+TEST(Informer, IndexesFollowListsUpdatesAndDeletions) {
+  LocalServer local;
+  std::atomic<int> watches{0};
+  auto pod = [](const char* name, const char* job, const char* node, int version) {
+    return json{{"metadata", {{"name", name}, {"namespace", "ns"}, {"resourceVersion", std::to_string(version)},
+                              {"labels", {{"tandem.dev/job", job}}}}},
+                {"spec", {{"nodeName", node}}}};
+  };
+  local.server().Get("/api/v1/pods", [&](const httplib::Request& request, httplib::Response& response) {
+    if (request.get_param_value("watch") != "1") {
+      const json list = {{"kind", "PodList"}, {"metadata", {{"resourceVersion", "5"}}},
+                         {"items", {pod("a", "j1", "n1", 3), pod("b", "j1", "n2", 4), pod("c", "j2", "n1", 5)}}};
+      response.set_content(list.dump(), "application/json");
+      return;
+    }
+    if (++watches == 1) {  // b moves to n1, then a is deleted
+      response.set_content(json{{"type", "MODIFIED"}, {"object", pod("b", "j1", "n1", 7)}}.dump() + "\n" +
+                               json{{"type", "DELETED"}, {"object", pod("a", "j1", "n1", 8)}}.dump() + "\n",
+                           "application/json");
+      return;
+    }
+    std::this_thread::sleep_for(100ms);
+    response.set_content("", "application/json");
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  std::atomic<bool> watchedAll{false};
+  operator_core::Informer::Options options{"pods", "/api/v1/pods", "", 10, operator_core::trimMetadata, false, {}};
+  options.indexers["job"] = [](const json& object) {
+    return object["metadata"]["labels"].value("tandem.dev/job", std::string());
+  };
+  options.indexers["node"] = [](const json& object) { return object["spec"].value("nodeName", std::string()); };
+  operator_core::Informer informer(client, options, [&](const json& object, bool deleted) {
+    if (deleted && object["metadata"]["name"] == "a") watchedAll = true;
+  });
+  auto names = [&](const char* index, const char* value) {
+    std::vector<std::string> out;
+    for (const json& object : informer.listByIndex(index, value)) out.push_back(object["metadata"]["name"]);
+    return out;
+  };
+  informer.start();
+  ASSERT_TRUE(informer.waitForSync(5s));
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (!watchedAll && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(5ms);
+  ASSERT_TRUE(watchedAll);
+  EXPECT_EQ(names("job", "j1"), (std::vector<std::string>{"b"}));
+  EXPECT_EQ(names("job", "j2"), (std::vector<std::string>{"c"}));
+  EXPECT_EQ(names("node", "n1"), (std::vector<std::string>{"b", "c"}));
+  EXPECT_TRUE(names("node", "n2").empty());  // b left it
+  EXPECT_TRUE(names("nodes", "n1").empty());  // no such index
+  // A write's newer response re-indexes the object; an older one changes nothing.
+  informer.upsertIfNewer(pod("c", "j2", "n2", 9));
+  informer.upsertIfNewer(pod("b", "j1", "n2", 6));
+  EXPECT_EQ(names("node", "n1"), (std::vector<std::string>{"b"}));
+  EXPECT_EQ(names("node", "n2"), (std::vector<std::string>{"c"}));
+  client.cancel();
+  informer.stop();
 }
 
 // ------------------------------------------------------------------------------------------ conversion

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <functional>
 #include <map>
+#include <set>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -34,6 +35,9 @@ class Informer {
     // Optional: without permission to list (403) it counts as synced with an empty cache and retries slowly,
     // so that the operator still runs where RBAC does not grant it (e.g. nodes under a namespaced Role).
     bool optional = false;
+    // Named indexes: each maps an object to a value ("" = not indexed), and listByIndex(name, value) finds
+    // the objects with that value without scanning the cache (e.g. a job's pods, a node's pods).
+    std::map<std::string, std::function<std::string(const nlohmann::json&)>> indexers;
   };
   // deleted: the object is gone (its last known state is passed).
   using Handler = std::function<void(const nlohmann::json& object, bool deleted)>;
@@ -50,6 +54,8 @@ class Informer {
 
   std::optional<nlohmann::json> get(const std::string& key) const;  // key: "namespace/name"
   std::vector<nlohmann::json> list(const std::function<bool(const nlohmann::json&)>& filter = nullptr) const;
+  // The cached objects whose indexer `index` gives `value`, in key order; empty for an unknown index.
+  std::vector<nlohmann::json> listByIndex(const std::string& index, const std::string& value) const;
   // Visits every cached object under the cache's lock, without copies; `visit` must not call back into it.
   void forEach(const std::function<void(const nlohmann::json&)>& visit) const;
   size_t size() const;
@@ -69,6 +75,8 @@ class Informer {
   void apply(const std::string& type, nlohmann::json object);
   // Caches `object` unless the cache holds a newer version of it. Requires cacheMutex_.
   void storeLocked(const std::string& key, nlohmann::json object);
+  // Adds `key` to (or removes it from) every index under `object`'s values. Requires cacheMutex_.
+  void indexLocked(const std::string& key, const nlohmann::json& object, bool add);
 
   kube::KubeClient& client_;
   Options options_;
@@ -82,6 +90,8 @@ class Informer {
 
   mutable std::mutex cacheMutex_;
   std::map<std::string, nlohmann::json> cache_;
+  // index name -> value -> keys of the cached objects with that value
+  std::map<std::string, std::map<std::string, std::set<std::string>>> indexes_;
   // Keys the watch reported deleted: the resourceVersion of the deletion and when it was seen (pruned after
   // a few minutes; a later relist replaces the cache anyway).
   struct Tombstone {
