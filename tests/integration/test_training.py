@@ -5,6 +5,7 @@ mode, --bind-cores and the OpenBLAS kernels workers pick."""
 import os
 import re
 import subprocess
+import time
 import unittest
 
 from tandem_testlib import TANDEM, TempDirTest, manifest, relative_error, read_floats, tandem
@@ -154,6 +155,27 @@ spec:
         result = tandem("run", self.write("custom.yaml", self.job(script)), timeout=120)
         self.assertEqual(result.returncode, 7, result.stderr[-2000:])
         self.assertIn("worker rank 1 exited with code 7", result.stderr)
+
+    def test_the_killed_worker_is_named_not_the_peer_that_lost_it(self):
+        # Rank 0 exits first with 129 (a peer connection broke), as a survivor does; rank 1, the cause, dies
+        # of SIGKILL 100 ms later. The launcher names rank 1 and exits with its status.
+        script = ("import os, signal, time; time.sleep(1.0)\n"
+                  "if os.environ['RANK'] == '0': os._exit(129)\n"
+                  "time.sleep(0.1); os.kill(os.getpid(), signal.SIGKILL)")
+        result = tandem("run", self.write("custom.yaml", self.job(script)), timeout=60)
+        self.assertEqual(result.returncode, 137, result.stderr[-2000:])
+        self.assertIn("worker rank 1 was killed by signal 9", result.stderr)
+        self.assertNotIn("worker rank 0 exited with code 129", result.stderr)
+
+    def test_a_lone_lost_peer_is_named_after_a_short_wait(self):
+        script = ("import os, time; time.sleep(1.0)\n"
+                  "if os.environ['RANK'] == '0': os._exit(129)\n"
+                  "time.sleep(60)")
+        started = time.monotonic()
+        result = tandem("run", self.write("custom.yaml", self.job(script)), timeout=60)
+        self.assertEqual(result.returncode, 129, result.stderr[-2000:])
+        self.assertIn("worker rank 0 exited with code 129; stopping the other workers", result.stderr)
+        self.assertLess(time.monotonic() - started, 30, "the sleeping rank is stopped, not waited for")
 
     def test_bind_cores_gives_each_worker_cpus_of_its_own(self):
         cpus = sorted(os.sched_getaffinity(0))

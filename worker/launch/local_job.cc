@@ -115,6 +115,9 @@ class ProgressDisplay {
   Clock::time_point lastPrinted_ = Clock::now();
 };
 
+// How long a worker that only lost a peer (exit 129) waits to be named, in case the peer's own death shows up.
+constexpr std::chrono::milliseconds kCauseWait{300};
+
 pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::string, std::string>& environment,
                   int stdoutPipe[2], int stderrPipe[2]) {
   const pid_t parent = getpid();
@@ -283,6 +286,11 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   };
 
   std::optional<Clock::time_point> stopDeadline;  // set once we began stopping the group
+  Worker* suspect = nullptr;                       // the first failed worker, or a better cause found after it
+  Clock::time_point suspectSince;
+  auto lostPeer = [](const Worker& worker) {
+    return WIFEXITED(worker.waitStatus) && WEXITSTATUS(worker.waitStatus) == kExitPeerLost;
+  };
   bool killed = false;
   auto beginStop = [&] {
     if (stopDeadline) return;
@@ -314,20 +322,30 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
         drain(worker, worker.stderrFd, worker.stderrPartial, false);
     }
 
+    // Reap everyone who exited before naming a failure. A worker that lost a peer (exit 129) is a symptom:
+    // the peer that was killed outright is the cause, and may be reaped in the same sweep (after it, when
+    // its rank is higher) or a moment later, so a lone 129 is named only after a short wait for a cause.
     for (auto& worker : group) {
       if (worker.exited) continue;
       if (waitpid(worker.pid, &worker.waitStatus, WNOHANG) != worker.pid) continue;
       worker.exited = true;
       const bool clean = WIFEXITED(worker.waitStatus) && WEXITSTATUS(worker.waitStatus) == 0;
-      if (!clean && result.failedRank < 0 && !stopDeadline) {
-        result.failedRank = worker.rank;
-        result.exitCode = WIFEXITED(worker.waitStatus) ? WEXITSTATUS(worker.waitStatus) : 128 + WTERMSIG(worker.waitStatus);
-        result.failure = "worker rank " + std::to_string(worker.rank) + " " + describeExit(worker.waitStatus);
-        result.failureDetected = Clock::now();
-        display.beforeOutput();
-        std::cerr << "tandem: " << result.failure << "; stopping the other workers" << std::endl;
-        beginStop();
+      if (!clean && (suspect == nullptr || (lostPeer(*suspect) && !lostPeer(worker)))) {
+        if (suspect == nullptr) suspectSince = Clock::now();
+        suspect = &worker;
       }
+    }
+    const bool othersAlive = std::any_of(group.begin(), group.end(), [](const Worker& w) { return !w.exited; });
+    if (suspect != nullptr && result.failedRank < 0 && !stopDeadline &&
+        (!lostPeer(*suspect) || !othersAlive || Clock::now() - suspectSince >= kCauseWait)) {
+      const Worker& worker = *suspect;
+      result.failedRank = worker.rank;
+      result.exitCode = WIFEXITED(worker.waitStatus) ? WEXITSTATUS(worker.waitStatus) : 128 + WTERMSIG(worker.waitStatus);
+      result.failure = "worker rank " + std::to_string(worker.rank) + " " + describeExit(worker.waitStatus);
+      result.failureDetected = suspectSince;
+      display.beforeOutput();
+      std::cerr << "tandem: " << result.failure << "; stopping the other workers" << std::endl;
+      beginStop();
     }
     if (interruptSignal != 0 && !stopDeadline) {
       result.interrupted = true;
