@@ -173,9 +173,10 @@ class OperatorEndToEnd(OperatorTestCase):
         self.assertEqual(conditions["Succeeded"]["status"], "True")
         self.assertEqual(conditions["Succeeded"]["reason"], "AllWorkersSucceeded")
         self.assertEqual(conditions["Running"]["status"], "False")  # the previous phase's condition went False
-        reasons = self.event_reasons(ns, "fmnist")
-        for reason in ("JobCreated", "CreatedWorkers", "AllWorkersRunning", "AllWorkersSucceeded"):
-            self.assertIn(reason, reasons)
+        # The Event is written after the status that says Succeeded: give it a moment.
+        expected = ("JobCreated", "CreatedWorkers", "AllWorkersRunning", "AllWorkersSucceeded")
+        self.wait_for(lambda: all(reason in self.event_reasons(ns, "fmnist") for reason in expected), 30,
+                      f"events {expected}", interval=0.2)
         # Real training happened: rank 0 reported every step of 10 epochs of 60000 samples in batches of 256.
         steps = progress_steps(self.runner.log_of(ns, "fmnist-worker-0"))
         self.assertTrue(steps, self.runner.log_of(ns, "fmnist-worker-0")[-2000:])
