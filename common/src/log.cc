@@ -1,11 +1,11 @@
 #include "tandem/common/log.h"
 
 #include <atomic>
-#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
 #include <mutex>
+#include <utility>
 
 namespace tandem::log {
 namespace {
@@ -44,13 +44,13 @@ void setMinimumLevel(Level level) { minimumLevel = static_cast<int>(level); }
 bool enabled(Level level) { return static_cast<int>(level) >= minimumLevel.load(); }
 
 bool parseLevel(const std::string& name, Level* level) {
-  for (const Level candidate : {Level::kDebug, Level::kInfo, Level::kWarning, Level::kError}) {
-    std::string lower = levelName(candidate);
-    for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    if (name == lower || (candidate == Level::kWarning && name == "warning")) {
-      *level = candidate;
-      return true;
-    }
+  static const std::pair<const char*, Level> kNames[] = {
+      {"debug", Level::kDebug}, {"info", Level::kInfo}, {"warning", Level::kWarning}, {"warn", Level::kWarning},
+      {"error", Level::kError}};
+  for (const auto& [text, value] : kNames) {
+    if (name != text) continue;
+    *level = value;
+    return true;
   }
   return false;
 }

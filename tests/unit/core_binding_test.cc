@@ -23,7 +23,13 @@ CpuTopology machine(int cores, bool hyperthreads) {
 Plan planOf(const CpuTopology& topology, int workers) {
   auto plan = planCoreBinding(topology, workers);
   EXPECT_TRUE(plan.ok()) << plan.status().message();
-  return plan.ok() ? *plan : Plan{};
+  Plan cpus;
+  if (plan.ok())
+    for (const CoreSet& set : *plan) {
+      EXPECT_EQ(set.cores, physicalCoresIn(topology, set.cpus));
+      cpus.push_back(set.cpus);
+    }
+  return cpus;
 }
 
 TEST(CoreBinding, WholeCoresWithTheirHyperthreadsWhenThereAreEnough) {

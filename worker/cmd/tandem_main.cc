@@ -16,7 +16,6 @@
 
 #include "tandem/common/exit_codes.h"
 #include "tandem/config.h"
-#include "tandem/launch/core_binding.h"
 #include "tandem/launch/local_job.h"
 #include "tandem/manifest/job_spec.h"
 
@@ -177,13 +176,12 @@ int run(const std::vector<std::string>& arguments) {
   if (bindCores) {
     auto topology = launch::readCpuTopology();
     auto plan = topology.ok() ? launch::planCoreBinding(*topology, static_cast<int>(spec.workers))
-                              : StatusOr<std::vector<std::vector<int>>>(topology.status());
+                              : StatusOr<std::vector<launch::CoreSet>>(topology.status());
     if (!plan.ok()) {
       std::cerr << plan.status().message() << "\n";
       return kExitInvalidConfig;
     }
-    options.cpuSets = *plan;
-    for (const auto& cpus : options.cpuSets) options.gemmThreads.push_back(launch::physicalCoresIn(*topology, cpus));
+    options.coreSets = std::move(*plan);
   }
   options.spec = spec;
   options.configPath = std::filesystem::absolute(file).string();

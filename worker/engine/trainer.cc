@@ -561,7 +561,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       // stage's wait here for the slower ones is bubble, as in the theory's (P-1)/(M+P-1).
       const auto flushStart = Clock::now();
       TANDEM_RETURN_IF_ERROR(topology.world->allReduce(metrics, 2).withContext("step " + std::to_string(step + 1)));
-      if (stages > 1) summary.idleSeconds += secondsSince(flushStart);
+      summary.idleSeconds += secondsSince(flushStart);  // !metricsInGradients: a pipeline
     }
     if (microBatches > 1) {
       // Outside the pipeline's timing, like the optimizer step: the flush is over.

@@ -51,29 +51,34 @@ StatusOr<CpuTopology> readCpuTopology() {
   return topology;
 }
 
-StatusOr<std::vector<std::vector<int>>> planCoreBinding(const CpuTopology& topology, int workers) {
+StatusOr<std::vector<CoreSet>> planCoreBinding(const CpuTopology& topology, int workers) {
   const std::vector<std::vector<int>> cores = coresOf(topology);
   const int cpuCount = static_cast<int>(topology.cpus.size());
   std::vector<int> ids;
   for (const auto& cpu : topology.cpus) ids.push_back(cpu.id);
-  std::vector<std::vector<int>> plan(workers);
+  std::vector<CoreSet> plan(workers);
   if (workers <= static_cast<int>(cores.size())) {
     const size_t perWorker = cores.size() / workers;
     for (int w = 0; w < workers; ++w)
-      for (size_t c = w * perWorker; c < (w + 1) * perWorker; ++c) plan[w].insert(plan[w].end(), cores[c].begin(), cores[c].end());
+      for (size_t c = w * perWorker; c < (w + 1) * perWorker; ++c)
+        plan[w].cpus.insert(plan[w].cpus.end(), cores[c].begin(), cores[c].end());
   } else if (workers <= cpuCount) {
     // Fewer cores than workers: hyperthreads of one core go to neighbouring ranks.
     std::vector<int> ordered;
     for (const auto& core : cores) ordered.insert(ordered.end(), core.begin(), core.end());
     const size_t perWorker = ordered.size() / workers;
-    for (int w = 0; w < workers; ++w) plan[w].assign(ordered.begin() + w * perWorker, ordered.begin() + (w + 1) * perWorker);
+    for (int w = 0; w < workers; ++w)
+      plan[w].cpus.assign(ordered.begin() + w * perWorker, ordered.begin() + (w + 1) * perWorker);
   } else {
     return TANDEM_ERROR(StatusCode::kInvalidArgument,
                         "--bind-cores: " + std::to_string(workers) + " workers but only " + std::to_string(cpuCount) +
                             " CPUs available to tandem (" + describeCpuList(ids) +
                             "); run fewer workers or drop --bind-cores");
   }
-  for (auto& cpus : plan) std::sort(cpus.begin(), cpus.end());
+  for (auto& set : plan) {
+    std::sort(set.cpus.begin(), set.cpus.end());
+    set.cores = physicalCoresIn(topology, set.cpus);
+  }
   return plan;
 }
 

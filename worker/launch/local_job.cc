@@ -20,7 +20,6 @@
 
 #include "tandem/common/exit_codes.h"
 #include "tandem/common/random.h"
-#include "tandem/launch/core_binding.h"
 
 namespace tandem::launch {
 namespace {
@@ -135,10 +134,10 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   close(stdoutPipe[1]);
   close(stderrPipe[1]);
   for (const auto& [name, value] : environment) setenv(name.c_str(), value.c_str(), 1);
-  if (!options.cpuSets.empty()) {
+  if (!options.coreSets.empty()) {
     cpu_set_t cpus;
     CPU_ZERO(&cpus);
-    for (const int cpu : options.cpuSets[rank]) CPU_SET(cpu, &cpus);
+    for (const int cpu : options.coreSets[rank].cpus) CPU_SET(cpu, &cpus);
     if (sched_setaffinity(0, sizeof(cpus), &cpus) != 0) {
       std::fprintf(stderr, "--bind-cores: cannot bind rank %d to its CPUs: %s\n", rank, std::strerror(errno));
       _exit(kExitInternal);
@@ -210,9 +209,11 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     // Share the cores: each worker's GEMMs get cores/workers threads (its own cores when bound) unless
     // the user chose.
     if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr)
-      environment["OPENBLAS_NUM_THREADS"] = options.cpuSets.empty() ? gemmThreads : std::to_string(options.gemmThreads[rank]);
-    if (!options.cpuSets.empty() && (!options.quiet || options.generation == 0))
-      std::cerr << "tandem: rank " << rank << " bound to CPUs " << describeCpuList(options.cpuSets[rank]) << std::endl;
+      environment["OPENBLAS_NUM_THREADS"] =
+          options.coreSets.empty() ? gemmThreads : std::to_string(options.coreSets[rank].cores);
+    if (!options.coreSets.empty() && (!options.quiet || options.generation == 0))
+      std::cerr << "tandem: rank " << rank << " bound to CPUs " << describeCpuList(options.coreSets[rank].cpus)
+                << std::endl;
     int stdoutPipe[2], stderrPipe[2];
     if (pipe2(stdoutPipe, O_CLOEXEC) != 0 || pipe2(stderrPipe, O_CLOEXEC) != 0) {
       result.exitCode = kExitInternal;

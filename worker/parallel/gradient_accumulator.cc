@@ -126,23 +126,21 @@ void GradientAccumulator::run() {
     changed_.wait(lock, [&] { return stopping_ || !added_.empty() || !dirty_.empty(); });
     if (stopping_) return;
     working_ = true;
-    if (!added_.empty()) {
-      FloatBuffer next = std::move(added_.front());
-      added_.pop_front();
-      lock.unlock();
+    const bool sum = !added_.empty();
+    std::deque<FloatBuffer>& queue = sum ? added_ : dirty_;
+    FloatBuffer next = std::move(queue.front());
+    queue.pop_front();
+    lock.unlock();
+    if (sum) {
       tree_.push_back(std::move(next));
       levels_.push_back(0);
       mergeEqualLevels();
+      lock.lock();
     } else {
-      FloatBuffer next = std::move(dirty_.front());
-      dirty_.pop_front();
-      lock.unlock();
       next.zero();
       lock.lock();
       zeroed_.push_back(std::move(next));
-      lock.unlock();
     }
-    lock.lock();
     working_ = false;
     changed_.notify_all();
   }

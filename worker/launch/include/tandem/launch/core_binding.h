@@ -24,10 +24,16 @@ struct CpuTopology {
 // CPU counts as its own core.
 StatusOr<CpuTopology> readCpuTopology();
 
+// The CPUs one worker runs on, and how many physical cores they span (its GEMM threads).
+struct CoreSet {
+  std::vector<int> cpus;
+  int cores = 0;
+};
+
 // One CPU set per worker, disjoint and equal in size: whole physical cores when there are at least as
 // many as workers (cores / workers each, the rest left unused so that stages stay equal), else single
 // hyperthreads. Fails, naming --bind-cores, when there are fewer CPUs than workers.
-StatusOr<std::vector<std::vector<int>>> planCoreBinding(const CpuTopology& topology, int workers);
+StatusOr<std::vector<CoreSet>> planCoreBinding(const CpuTopology& topology, int workers);
 
 // "0-3,8,10-11"
 std::string describeCpuList(const std::vector<int>& cpus);

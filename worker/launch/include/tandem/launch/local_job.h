@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tandem/launch/core_binding.h"
 #include "tandem/manifest/job_spec.h"
 
 namespace tandem::launch {
@@ -24,9 +25,8 @@ struct LocalJobOptions {
   bool quiet = false;                // no progress display (logs still flow)
   bool customCommand = false;        // workerBinary is the user's command (custom mode): no metrics port
   int64_t generation = 0;            // TANDEM_GENERATION: the job's restart count
-  // --bind-cores: rank r runs on cpuSets[r] with gemmThreads[r] GEMM threads; empty: no binding.
-  std::vector<std::vector<int>> cpuSets;
-  std::vector<int> gemmThreads;
+  // --bind-cores: rank r runs on coreSets[r].cpus with coreSets[r].cores GEMM threads; empty: no binding.
+  std::vector<CoreSet> coreSets;
   // When the previous generation failed: the first step of this one reports the recovery time.
   std::optional<std::chrono::steady_clock::time_point> previousFailure;
 };
