@@ -68,20 +68,32 @@ def analyse(path, warmup_steps=1):
             "imbalance": max(compute) / statistics.mean(compute), "spread": max(medians) / min(medians)}
 
 
+def run_order(path):
+    """P2-M4-GPipe.log before P2-M16-GPipe.log: numbers compared as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
+
+
 def main():
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        sys.exit(__doc__)
     paths = []
     for argument in sys.argv[1:]:
-        paths += sorted(glob.glob(os.path.join(argument, "*.log"))) if os.path.isdir(argument) else [argument]
+        if not os.path.exists(argument):
+            sys.exit(f"pipeline_timeline: {argument}: no such log or directory")
+        paths += glob.glob(os.path.join(argument, "*.log")) if os.path.isdir(argument) else [argument]
     if not paths:
-        sys.exit(__doc__)
-    print("| run | P | M | steps | theory | bubble | stage imbalance | backward spread |\n|---|---|---|---|---|---|---|---|")
-    for path in paths:
+        sys.exit(f"pipeline_timeline: no *.log in {' '.join(sys.argv[1:])}")
+    print("| run | P | M | steps | theory | bubble | over theory | stage imbalance | backward spread |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for path in sorted(paths, key=run_order):
         result = analyse(path)
         if result is None:
-            print(f"| {os.path.basename(path)} | no timelines: run with TANDEM_LOG_LEVEL=debug | | | | | | |")
+            print(f"| {os.path.basename(path)} | no timelines: run with TANDEM_LOG_LEVEL=debug | | | | | | | |")
             continue
+        excess = 100 * (result["bubble"] - result["theory"])
         print(f"| {os.path.basename(path)} | {result['stages']} | {result['micro_batches']} | {result['steps']} | "
-              f"{result['theory']:.1%} | {result['bubble']:.1%} | {result['imbalance']:.2f} | {result['spread']:.2f} |")
+              f"{result['theory']:.1%} | {result['bubble']:.1%} | {excess:+.1f} | {result['imbalance']:.2f} | "
+              f"{result['spread']:.2f} |")
 
 
 if __name__ == "__main__":

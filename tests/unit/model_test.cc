@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <vector>
@@ -80,7 +81,7 @@ TEST(LinearGradient, WeightsBiasAndInputMatchFiniteDifferences) {
     expectGradientNear(gradInput.data()[i], centralDifference(input.data() + i, loss), "input " + std::to_string(i));
 }
 
-TEST(LinearGradient, BackwardAccumulatesIntoParameterGradients) {
+TEST(LinearGradient, BackwardOverwritesParameterGradients) {
   Linear layer(2, 2);
   FloatBuffer parameters(layer.parameterCount()), gradients(layer.parameterCount());
   layer.bindParameters(parameters.data(), gradients.data());
@@ -92,8 +93,11 @@ TEST(LinearGradient, BackwardAccumulatesIntoParameterGradients) {
   layer.forward(input, output);
   layer.backward(input, output, upstream, nullptr, {});
   const std::vector<float> once(gradients.data(), gradients.data() + gradients.size());
+  // Whatever the buffer held before (a spare from the microbatch accumulator, last step's gradients),
+  // backward replaces it: the same bits as into a zeroed buffer.
+  std::fill_n(gradients.data(), gradients.size(), std::numeric_limits<float>::quiet_NaN());
   layer.backward(input, output, upstream, nullptr, {});
-  for (int64_t i = 0; i < gradients.size(); ++i) EXPECT_FLOAT_EQ(gradients.data()[i], 2.0f * once[i]);
+  EXPECT_EQ(std::vector<float>(gradients.data(), gradients.data() + gradients.size()), once);
 }
 
 TEST(LinearForward, ComputesXWTransposePlusBias) {

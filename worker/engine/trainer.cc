@@ -461,14 +461,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     const double exposedBefore = allReduce.exposedSeconds();
     const int64_t bytesBefore = allReduce.bytesReduced();
     const std::vector<int64_t>& shard = batches.shard(step);
-    if (microBatches > 1) {
-      // Last step's total (the optimizer has used it) is zeroed in the background for later.
-      FloatBuffer fresh = accumulator->zeroedBuffer();
-      TANDEM_RETURN_IF_ERROR(network->exchangeGradients(fresh));
-      accumulator->recycle(std::move(fresh));
-    } else {
-      network->zeroGradients();
-    }
+    // No zeroing: backward overwrites the gradients (last step's, which the optimizer has used).
     double lossSum = 0.0;
     // Without a pipeline the loss sum and the stop vote ride in the gradients' trailing slots.
     auto setTrailingSlots = [&] {
@@ -542,8 +535,8 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       } else {
         network->backward(activations[m], gradOutputs[m], noHook, topology.firstStage() ? nullptr : &gradInputs[m]);
         sendGradInput();
-        // This microbatch's gradients go to the accumulator's thread; the next backward gets a zeroed buffer.
-        FloatBuffer filled = accumulator->zeroedBuffer();
+        // This microbatch's gradients go to the accumulator's thread; the next backward gets a spare buffer.
+        FloatBuffer filled = accumulator->spareBuffer();
         TANDEM_RETURN_IF_ERROR(network->exchangeGradients(filled));
         accumulator->add(std::move(filled));
       }

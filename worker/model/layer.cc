@@ -43,13 +43,16 @@ std::vector<int64_t> Linear::gradientReadyOffsets() const {
 void Linear::backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput,
                       const GradientsReady& ready) {
   const int64_t batch = input.rows();
+  // Gradients are overwritten, so nobody zeroes them between backwards: the bias sum starts from zero
+  // here, in cache, and the GEMM's beta = 0 replaces the weight gradient.
+  std::fill_n(biasGrad_, out_, 0.0f);
   kernels::bias_backward(batch, out_, gradOutput.data(), biasGrad_);
   if (ready) ready(in_ * out_);
-  // dW[rows] (rows, in) += dY[:, rows]^T (rows, batch) * X (batch, in), last rows first.
+  // dW[rows] (rows, in) = dY[:, rows]^T (rows, batch) * X (batch, in), last rows first.
   for (int64_t end = out_; end > 0; end -= chunkRows_) {
     const int64_t begin = std::max<int64_t>(0, end - chunkRows_);
     kernels::gemm(Transpose::kYes, Transpose::kNo, end - begin, in_, batch, 1.0f, gradOutput.data() + begin, out_,
-                  input.data(), in_, 1.0f, weightGrad_ + begin * in_, in_);
+                  input.data(), in_, 0.0f, weightGrad_ + begin * in_, in_);
     if (ready) ready(begin * in_);
   }
   if (gradInput != nullptr) {

@@ -1,5 +1,8 @@
 #include "tandem/parallel/gradient_accumulator.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
 #include <utility>
 
@@ -38,24 +41,14 @@ GradientAccumulator::~GradientAccumulator() {
   thread_.join();
 }
 
-FloatBuffer GradientAccumulator::zeroedBuffer() {
-  FloatBuffer buffer;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!zeroed_.empty()) {
-      buffer = std::move(zeroed_.back());
-      zeroed_.pop_back();
-      return buffer;
-    }
-    if (dirty_.empty()) {  // every buffer is in use: one more, allocated zeroed
-      ++allocated_;
-      return FloatBuffer(size_);
-    }
-    // The thread has not got round to zeroing: do it here rather than grow the pool.
-    buffer = std::move(dirty_.back());
-    dirty_.pop_back();
+FloatBuffer GradientAccumulator::spareBuffer() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (spare_.empty()) {  // every buffer is in use: one more
+    ++allocated_;
+    return FloatBuffer(size_);
   }
-  buffer.zero();
+  FloatBuffer buffer = std::move(spare_.back());
+  spare_.pop_back();
   return buffer;
 }
 
@@ -68,11 +61,8 @@ void GradientAccumulator::add(FloatBuffer gradients) {
 }
 
 void GradientAccumulator::recycle(FloatBuffer buffer) {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    dirty_.push_back(std::move(buffer));
-  }
-  changed_.notify_all();
+  std::lock_guard<std::mutex> lock(mutex_);
+  spare_.push_back(std::move(buffer));
 }
 
 FloatBuffer GradientAccumulator::finish() {
@@ -81,18 +71,16 @@ FloatBuffer GradientAccumulator::finish() {
   // The thread is idle until the next add(): the tree is ours.
   if (tree_.size() >= 2) {
     foldTop(tree_.size());
-    for (size_t i = 1; i < tree_.size(); ++i) dirty_.push_back(std::move(tree_[i]));
+    for (size_t i = 1; i < tree_.size(); ++i) spare_.push_back(std::move(tree_[i]));
     tree_.resize(1);
   }
   if (tree_.empty()) {
     ++allocated_;
-    tree_.emplace_back(size_);
+    tree_.emplace_back(size_);  // FloatBuffer starts zeroed
   }
   FloatBuffer total = std::move(tree_.front());
   tree_.clear();
   levels_.clear();
-  lock.unlock();
-  changed_.notify_all();
   return total;
 }
 
@@ -115,32 +103,29 @@ void GradientAccumulator::mergeEqualLevels() {
   for (size_t i = newest - merges + 1; i <= newest; ++i) merged.push_back(std::move(tree_[i]));
   tree_.resize(newest - merges + 1);
   levels_.resize(newest - merges + 1);
-  for (auto& buffer : merged) buffer.zero();
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto& buffer : merged) zeroed_.push_back(std::move(buffer));
+  for (auto& buffer : merged) spare_.push_back(std::move(buffer));
 }
 
 void GradientAccumulator::run() {
+  // The sums are background work: where this thread shares a core with the stage's compute (one core
+  // per stage, or more ranks than cores), it runs only while the stage waits on a neighbour, and what
+  // is left waits for finish(), after the pipeline's flush, instead of stretching the microbatches the
+  // neighbours wait for. With a core to spare it changes nothing. Failure (no SCHED_IDLE) is harmless.
+  sched_param lowest{};
+  pthread_setschedparam(pthread_self(), SCHED_IDLE, &lowest);
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
-    changed_.wait(lock, [&] { return stopping_ || !added_.empty() || !dirty_.empty(); });
+    changed_.wait(lock, [&] { return stopping_ || !added_.empty(); });
     if (stopping_) return;
     working_ = true;
-    const bool sum = !added_.empty();
-    std::deque<FloatBuffer>& queue = sum ? added_ : dirty_;
-    FloatBuffer next = std::move(queue.front());
-    queue.pop_front();
+    FloatBuffer next = std::move(added_.front());
+    added_.pop_front();
     lock.unlock();
-    if (sum) {
-      tree_.push_back(std::move(next));
-      levels_.push_back(0);
-      mergeEqualLevels();
-      lock.lock();
-    } else {
-      next.zero();
-      lock.lock();
-      zeroed_.push_back(std::move(next));
-    }
+    tree_.push_back(std::move(next));
+    levels_.push_back(0);
+    mergeEqualLevels();
+    lock.lock();
     working_ = false;
     changed_.notify_all();
   }

@@ -34,7 +34,7 @@ class Layer {
 
   // input (batch, in) -> output (batch, out); output is reshaped by the layer.
   virtual void forward(const Tensor& input, Tensor& output) = 0;
-  // Accumulates parameter gradients (+=) and, when gradInput is not null, writes dL/dinput.
+  // Writes (overwrites) this batch's parameter gradients and, when gradInput is not null, dL/dinput.
   // Reports finished parameter gradients through `ready` (may be empty) as soon as they are final.
   virtual void backward(const Tensor& input, const Tensor& output, const Tensor& gradOutput, Tensor* gradInput,
                         const GradientsReady& ready) = 0;

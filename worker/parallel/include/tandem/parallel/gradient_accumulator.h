@@ -4,9 +4,9 @@
 // degrees this is the very order in which data-parallel replicas' partial sums meet in the
 // recursive-doubling all-reduce, so D replicas of M microbatches compute bitwise the gradient of one
 // worker with D x M microbatches of the same size. Gradient buffers change hands instead of being copied:
-// after each backward the trainer swaps the filled buffer for a zeroed one (zeroedBuffer()) and hands
-// the filled one over (add()), so the sums and the zeroing run while the stage computes its next
-// microbatch instead of delaying the neighbours waiting for it.
+// after each backward the trainer swaps the filled buffer for a spare one (spareBuffer()) and hands the
+// filled one over (add()). Backward overwrites gradients, so spares are never zeroed, and the sums run
+// while the stage computes its next microbatch instead of delaying the neighbours waiting for it.
 #pragma once
 
 #include <atomic>
@@ -28,15 +28,15 @@ class GradientAccumulator {
   GradientAccumulator(const GradientAccumulator&) = delete;
   GradientAccumulator& operator=(const GradientAccumulator&) = delete;
 
-  // A zeroed buffer of `size` floats for the next backward: one the thread zeroed, else a recycled one
-  // zeroed here, else a new one (so there are never more buffers than a step holds at once).
-  FloatBuffer zeroedBuffer();
+  // A buffer of `size` floats for the next backward to overwrite, its contents unspecified: a spare
+  // one, else a new one (so there are never more buffers than a step holds at once).
+  FloatBuffer spareBuffer();
   // Takes one microbatch's gradients; summed in the background.
   void add(FloatBuffer gradients);
-  // Waits for the running sums and returns the total of everything added since the last finish.
-  // Unequal levels (a microbatch count that is not a power of two) fold right to left.
+  // Waits for the running sums and returns the total of everything added since the last finish (zeros
+  // when nothing was). Unequal levels (a microbatch count that is not a power of two) fold right to left.
   FloatBuffer finish();
-  // Gives back a buffer that is no longer needed (zeroed in the background for later use).
+  // Gives back a buffer that is no longer needed, for spareBuffer().
   void recycle(FloatBuffer buffer);
   // Buffers allocated so far (the pool only grows while a step holds more than it has).
   int64_t buffersAllocated() const { return allocated_.load(); }
@@ -50,10 +50,9 @@ class GradientAccumulator {
   std::atomic<int64_t> allocated_{0};
   std::mutex mutex_;
   std::condition_variable changed_;
-  std::deque<FloatBuffer> added_;     // handed over, not yet in the tree
-  std::deque<FloatBuffer> dirty_;     // to zero
-  std::vector<FloatBuffer> zeroed_;   // ready for zeroedBuffer()
-  bool working_ = false;              // the thread holds a buffer outside the queues
+  std::deque<FloatBuffer> added_;    // handed over, not yet in the tree
+  std::vector<FloatBuffer> spare_;   // for spareBuffer()
+  bool working_ = false;             // the thread holds a buffer outside the queues
   bool stopping_ = false;
   // Partial sums and their levels: only the thread touches them, and finish() once the thread is idle.
   std::vector<FloatBuffer> tree_;
