@@ -96,7 +96,7 @@ Status parallelFor(size_t count, int parallelism, const std::function<Status(siz
 }  // namespace
 
 Controller::Controller(kube::KubeClient& client, ControllerOptions options, OperatorMetrics& metrics)
-    : client_(client), options_(std::move(options)), metrics_(metrics) {
+    : client_(client), options_(std::move(options)), metrics_(metrics), events_(client_, options_.identity) {
   queue_.setDepthObserver([this](size_t depth) { metrics_.setWorkqueueDepth(static_cast<double>(depth)); });
   auto informer = [&](const char* name, const kube::Resource& resource, std::string selector,
                       std::function<void(json&)> trim, Informer::Handler handler, bool optional = false,
@@ -268,6 +268,8 @@ Status Controller::createChild(const kube::Resource& resource, const JobObject& 
   if (!created.ok()) {
     // Already there (an earlier pass, or another replica before it lost the lease): nothing to do.
     if (kube::isAlreadyExists(created.status())) return Status::Ok();
+    const std::string kind = resource.plural.substr(0, resource.plural.size() - 1);  // "services" -> "service"
+    reportRefusedCreate(job, kind + " " + object.value("/metadata/name"_json_pointer, std::string()), created.status());
     return created.status();
   }
   if (cache != nullptr) cache->upsertIfNewer(std::move(created).value());
@@ -288,29 +290,35 @@ Status Controller::deletePod(const JobObject& job, const std::string& name, std:
   return Status::Ok();
 }
 
-void Controller::emitEvent(const JobObject& job, const EmitEvent& event) {
-  const std::string now = formatTime(Clock::now());
-  json object = {
-      {"apiVersion", "v1"},
-      {"kind", "Event"},
-      {"metadata", {{"generateName", job.name + "."}, {"namespace", job.nameSpace}}},
-      {"involvedObject",
-       {{"apiVersion", kJobApiVersion}, {"kind", kJobKind}, {"name", job.name}, {"namespace", job.nameSpace},
-        {"uid", job.uid}}},
-      {"reason", event.reason},
-      {"message", event.message},
-      {"type", eventTypeName(event.type)},
-      {"source", {{"component", "tandem-operator"}}},
-      {"firstTimestamp", now},
-      {"lastTimestamp", now},
-      {"count", 1},
-      {"reportingComponent", "tandem.dev/operator"},
-      {"reportingInstance", options_.identity},
-  };
-  // An Event that cannot be written is logged, never a reason to stop the plan.
-  auto created = client_.create(resources::kEvents.collectionPath(job.nameSpace), object);
-  if (!created.ok()) log::warning() << "event " << event.reason << " on " << job.nameSpace << "/" << job.name << ": "
-                                    << created.status().message();
+void Controller::emitEvent(const JobObject& job, const EmitEvent& event) { events_.record(job, event); }
+
+void Controller::reportRefusedCreate(const JobObject& job, const std::string& what, const Status& status) {
+  const bool refused = status.code() == StatusCode::kInvalidArgument || status.code() == StatusCode::kPermissionDenied;
+  if (!refused) return;  // unavailable, conflicts: transient, retried without telling the user
+  emitEvent(job, EmitEvent{EventType::kWarning, reasons::kFailedCreate, "creating " + what + ": " + status.message()});
+}
+
+Status Controller::createGang(const JobObject& job, const std::vector<const CreatePod*>& gang) {
+  std::atomic<int64_t> created{0};
+  std::vector<Status> results(gang.size());
+  Status status = parallelFor(gang.size(), options_.createParallelism, [&](size_t index) {
+    auto result = client_.create(resources::kPods.collectionPath(job.nameSpace), gang[index]->object);
+    if (!result.ok()) {
+      results[index] = kube::isAlreadyExists(result.status()) ? Status::Ok() : result.status();
+      return results[index];
+    }
+    ++created;
+    pods_->upsertIfNewer(std::move(result).value());
+    return Status::Ok();
+  });
+  metrics_.addPodsCreated(static_cast<double>(created.load()));
+  // The lowest refused rank speaks for the gang: the same refusal on every retry reads the same.
+  for (size_t index = 0; index < gang.size(); ++index) {
+    if (results[index].ok()) continue;
+    reportRefusedCreate(job, "pod " + gang[index]->name, results[index]);
+    break;
+  }
+  return status;
 }
 
 Status Controller::execute(const JobObject& job, const json& jobJson, const Plan& plan) {
@@ -337,16 +345,7 @@ Status Controller::execute(const JobObject& job, const json& jobJson, const Plan
       std::vector<const CreatePod*> gang;
       while (i < actions.size() && std::holds_alternative<CreatePod>(actions[i])) gang.push_back(&std::get<CreatePod>(actions[i++]));
       --i;
-      std::atomic<int64_t> created{0};
-      Status status = parallelFor(gang.size(), options_.createParallelism, [&](size_t index) {
-        auto result = client_.create(resources::kPods.collectionPath(job.nameSpace), gang[index]->object);
-        if (!result.ok()) return kube::isAlreadyExists(result.status()) ? Status::Ok() : result.status();
-        ++created;
-        pods_->upsertIfNewer(std::move(result).value());
-        return Status::Ok();
-      });
-      metrics_.addPodsCreated(static_cast<double>(created.load()));
-      TANDEM_RETURN_IF_ERROR(status);
+      TANDEM_RETURN_IF_ERROR(createGang(job, gang));
     } else if (const auto* remove = std::get_if<DeletePod>(&action)) {
       TANDEM_RETURN_IF_ERROR(deletePod(job, remove->name, remove->force ? std::optional<int64_t>(0) : remove->gracePeriodSeconds));
     } else if (const auto* generation = std::get_if<DeleteGeneration>(&action)) {

@@ -101,11 +101,14 @@ class OperatorTestCase(kube_fixture.KubeTestCase):
             found += [f"{kind}/{item['metadata']['name']}" for item in body["items"]]
         return found
 
-    def event_reasons(self, ns, job):
+    def events(self, ns, job):
         status, body = self.kube.request(
             "GET", f"/api/v1/namespaces/{ns}/events?fieldSelector=involvedObject.name%3D{job}")
         self.assertEqual(status, 200, body)
-        return [event["reason"] for event in sorted(body["items"], key=lambda e: e["metadata"]["creationTimestamp"])]
+        return sorted(body["items"], key=lambda e: e["metadata"]["creationTimestamp"])
+
+    def event_reasons(self, ns, job):
+        return [event["reason"] for event in self.events(ns, job)]
 
     def example(self, name, **spec_changes):
         """manifests/examples/fashion-mnist.yaml as a dict (kubectl converts it), renamed, spec fields replaced."""
@@ -301,6 +304,39 @@ class OperatorEndToEnd(OperatorTestCase):
         generations = {p["metadata"]["labels"]["tandem.dev/generation"] for p in self.pods(ns, "stranded")}
         self.assertTrue(generations and min(int(g) for g in generations) >= 1, generations)
         self.kube.kubectl("delete", "dtj", "-n", ns, "stranded", "--wait=false", check=True)
+
+    def test_refused_pod_creations_are_one_counted_warning_and_the_job_starts_once_allowed(self):
+        ns = self.namespace("quota")
+        # A quota of no pods. Admission enforces status.hard against status.used, which the quota controller
+        # (not run here) would fill in: written by hand instead.
+        quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+        status, body = self.kube.request("POST", f"/api/v1/namespaces/{ns}/resourcequotas", quota)
+        self.assertEqual(status, 201, body)
+        body["status"] = {"hard": {"pods": "0"}, "used": {"pods": "0"}}
+        status, body = self.kube.request("PUT", f"/api/v1/namespaces/{ns}/resourcequotas/no-pods/status", body)
+        self.assertEqual(status, 200, body)
+        self.create_job(ns, synthetic_job("refused", workers=2, epochs=1))
+
+        def counted_warning():
+            failed = [e for e in self.events(ns, "refused") if e["reason"] == "FailedCreate"]
+            return failed if failed and failed[0].get("count", 1) >= 3 else None
+        try:
+            failed = self.wait_for(counted_warning, 60, "a FailedCreate Event counted 3 times", interval=0.5)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\nevents: {json.dumps(self.events(ns, 'refused'), indent=1)}"
+                                 f"\n--- operator log tail\n{self.operator.log()[-4000:]}") from None
+        # The operator retried with backoff, and every refusal went into the one Event.
+        self.assertEqual(len(failed), 1, failed)
+        self.assertEqual(failed[0]["type"], "Warning")
+        self.assertIn("pod refused-worker-0", failed[0]["message"])
+        self.assertIn("no-pods", failed[0]["message"])
+        self.assertGreaterEqual(failed[0]["lastTimestamp"], failed[0]["firstTimestamp"])  # RFC 3339, whole seconds
+        self.assertEqual(self.pods(ns, "refused"), [])
+
+        status, body = self.kube.request("DELETE", f"/api/v1/namespaces/{ns}/resourcequotas/no-pods")
+        self.assertEqual(status, 200, body)
+        self.wait_phase(ns, "refused", "Succeeded", 120, op=self.operator)
+        self.assertEqual(len([e for e in self.events(ns, "refused") if e["reason"] == "FailedCreate"]), 1)
 
     def test_prometheus_scrapes_the_operator_and_every_operator_panel_has_data(self):
         """The dashboard's operator row against Debian's Prometheus scraping the running operator."""

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -14,6 +15,7 @@
 #include "tandem/kube/client.h"
 #include "tandem/kube/config.h"
 #include "tandem/operator/api_convert.h"
+#include "tandem/operator/event_recorder.h"
 #include "tandem/operator/informer.h"
 #include "tandem/operator/work_queue.h"
 
@@ -442,6 +444,108 @@ TEST(Informer, IndexesFollowListsUpdatesAndDeletions) {
   EXPECT_EQ(names("node", "n2"), (std::vector<std::string>{"c"}));
   client.cancel();
   informer.stop();
+}
+
+// ---------------------------------------------------------------------------------------------- events
+
+// An events endpoint that names what it creates job.1, job.2, ... and remembers every write.
+struct EventsServer {
+  LocalServer local;
+  std::mutex mutex;
+  std::vector<json> created;
+  std::vector<std::pair<std::string, json>> patches;  // (event name, patch)
+  std::atomic<bool> patchesNotFound{false};
+
+  EventsServer() {
+    local.server().Post("/api/v1/namespaces/ns/events", [this](const httplib::Request& request, httplib::Response& response) {
+      std::lock_guard<std::mutex> lock(mutex);
+      json event = json::parse(request.body);
+      event["metadata"]["name"] = "job." + std::to_string(created.size() + 1);
+      created.push_back(event);
+      response.status = 201;
+      response.set_content(event.dump(), "application/json");
+    });
+    local.server().Patch(R"(/api/v1/namespaces/ns/events/([^/]+))", [this](const httplib::Request& request,
+                                                                           httplib::Response& response) {
+      if (patchesNotFound) {
+        response.status = 404;
+        response.set_content(R"({"kind":"Status","reason":"NotFound","message":"expired"})", "application/json");
+        return;
+      }
+      std::lock_guard<std::mutex> lock(mutex);
+      patches.emplace_back(request.matches[1], json::parse(request.body));
+      response.set_content("{}", "application/json");
+    });
+  }
+};
+
+operator_core::JobObject eventJob() {
+  operator_core::JobObject job;
+  job.nameSpace = "ns";
+  job.name = "job";
+  job.uid = "uid-1";
+  return job;
+}
+
+TEST(EventRecorder, RepeatsBumpOneEventsCountAndNewMessagesGetTheirOwn) {
+  EventsServer events;
+  kube::KubeClient client(events.local.config(), fastRetries());
+  operator_core::EventRecorder recorder(client, "replica-a");
+  const operator_core::EmitEvent refused{operator_core::EventType::kWarning, "FailedCreate", "pod job-worker-0: quota"};
+  for (int i = 0; i < 3; ++i) recorder.record(eventJob(), refused);
+  recorder.record(eventJob(), {operator_core::EventType::kWarning, "FailedCreate", "pod job-worker-0: admission"});
+  ASSERT_EQ(events.created.size(), 2u);
+  EXPECT_EQ(events.created[0]["reason"], "FailedCreate");
+  EXPECT_EQ(events.created[0]["type"], "Warning");
+  EXPECT_EQ(events.created[0]["count"], 1);
+  EXPECT_EQ(events.created[0]["involvedObject"]["uid"], "uid-1");
+  EXPECT_EQ(events.created[0]["reportingInstance"], "replica-a");
+  EXPECT_EQ(events.created[1]["message"], "pod job-worker-0: admission");
+  ASSERT_EQ(events.patches.size(), 2u);
+  EXPECT_EQ(events.patches[0].first, "job.1");
+  EXPECT_EQ(events.patches[0].second["count"], 2);
+  EXPECT_EQ(events.patches[1].second["count"], 3);
+  EXPECT_TRUE(events.patches[1].second.contains("lastTimestamp"));
+  EXPECT_EQ(recorder.remembered(), 2u);
+  // Another job with the same words is another Event.
+  operator_core::JobObject other = eventJob();
+  other.uid = "uid-2";
+  recorder.record(other, refused);
+  EXPECT_EQ(events.created.size(), 3u);
+}
+
+TEST(EventRecorder, AnEventGoneFromTheServerOrOlderThanTheWindowIsWrittenAfresh) {
+  EventsServer events;
+  kube::KubeClient client(events.local.config(), fastRetries());
+  const operator_core::EmitEvent event{operator_core::EventType::kNormal, "CreatedWorkers", "created 2 pods"};
+  {
+    operator_core::EventRecorder recorder(client, "replica-a");
+    recorder.record(eventJob(), event);
+    events.patchesNotFound = true;  // the API server's event TTL removed it
+    recorder.record(eventJob(), event);
+    EXPECT_EQ(events.created.size(), 2u);
+    events.patchesNotFound = false;
+    recorder.record(eventJob(), event);  // the new one is bumped
+    ASSERT_EQ(events.patches.size(), 1u);
+    EXPECT_EQ(events.patches[0].first, "job.2");
+  }
+  operator_core::EventRecorder forgetful(client, "replica-a", std::chrono::seconds(0));
+  forgetful.record(eventJob(), event);
+  std::this_thread::sleep_for(2ms);
+  forgetful.record(eventJob(), event);
+  EXPECT_EQ(events.created.size(), 4u);
+  EXPECT_EQ(events.patches.size(), 1u);
+}
+
+TEST(EventRecorder, LongMessagesAreCutToWhatTheApiKeeps) {
+  EventsServer events;
+  kube::KubeClient client(events.local.config(), fastRetries());
+  operator_core::EventRecorder recorder(client, "replica-a");
+  recorder.record(eventJob(), {operator_core::EventType::kWarning, "FailedCreate", std::string(5000, 'x')});
+  ASSERT_EQ(events.created.size(), 1u);
+  const std::string message = events.created[0]["message"];
+  EXPECT_EQ(message.size(), 1024u);
+  EXPECT_EQ(message.substr(1021), "...");
 }
 
 // ------------------------------------------------------------------------------------------ conversion

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "tandem/kube/client.h"
+#include "tandem/operator/event_recorder.h"
 #include "tandem/operator/informer.h"
 #include "tandem/operator/operator_metrics.h"
 #include "tandem/operator/plan.h"
@@ -60,12 +61,17 @@ class Controller {
   Status execute(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan);
   Status createChild(const kube::Resource& resource, const JobObject& job, const nlohmann::json& object,
                      Informer* cache);
+  Status createGang(const JobObject& job, const std::vector<const CreatePod*>& gang);
+  // A create the API server refused (quota, admission, validation): a Warning Event, since the job's
+  // status cannot say why it makes no progress. Retries of the same refusal aggregate into one Event.
+  void reportRefusedCreate(const JobObject& job, const std::string& what, const Status& status);
   Status deletePod(const JobObject& job, const std::string& name, std::optional<int64_t> grace);
   void emitEvent(const JobObject& job, const EmitEvent& event);
 
   kube::KubeClient& client_;
   ControllerOptions options_;
   OperatorMetrics& metrics_;
+  EventRecorder events_;
   WorkQueue queue_;
   std::unique_ptr<Informer> jobs_;
   std::unique_ptr<Informer> pods_;

@@ -78,6 +78,8 @@ inline constexpr const char* kDeletedStalePods = "DeletedStalePods";
 inline constexpr const char* kForceDeleted = "ForceDeleted";
 inline constexpr const char* kTtlExpired = "TTLExpired";
 inline constexpr const char* kMissingRendezvousToken = "MissingRendezvousToken";
+// Written by the executor, not planned: the API server refused to create a child object.
+inline constexpr const char* kFailedCreate = "FailedCreate";
 }  // namespace reasons
 
 // Why a pod of the current gang failed.
