@@ -173,6 +173,230 @@ class StageTimeline {
   std::ostringstream text_;
 };
 
+// The mlp's linear layers in contiguous stages, balanced by estimated compute: per sample, a linear
+// layer's forward, weight-gradient and input-gradient GEMMs each cost its multiply-adds, and the first
+// layer skips the input gradient.
+struct MlpPartition {
+  std::vector<int64_t> widths;  // features: input, hidden..., classes
+  std::vector<double> costs;    // per linear layer: multiply-adds per sample, forward + backward
+  std::vector<size_t> starts;   // per stage: its first linear layer
+  size_t first(int stage) const { return starts[stage]; }
+  size_t end(int stage) const { return static_cast<size_t>(stage) + 1 < starts.size() ? starts[stage + 1] : costs.size(); }
+  // A line per stage: layers, parameters, estimated FLOPs.
+  std::string describe() const {
+    std::ostringstream text;
+    for (int stage = 0; stage < static_cast<int>(starts.size()); ++stage) {
+      double multiplyAdds = 0;
+      int64_t parameters = 0;
+      for (size_t k = first(stage); k < end(stage); ++k) {
+        multiplyAdds += costs[k];
+        parameters += widths[k] * widths[k + 1] + widths[k + 1];
+      }
+      text << "\n  stage " << stage << ": linear layers " << first(stage) << "-" << end(stage) - 1 << ", " << parameters
+           << " parameters, " << 2 * multiplyAdds / 1e6 << " MFLOP per sample (forward + backward, estimated)";
+    }
+    return text.str();
+  }
+};
+
+MlpPartition partitionMlp(const manifest::JobSpec& spec, const data::Dataset& train, int stages) {
+  MlpPartition partition;
+  partition.widths.push_back(train.features);
+  partition.widths.insert(partition.widths.end(), spec.model.mlp.hidden.begin(), spec.model.mlp.hidden.end());
+  partition.widths.push_back(train.classes);
+  for (size_t k = 0; k + 1 < partition.widths.size(); ++k)
+    partition.costs.push_back(static_cast<double>(partition.widths[k] * partition.widths[k + 1]) * (k == 0 ? 2.0 : 3.0));
+  partition.starts = parallel::partitionLayers(partition.costs, stages);
+  return partition;
+}
+
+optim::OptimizerOptions optimizerOptionsOf(const manifest::JobSpec& spec) {
+  optim::OptimizerOptions options;
+  options.kind = spec.optimizer.kind;
+  options.weightDecay = spec.optimizer.weightDecay;
+  options.beta1 = spec.optimizer.beta1;
+  options.beta2 = spec.optimizer.beta2;
+  options.eps = spec.optimizer.eps;
+  options.momentum = spec.optimizer.momentum;
+  options.nesterov = spec.optimizer.nesterov;
+  return options;
+}
+
+// One training step of this rank: its forwards and backwards in the schedule's order, the microbatches'
+// inputs, activations and gradients, the neighbours' messages and the microbatch gradient sums. Times
+// go to the summary: compute as forward/backward, waits on a neighbour as idle.
+class StageStep {
+ public:
+  StageStep(model::Sequential& network, const Topology& topology, const data::Dataset& train,
+            std::vector<parallel::PipelineOp> operations, int64_t microBatchSize, int64_t globalBatch,
+            parallel::BucketedAllReduce& allReduce, TrainingSummary& summary)
+      : network_(network), topology_(topology), train_(train), operations_(std::move(operations)),
+        microBatches_(topology.microBatches), microBatchSize_(microBatchSize), globalBatch_(globalBatch),
+        allReduce_(allReduce), summary_(summary), inputs_(microBatches_), gradOutputs_(microBatches_),
+        gradInputs_(microBatches_), activations_(microBatches_), labels_(microBatches_),
+        activationRecvs_(microBatches_), gradientRecvs_(microBatches_) {
+    // Several microbatches: their gradients are summed on the accumulator's thread.
+    if (microBatches_ > 1) accumulator_.emplace(network.gradientBufferSize());
+    // TANDEM_LOG_LEVEL=debug: every pipeline step's timeline, to see which neighbour a stage waits on.
+    if (topology.stages > 1 && log::enabled(log::Level::kDebug)) timeline_.emplace();
+  }
+
+  // The step's forwards and backwards over `shard` (this replica's sample indices), until every send is
+  // done. Returns this rank's loss sum (non-zero on last stages only). Without a pipeline the loss sum and
+  // the stop vote ride in the gradients' trailing slots; with one microbatch its backward launches the
+  // data-parallel buckets as it goes.
+  StatusOr<double> run(const std::vector<int64_t>& shard, bool stopVote, Clock::time_point stepStart) {
+    // No zeroing: backward overwrites the gradients (last step's, which the optimizer has used).
+    lossSum_ = 0.0;
+    stopVote_ = stopVote;
+    live_ = 0;
+    liveBytes_ = 0;
+    postReceives();
+    if (timeline_) timeline_->begin(stepStart);
+    for (const parallel::PipelineOp& op : operations_) {
+      const auto opStart = Clock::now();
+      TANDEM_ASSIGN_OR_RETURN(Clock::time_point computeStart, op.kind == parallel::PipelineOpKind::kForward
+                                                                  ? forward(op.microBatch, shard)
+                                                                  : backward(op.microBatch));
+      if (timeline_) timeline_->record(op, opStart, computeStart);
+    }
+    for (auto& send : sends_) TANDEM_RETURN_IF_ERROR(waitIdle(send));
+    sends_.clear();
+    if (timeline_) log::debug() << "stage " << topology_.stage << " timeline " << timeline_->finish();
+    return lossSum_;
+  }
+
+  // After the pipeline's flush: the microbatches' gradient sum goes into the model and to the
+  // data-parallel all-reduce (a single microbatch's backward launched it already).
+  Status finishGradients() {
+    if (!accumulator_) return Status::Ok();
+    FloatBuffer total = accumulator_->finish();
+    TANDEM_RETURN_IF_ERROR(network_.exchangeGradients(total));
+    accumulator_->recycle(std::move(total));
+    setTrailingSlots();
+    allReduce_.onGradientsReady(0);
+    return Status::Ok();
+  }
+
+ private:
+  // Post every receive of the step up front: Gloo moves a message once its receive is posted, so a
+  // neighbour's activations and gradients arrive while this stage computes instead of on demand.
+  void postReceives() {
+    if (topology_.stages == 1) return;
+    const int64_t inFeatures = network_.layer(0).inputFeatures();
+    const int64_t outFeatures = network_.layer(network_.layerCount() - 1).outputFeatures();
+    for (int m = 0; m < microBatches_; ++m) {
+      if (!topology_.firstStage()) {
+        inputs_[m].reshape({microBatchSize_, inFeatures});
+        activationRecvs_[m] = topology_.pipeline->recvAsync(inputs_[m].data(), inputs_[m].size() * 4,
+                                                            topology_.stage - 1, activationTag(m));
+      }
+      if (!topology_.lastStage()) {
+        gradOutputs_[m].reshape({microBatchSize_, outFeatures});
+        gradientRecvs_[m] = topology_.pipeline->recvAsync(gradOutputs_[m].data(), gradOutputs_[m].size() * 4,
+                                                          topology_.stage + 1, gradientTag(m));
+      }
+    }
+  }
+
+  // Returns when its compute started (after any wait on the previous stage).
+  StatusOr<Clock::time_point> forward(int m, const std::vector<int64_t>& shard) {
+    // Labels are needed by the last stage, inputs by the first; gather fills both.
+    microIndices_.assign(shard.begin() + m * microBatchSize_, shard.begin() + (m + 1) * microBatchSize_);
+    if (topology_.firstStage())
+      train_.gather(microIndices_, inputs_[m], labels_[m]);
+    else if (topology_.lastStage())
+      train_.gatherLabels(microIndices_, labels_[m]);
+    if (!topology_.firstStage()) TANDEM_RETURN_IF_ERROR(waitIdle(activationRecvs_[m]));
+    const auto start = Clock::now();
+    const Tensor& output = network_.forward(inputs_[m], activations_[m]);
+    ++live_;
+    liveBytes_ += activations_[m].bytes();
+    summary_.peakMicroBatchesInFlight = std::max(summary_.peakMicroBatchesInFlight, live_);
+    summary_.peakActivationBytes = std::max(summary_.peakActivationBytes, liveBytes_);
+    if (topology_.lastStage()) {
+      gradOutputs_[m].reshape(output.shape());
+      lossSum_ += kernels::softmax_cross_entropy(output.rows(), output.cols(), output.data(), labels_[m].data(),
+                                                 1.0f / static_cast<float>(globalBatch_), gradOutputs_[m].data(),
+                                                 nullptr);
+      summary_.forwardSeconds += secondsSince(start);
+    } else {
+      summary_.forwardSeconds += secondsSince(start);
+      sends_.push_back(
+          topology_.pipeline->sendAsync(output.data(), output.size() * 4, topology_.stage + 1, activationTag(m)));
+    }
+    return start;
+  }
+
+  StatusOr<Clock::time_point> backward(int m) {
+    if (!topology_.lastStage()) TANDEM_RETURN_IF_ERROR(waitIdle(gradientRecvs_[m]));
+    const auto start = Clock::now();
+    Tensor* gradInput = topology_.firstStage() ? nullptr : &gradInputs_[m];
+    if (microBatches_ == 1) {
+      setTrailingSlots();
+      // One microbatch: its backward finalises the gradients and launches the buckets as it goes.
+      network_.backward(activations_[m], gradOutputs_[m],
+                        [this](int64_t offset) { allReduce_.onGradientsReady(offset); }, gradInput);
+      sendGradInput(m);
+    } else {
+      network_.backward(activations_[m], gradOutputs_[m], {}, gradInput);
+      sendGradInput(m);
+      // This microbatch's gradients go to the accumulator's thread; the next backward gets a spare buffer.
+      FloatBuffer filled = accumulator_->spareBuffer();
+      TANDEM_RETURN_IF_ERROR(network_.exchangeGradients(filled));
+      accumulator_->add(std::move(filled));
+    }
+    summary_.backwardSeconds += secondsSince(start);
+    --live_;
+    liveBytes_ -= activations_[m].bytes();
+    return start;
+  }
+
+  // dL/dinput goes to the previous stage as soon as backward has it, before this stage's own gradient
+  // bookkeeping: that stage is waiting for it.
+  void sendGradInput(int m) {
+    if (topology_.firstStage()) return;
+    sends_.push_back(topology_.pipeline->sendAsync(gradInputs_[m].data(), gradInputs_[m].size() * 4,
+                                                   topology_.stage - 1, gradientTag(m)));
+  }
+
+  void setTrailingSlots() {
+    if (network_.trailingGradientSlotCount() < 2) return;  // a pipeline: the metrics travel on their own
+    network_.trailingGradientSlots()[0] = static_cast<float>(lossSum_);
+    network_.trailingGradientSlots()[1] = stopVote_ ? 1.0f : 0.0f;
+  }
+
+  // Blocks on a neighbour; the time counts as pipeline idle.
+  Status waitIdle(const std::shared_ptr<comm::Work>& work) {
+    const auto start = Clock::now();
+    Status status = work->wait();
+    summary_.idleSeconds += secondsSince(start);
+    return status;
+  }
+
+  model::Sequential& network_;
+  const Topology& topology_;
+  const data::Dataset& train_;
+  const std::vector<parallel::PipelineOp> operations_;
+  const int microBatches_;
+  const int64_t microBatchSize_, globalBatch_;
+  parallel::BucketedAllReduce& allReduce_;
+  TrainingSummary& summary_;
+  // Per microbatch: inputs (data or the previous stage's activations), activations kept for backward,
+  // dL/doutput (from the loss or the next stage), dL/dinput (sent back), labels.
+  std::vector<Tensor> inputs_, gradOutputs_, gradInputs_;
+  std::vector<model::Activations> activations_;
+  std::vector<std::vector<int32_t>> labels_;
+  std::vector<std::shared_ptr<comm::Work>> activationRecvs_, gradientRecvs_, sends_;
+  std::vector<int64_t> microIndices_;
+  std::optional<parallel::GradientAccumulator> accumulator_;
+  std::optional<StageTimeline> timeline_;
+  double lossSum_ = 0.0;
+  bool stopVote_ = false;
+  int live_ = 0;             // microbatches whose activations are held
+  int64_t liveBytes_ = 0;
+};
+
 // Where a stage keeps its checkpoints: <dir>/<job name> without pipelines, <dir>/<job name>/stage-<s>
 // with them (each stage's shards are verified and published on their own; the stages then agree on
 // the newest step that every one of them holds).
@@ -300,41 +524,18 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   TANDEM_ASSIGN_OR_RETURN(Topology topology, makeTopology(options));
   const int stages = topology.stages, microBatches = topology.microBatches;
 
-  // Partition the linear layers into contiguous stages, balanced by estimated compute: per sample, a
-  // linear layer's forward, weight-gradient and input-gradient GEMMs each cost its multiply-adds, and
-  // the first layer skips the input gradient.
-  const auto& hidden = spec.model.mlp.hidden;
-  std::vector<int64_t> widths{data.train.features};
-  widths.insert(widths.end(), hidden.begin(), hidden.end());
-  widths.push_back(data.train.classes);
-  std::vector<double> costs;
-  for (size_t k = 0; k + 1 < widths.size(); ++k)
-    costs.push_back(static_cast<double>(widths[k] * widths[k + 1]) * (k == 0 ? 2.0 : 3.0));
-  const std::vector<size_t> starts = parallel::partitionLayers(costs, stages);
-  const size_t firstLinear = starts[topology.stage];
-  const size_t endLinear = topology.stage + 1 < stages ? starts[topology.stage + 1] : costs.size();
-  if (isLeader && stages > 1) {
-    std::ostringstream partition;
-    for (int stage = 0; stage < stages; ++stage) {
-      const size_t first = starts[stage], end = stage + 1 < stages ? starts[stage + 1] : costs.size();
-      double multiplyAdds = 0;  // forward + backward, per sample
-      int64_t parameters = 0;
-      for (size_t k = first; k < end; ++k) {
-        multiplyAdds += costs[k];
-        parameters += widths[k] * widths[k + 1] + widths[k + 1];
-      }
-      partition << "\n  stage " << stage << ": linear layers " << first << "-" << end - 1 << ", " << parameters
-                << " parameters, " << 2 * multiplyAdds / 1e6 << " MFLOP per sample (forward + backward, estimated)";
-    }
+  const MlpPartition partition = partitionMlp(spec, data.train, stages);
+  const size_t firstLinear = partition.first(topology.stage), endLinear = partition.end(topology.stage);
+  if (isLeader && stages > 1)
     log::info() << "pipeline of " << stages << " stages x " << topology.replicas << " replicas, " << microBatches
-                << " microbatches, " << spec.parallelism.schedule << "; partition by estimated FLOPs:" << partition.str();
-  }
+                << " microbatches, " << spec.parallelism.schedule << "; partition by estimated FLOPs:"
+                << partition.describe();
 
   // Without a pipeline, two trailing gradient slots ride with the first all-reduce bucket: the local
   // loss sum and this rank's stop vote (so every rank stops after the same step when any one was asked).
   // With a pipeline, the last stages hold the loss, so both travel in one small world all-reduce.
   const bool metricsInGradients = stages == 1;
-  auto network = model::buildMlpSlice(data.train.features, hidden, data.train.classes, activationOf(spec), firstLinear,
+  auto network = model::buildMlpSlice(data.train.features, spec.model.mlp.hidden, data.train.classes, activationOf(spec), firstLinear,
                                       endLinear, metricsInGradients ? 2 : 0);
   network->initialize(static_cast<uint64_t>(spec.training.seed), 2 * firstLinear);
   if (topology.dataParallel != nullptr)  // identical by seed already; the broadcast makes it a guarantee
@@ -342,15 +543,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
                                .withContext("sharing initial parameters"));
   if (isLeader) log::info() << "model mlp" << (stages > 1 ? " (stage 0)" : "") << ":\n" << network->describe();
 
-  optim::OptimizerOptions optimizerOptions;
-  optimizerOptions.kind = spec.optimizer.kind;
-  optimizerOptions.weightDecay = spec.optimizer.weightDecay;
-  optimizerOptions.beta1 = spec.optimizer.beta1;
-  optimizerOptions.beta2 = spec.optimizer.beta2;
-  optimizerOptions.eps = spec.optimizer.eps;
-  optimizerOptions.momentum = spec.optimizer.momentum;
-  optimizerOptions.nesterov = spec.optimizer.nesterov;
-  optim::Optimizer optimizer(optimizerOptions, network->parameterCount());
+  optim::Optimizer optimizer(optimizerOptionsOf(spec), network->parameterCount());
 
   std::string modelDescription = describeModel(spec, data.train);
   if (stages > 1) modelDescription += ", stage " + std::to_string(topology.stage) + " of " + std::to_string(stages);
@@ -424,33 +617,10 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     checkpointer->submit(std::move(state));
   };
 
-  // Per-microbatch state: inputs (data or the previous stage's activations), activations kept for
-  // backward, dL/doutput (from the loss or the next stage), dL/dinput (sent back).
-  std::vector<Tensor> inputs(microBatches), gradOutputs(microBatches), gradInputs(microBatches);
-  std::vector<model::Activations> activations(microBatches);
-  std::vector<std::vector<int32_t>> labels(microBatches);
-  std::vector<int64_t> microIndices;
-  std::vector<std::shared_ptr<comm::Work>> sends;
-  const int64_t inFeatures = network->layer(0).inputFeatures();
-  const int64_t outFeatures = network->layer(network->layerCount() - 1).outputFeatures();
-  const std::function<void(int64_t)> onGradientsReady = [&](int64_t offset) { allReduce.onGradientsReady(offset); };
-  const std::function<void(int64_t)> noHook;
-  // Several microbatches: their gradients are summed on the accumulator's thread.
-  std::optional<parallel::GradientAccumulator> accumulator;
-  if (microBatches > 1) accumulator.emplace(network->gradientBufferSize());
+  StageStep stageStep(*network, topology, data.train, operations, microBatchSize, globalBatch, allReduce, summary);
   double evalSeconds = 0.0;
   std::optional<Clock::time_point> stopDeadline;
   const auto loopStart = Clock::now();
-  // TANDEM_LOG_LEVEL=debug: every pipeline step's timeline, to see which neighbour a stage waits on.
-  std::optional<StageTimeline> timeline;
-  if (stages > 1 && log::enabled(log::Level::kDebug)) timeline.emplace();
-  // Blocks on a neighbour; the time counts as pipeline idle.
-  auto waitIdle = [&](const std::shared_ptr<comm::Work>& work) {
-    const auto start = Clock::now();
-    Status status = work->wait();
-    summary.idleSeconds += secondsSince(start);
-    return status;
-  };
 
   for (int64_t step = firstStep; step < totalSteps; ++step) {
     const bool stopVote = options.stopRequested != nullptr && options.stopRequested->load();
@@ -460,94 +630,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     const auto stepStart = Clock::now();
     const double exposedBefore = allReduce.exposedSeconds();
     const int64_t bytesBefore = allReduce.bytesReduced();
-    const std::vector<int64_t>& shard = batches.shard(step);
-    // No zeroing: backward overwrites the gradients (last step's, which the optimizer has used).
-    double lossSum = 0.0;
-    // Without a pipeline the loss sum and the stop vote ride in the gradients' trailing slots.
-    auto setTrailingSlots = [&] {
-      if (!metricsInGradients) return;
-      network->trailingGradientSlots()[0] = static_cast<float>(lossSum);
-      network->trailingGradientSlots()[1] = stopVote ? 1.0f : 0.0f;
-    };
-    int live = 0;
-    int64_t liveBytes = 0;
-    // Post every receive of the step up front: Gloo moves a message once its receive is posted, so a
-    // neighbour's activations and gradients arrive while this stage computes instead of on demand.
-    std::vector<std::shared_ptr<comm::Work>> activationRecvs(microBatches), gradientRecvs(microBatches);
-    for (int m = 0; m < microBatches && stages > 1; ++m) {
-      if (!topology.firstStage()) {
-        inputs[m].reshape({microBatchSize, inFeatures});
-        activationRecvs[m] = topology.pipeline->recvAsync(inputs[m].data(), inputs[m].size() * 4, topology.stage - 1,
-                                                          activationTag(m));
-      }
-      if (!topology.lastStage()) {
-        gradOutputs[m].reshape({microBatchSize, outFeatures});
-        gradientRecvs[m] = topology.pipeline->recvAsync(gradOutputs[m].data(), gradOutputs[m].size() * 4,
-                                                        topology.stage + 1, gradientTag(m));
-      }
-    }
-    if (timeline) timeline->begin(stepStart);
-    for (size_t o = 0; o < operations.size(); ++o) {
-      const parallel::PipelineOp op = operations[o];
-      const int m = op.microBatch;
-      const auto opStart = Clock::now();
-      if (op.kind == parallel::PipelineOpKind::kForward) {
-        // Labels are needed by the last stage, inputs by the first; gather fills both.
-        microIndices.assign(shard.begin() + m * microBatchSize, shard.begin() + (m + 1) * microBatchSize);
-        if (topology.firstStage())
-          data.train.gather(microIndices, inputs[m], labels[m]);
-        else if (topology.lastStage())
-          data.train.gatherLabels(microIndices, labels[m]);
-        if (!topology.firstStage()) TANDEM_RETURN_IF_ERROR(waitIdle(activationRecvs[m]));
-        const auto start = Clock::now();
-        const Tensor& output = network->forward(inputs[m], activations[m]);
-        ++live;
-        liveBytes += activations[m].bytes();
-        summary.peakMicroBatchesInFlight = std::max(summary.peakMicroBatchesInFlight, live);
-        summary.peakActivationBytes = std::max(summary.peakActivationBytes, liveBytes);
-        if (topology.lastStage()) {
-          gradOutputs[m].reshape(output.shape());
-          lossSum += kernels::softmax_cross_entropy(output.rows(), output.cols(), output.data(), labels[m].data(),
-                                                    1.0f / static_cast<float>(globalBatch), gradOutputs[m].data(), nullptr);
-          summary.forwardSeconds += secondsSince(start);
-        } else {
-          summary.forwardSeconds += secondsSince(start);
-          sends.push_back(topology.pipeline->sendAsync(output.data(), output.size() * 4, topology.stage + 1, activationTag(m)));
-        }
-        if (timeline) timeline->record(op, opStart, start);
-        continue;
-      }
-      if (!topology.lastStage()) TANDEM_RETURN_IF_ERROR(waitIdle(gradientRecvs[m]));
-      const auto start = Clock::now();
-      // dL/dinput goes to the previous stage as soon as backward has it, before this stage's own
-      // gradient bookkeeping: that stage is waiting for it.
-      auto sendGradInput = [&] {
-        if (!topology.firstStage())
-          sends.push_back(topology.pipeline->sendAsync(gradInputs[m].data(), gradInputs[m].size() * 4,
-                                                       topology.stage - 1, gradientTag(m)));
-      };
-      if (microBatches == 1) {
-        setTrailingSlots();
-        // One microbatch: its backward finalises the gradients and launches the buckets as it goes.
-        network->backward(activations[m], gradOutputs[m], onGradientsReady,
-                          topology.firstStage() ? nullptr : &gradInputs[m]);
-        sendGradInput();
-      } else {
-        network->backward(activations[m], gradOutputs[m], noHook, topology.firstStage() ? nullptr : &gradInputs[m]);
-        sendGradInput();
-        // This microbatch's gradients go to the accumulator's thread; the next backward gets a spare buffer.
-        FloatBuffer filled = accumulator->spareBuffer();
-        TANDEM_RETURN_IF_ERROR(network->exchangeGradients(filled));
-        accumulator->add(std::move(filled));
-      }
-      summary.backwardSeconds += secondsSince(start);
-      --live;
-      liveBytes -= activations[m].bytes();
-      if (timeline) timeline->record(op, opStart, start);
-    }
-    for (auto& send : sends) TANDEM_RETURN_IF_ERROR(waitIdle(send));
-    sends.clear();
-    if (timeline) log::debug() << "stage " << topology.stage << " timeline " << timeline->finish();
+    TANDEM_ASSIGN_OR_RETURN(const double lossSum, stageStep.run(batches.shard(step), stopVote, stepStart));
     float metrics[2] = {static_cast<float>(lossSum), stopVote ? 1.0f : 0.0f};
     if (!metricsInGradients && topology.world != nullptr) {
       // The pipeline's flush: when this all-reduce returns, every stage has run all its microbatches. A
@@ -556,14 +639,8 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       TANDEM_RETURN_IF_ERROR(topology.world->allReduce(metrics, 2).withContext("step " + std::to_string(step + 1)));
       summary.idleSeconds += secondsSince(flushStart);  // !metricsInGradients: a pipeline
     }
-    if (microBatches > 1) {
-      // Outside the pipeline's timing, like the optimizer step: the flush is over.
-      FloatBuffer total = accumulator->finish();
-      TANDEM_RETURN_IF_ERROR(network->exchangeGradients(total));
-      accumulator->recycle(std::move(total));
-      setTrailingSlots();
-      onGradientsReady(0);
-    }
+    // Outside the pipeline's timing, like the optimizer step: the flush is over.
+    TANDEM_RETURN_IF_ERROR(stageStep.finishGradients());
     TANDEM_RETURN_IF_ERROR(allReduce.finish().withContext("step " + std::to_string(step + 1)));
     if (metricsInGradients) {
       metrics[0] = network->trailingGradientSlots()[0];
