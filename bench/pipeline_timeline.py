@@ -28,14 +28,23 @@ def milliseconds(stamp):
         tzinfo=datetime.timezone.utc).timestamp() * 1000
 
 
+def parse_timelines(text):
+    """Every stage step timeline in a log's text, in order: (timestamp, step, stage, ops, sends done ms),
+    where ops are (kind "F"/"B", microbatch, compute start ms, compute end ms, waited ms)."""
+    return [(stamp, int(step), int(stage),
+             [(kind, int(m), float(a), float(b), float(waited)) for kind, m, a, b, waited in OP.findall(ops)],
+             float(done))
+            for stamp, step, stage, ops, done in LINE.findall(text)]
+
+
 def read_steps(path):
     """{step: {stage: (start ms, end ms, [(kind, microbatch, duration ms)])}} from one run's log."""
     steps = {}
     with open(path) as f:
-        for stamp, step, stage, ops, done in LINE.findall(f.read()):
+        for stamp, step, stage, ops, done in parse_timelines(f.read()):
             end = milliseconds(stamp)  # logged as the stage's sends complete (1 ms resolution)
-            durations = [(kind, int(m), float(b) - float(a)) for kind, m, a, b, _ in OP.findall(ops)]
-            steps.setdefault(int(step), {})[int(stage)] = (end - float(done), end, durations)
+            durations = [(kind, m, b - a) for kind, m, a, b, _ in ops]
+            steps.setdefault(step, {})[stage] = (end - done, end, durations)
     return steps
 
 

@@ -7,10 +7,14 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import threading
 import unittest
 
 from tandem_testlib import TANDEM, TempDirTest, children_of, rank_of, read_floats, relative_error, tandem, wait_for
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+import pipeline_timeline  # noqa: E402  (the benchmark's reader of the same logs)
 
 HIDDEN = "[512, 512, 512, 512]"  # the example mlp with extra hidden layers: 784-512-512-512-512-10
 # Equal GEMM threading on every side: OpenBLAS' blocking (hence float rounding) depends on it.
@@ -111,29 +115,25 @@ class StageTimeline(TempDirTest):
     """TANDEM_LOG_LEVEL=debug logs every step's timeline per stage: the schedule's ops in order, each
     with its wait on a neighbour and its compute, in ms from the step's start."""
 
-    OP = re.compile(r"([FB])(\d+) ([0-9.]+)-([0-9.]+) \(waited ([0-9.]+)\)")
-
     def test_debug_level_logs_each_stage_step_in_schedule_order(self):
         env = dict(ONE_THREAD, TANDEM_LOG_LEVEL="debug")
         result = tandem("run", self.write("job.yaml", pipeline_job(2, 2, 2, "GPipe")), "--max-steps", "3", "--quiet",
                         env=env)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        lines = re.findall(r"DEBUG .* step=(\d+) stage (\d) timeline \(ms from the step's start\):(.*); sends done "
-                           r"([0-9.]+)", result.stderr)
-        self.assertEqual(sorted((int(step), int(stage)) for step, stage, _, _ in lines),
+        # Read by the bench's own reader, so a change of the format breaks this test, not the benchmark.
+        lines = pipeline_timeline.parse_timelines(result.stderr)
+        self.assertEqual(sorted((step, stage) for _, step, stage, _, _ in lines),
                          [(step, stage) for step in (1, 2, 3) for stage in (0, 1)], result.stderr[-3000:])
-        for step, stage, ops, sends_done in lines:
-            parsed = self.OP.findall(ops)
-            self.assertEqual([kind + micro for kind, micro, *_ in parsed], ["F0", "F1", "B0", "B1"], ops)
+        for _, step, stage, ops, sends_done in lines:
+            self.assertEqual([f"{kind}{micro}" for kind, micro, *_ in ops], ["F0", "F1", "B0", "B1"], ops)
             previous_end = 0.0
-            for kind, micro, start, end, waited in parsed:
-                start, end, waited = float(start), float(end), float(waited)
+            for kind, micro, start, end, waited in ops:
                 self.assertLessEqual(previous_end, start - waited + 0.2, ops)  # rounded to 0.1 ms
                 self.assertLessEqual(start, end, ops)
                 previous_end = end
-            self.assertLessEqual(previous_end, float(sends_done), ops)
+            self.assertLessEqual(previous_end, sends_done, ops)
         # The last stage starts each step waiting for the first microbatch's activations.
-        self.assertTrue(any(float(self.OP.findall(ops)[0][4]) > 0 for _, stage, ops, _ in lines if stage == "1"))
+        self.assertTrue(any(ops[0][4] > 0 for _, _, stage, ops, _ in lines if stage == 1))
 
     def test_info_level_logs_no_timeline_and_a_bad_level_is_named(self):
         result = tandem("run", self.write("job.yaml", pipeline_job(2, 2, 2)), "--max-steps", "1", "--quiet",
