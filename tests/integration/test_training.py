@@ -203,6 +203,21 @@ spec:
             self.assertLessEqual(threads, len(bound))
             self.assertIn(f"tandem: rank {rank} bound to CPUs", result.stderr)
 
+    def test_bind_cores_splits_only_the_cpus_tandem_may_use(self):
+        # What keeps two jobs apart: `taskset -c <cpus> tandem run --bind-cores ...`.
+        last = max(os.sched_getaffinity(0))
+        script = "import os; print('CPUS', ' '.join(map(str, sorted(os.sched_getaffinity(0)))))"
+        result = subprocess.run([TANDEM, "run", self.write("custom.yaml", self.job(script, workers=1)), "--bind-cores"],
+                                capture_output=True, text=True, timeout=120,
+                                preexec_fn=lambda: os.sched_setaffinity(0, {last}))
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn(f"[rank 0] CPUS {last}\n", result.stdout)
+        result = subprocess.run([TANDEM, "run", self.write("custom.yaml", self.job(script, workers=2)), "--bind-cores"],
+                                capture_output=True, text=True, timeout=120,
+                                preexec_fn=lambda: os.sched_setaffinity(0, {last}))
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        self.assertIn(f"--bind-cores: 2 workers but only 1 CPUs available to tandem ({last})", result.stderr)
+
     def test_bind_cores_refuses_more_workers_than_cpus(self):
         workers = len(os.sched_getaffinity(0)) + 1
         result = tandem("run", self.write("custom.yaml", self.job("print('never')", workers=workers)), "--bind-cores",
