@@ -301,14 +301,15 @@ class StageStep {
 
   // Returns when its compute started (after any wait on the previous stage).
   StatusOr<Clock::time_point> forward(int m, const std::vector<int64_t>& shard) {
-    // Labels are needed by the last stage, inputs by the first; gather fills both.
+    if (!topology_.firstStage()) TANDEM_RETURN_IF_ERROR(waitIdle(activationRecvs_[m]));
+    const auto start = Clock::now();
+    // Loading the microbatch is the stage's work, timed with its forward: labels for the last stage,
+    // inputs for the first (gather fills both).
     microIndices_.assign(shard.begin() + m * microBatchSize_, shard.begin() + (m + 1) * microBatchSize_);
     if (topology_.firstStage())
       train_.gather(microIndices_, inputs_[m], labels_[m]);
     else if (topology_.lastStage())
       train_.gatherLabels(microIndices_, labels_[m]);
-    if (!topology_.firstStage()) TANDEM_RETURN_IF_ERROR(waitIdle(activationRecvs_[m]));
-    const auto start = Clock::now();
     const Tensor& output = network_.forward(inputs_[m], activations_[m]);
     ++live_;
     liveBytes_ += activations_[m].bytes();
