@@ -6,6 +6,9 @@ says how big each run's bubble was and what its ops looked like:
   the part of that span it did not compute: the theory's (P-1)/(M+P-1) for equal, steady ops. (The
   engine counts the same since 2026-11-27; this recomputes it for logs of earlier runs as well.)
 - stage imbalance: the slowest stage's compute over the mean stage's;
+- forward / backward imbalance: the slowest stage's median forward (backward) over the fastest's. Stages
+  balanced in total can still differ in each: GPipe, which runs all forwards and then all backwards, pays
+  for both, 1F1B mostly for the total;
 - backward spread: over microbatch indices, the largest median backward over the smallest. Ops that
   take longer at some microbatches than at others make the neighbours wait even when stages are equal.
 
@@ -56,6 +59,7 @@ def analyse(path, warmup_steps=1):
     idle = total = 0.0
     compute = [0.0] * stages
     backward = {}
+    by_stage = {}  # (stage, kind): durations
     counted = 0
     for by in steps.values():
         if len(by) != stages:
@@ -68,11 +72,17 @@ def analyse(path, warmup_steps=1):
             total += flush - start
             compute[stage] += busy
             for kind, m, d in durations:
+                by_stage.setdefault((stage, kind), []).append(d)
                 if kind == "B":
                     backward.setdefault(m, []).append(d)
     medians = [statistics.median(v) for v in backward.values()]
     micro_batches = len(backward)
+
+    def across_stages(kind):  # the slowest stage's median op over the fastest's
+        per_stage = [statistics.median(by_stage[(stage, kind)]) for stage in range(stages)]
+        return max(per_stage) / min(per_stage)
     return {"stages": stages, "micro_batches": micro_batches, "steps": counted,
+            "forward_imbalance": across_stages("F"), "backward_imbalance": across_stages("B"),
             "theory": (stages - 1) / (micro_batches + stages - 1), "bubble": idle / total,
             "imbalance": max(compute) / statistics.mean(compute), "spread": max(medians) / min(medians)}
 
@@ -92,17 +102,17 @@ def main():
         paths += glob.glob(os.path.join(argument, "*.log")) if os.path.isdir(argument) else [argument]
     if not paths:
         sys.exit(f"pipeline_timeline: no *.log in {' '.join(sys.argv[1:])}")
-    print("| run | P | M | steps | theory | bubble | over theory | stage imbalance | backward spread |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("| run | P | M | steps | theory | bubble | over theory | stage imbalance | forward / backward imbalance | "
+          "backward spread |\n|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(paths, key=run_order):
         result = analyse(path)
         if result is None:
-            print(f"| {os.path.basename(path)} | no timelines: run with TANDEM_LOG_LEVEL=debug | | | | | | | |")
+            print(f"| {os.path.basename(path)} | no timelines: run with TANDEM_LOG_LEVEL=debug | | | | | | | | |")
             continue
         excess = 100 * (result["bubble"] - result["theory"])
         print(f"| {os.path.basename(path)} | {result['stages']} | {result['micro_batches']} | {result['steps']} | "
               f"{result['theory']:.1%} | {result['bubble']:.1%} | {excess:+.1f} | {result['imbalance']:.2f} | "
-              f"{result['spread']:.2f} |")
+              f"{result['forward_imbalance']:.2f} / {result['backward_imbalance']:.2f} | {result['spread']:.2f} |")
 
 
 if __name__ == "__main__":
