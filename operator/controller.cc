@@ -93,6 +93,11 @@ Status parallelFor(size_t count, int parallelism, const std::function<Status(siz
   return Status::Ok();
 }
 
+// 400, 403, 422: the API server will not take the object as it is (quota, admission, validation).
+bool isRefusal(const Status& status) {
+  return status.code() == StatusCode::kInvalidArgument || status.code() == StatusCode::kPermissionDenied;
+}
+
 }  // namespace
 
 Controller::Controller(kube::KubeClient& client, ControllerOptions options, OperatorMetrics& metrics)
@@ -293,8 +298,7 @@ Status Controller::deletePod(const JobObject& job, const std::string& name, std:
 void Controller::emitEvent(const JobObject& job, const EmitEvent& event) { events_.record(job, event); }
 
 void Controller::reportRefusedCreate(const JobObject& job, const std::string& what, const Status& status) {
-  const bool refused = status.code() == StatusCode::kInvalidArgument || status.code() == StatusCode::kPermissionDenied;
-  if (!refused) return;  // unavailable, conflicts: transient, retried without telling the user
+  if (!isRefusal(status)) return;  // unavailable, conflicts: transient, retried without telling the user
   emitEvent(job, EmitEvent{EventType::kWarning, reasons::kFailedCreate, "creating " + what + ": " + status.message()});
 }
 
@@ -314,7 +318,7 @@ Status Controller::createGang(const JobObject& job, const std::vector<const Crea
   metrics_.addPodsCreated(static_cast<double>(created.load()));
   // The lowest refused rank speaks for the gang: the same refusal on every retry reads the same.
   for (size_t index = 0; index < gang.size(); ++index) {
-    if (results[index].ok()) continue;
+    if (!isRefusal(results[index])) continue;
     reportRefusedCreate(job, "pod " + gang[index]->name, results[index]);
     break;
   }

@@ -16,8 +16,12 @@ using std::chrono::steady_clock;
 constexpr size_t kMaxMessageBytes = 1024;  // what events.k8s.io allows a note; API error texts can be long
 constexpr size_t kMaxRemembered = 4096;
 
+// Cut on a character boundary: a split UTF-8 sequence would make the JSON unwritable.
 std::string truncated(const std::string& message) {
-  return message.size() <= kMaxMessageBytes ? message : message.substr(0, kMaxMessageBytes - 3) + "...";
+  if (message.size() <= kMaxMessageBytes) return message;
+  size_t cut = kMaxMessageBytes - 3;
+  while (cut > 0 && (static_cast<unsigned char>(message[cut]) & 0xC0) == 0x80) --cut;  // a continuation byte
+  return message.substr(0, cut) + "...";
 }
 
 }  // namespace
@@ -35,20 +39,31 @@ void EventRecorder::forgetOlderThanWindow(steady_clock::time_point now) {
     it = now - it->second.lastWritten > window_ ? written_.erase(it) : std::next(it);
 }
 
-bool EventRecorder::bump(Written& written, const std::string& now) {
+EventRecorder::Bumped EventRecorder::bump(Written& written, const std::string& now) {
   auto patched = client_.mergePatch(resources::kEvents.objectPath(written.nameSpace, written.name),
                                     {{"count", written.count + 1}, {"lastTimestamp", now}});
   if (patched.ok()) {
     ++written.count;
-    return true;
+    return Bumped::kYes;
   }
   // Gone (expired by the API server's event TTL, or deleted): a new one.
-  if (!kube::isNotFound(patched.status()))
-    log::warning() << "event " << written.name << ": " << patched.status().message() << "; writing a new one";
-  return false;
+  if (kube::isNotFound(patched.status())) return Bumped::kGone;
+  // Anything else (the client has retried already): this occurrence goes uncounted rather than risking
+  // a duplicate of an Event whose patch may have landed.
+  log::warning() << "event " << written.name << ": " << patched.status().message();
+  return Bumped::kFailed;
 }
 
 void EventRecorder::record(const JobObject& job, const EmitEvent& event) {
+  // Best effort, never a reason to stop the caller: not even JSON that cannot be written.
+  try {
+    write(job, event);
+  } catch (const nlohmann::json::exception& error) {
+    log::warning() << "event " << event.reason << " on " << job.nameSpace << "/" << job.name << ": " << error.what();
+  }
+}
+
+void EventRecorder::write(const JobObject& job, const EmitEvent& event) {
   const std::string message = truncated(event.message);
   const std::string key = job.uid + "\n" + eventTypeName(event.type) + "\n" + event.reason + "\n" + message;
   const auto seen = steady_clock::now();
@@ -59,11 +74,15 @@ void EventRecorder::record(const JobObject& job, const EmitEvent& event) {
     forgetOlderThanWindow(seen);
     if (auto it = written_.find(key); it != written_.end()) earlier = it->second;
   }
-  if (earlier && bump(*earlier, now)) {
-    earlier->lastWritten = seen;
-    std::lock_guard<std::mutex> lock(mutex_);
-    written_[key] = *earlier;
-    return;
+  if (earlier) {
+    const Bumped bumped = bump(*earlier, now);
+    if (bumped == Bumped::kFailed) return;
+    if (bumped == Bumped::kYes) {
+      earlier->lastWritten = seen;
+      std::lock_guard<std::mutex> lock(mutex_);
+      written_[key] = *earlier;
+      return;
+    }
   }
   json object = {
       {"apiVersion", "v1"},

@@ -207,6 +207,8 @@ TEST(Sequential, ChunkedBackwardComputesTheSameGradients) {
   fillRandom(gradOutput.data(), gradOutput.size(), 6);
   whole->forward(input);
   whole->backward(gradOutput);
+  // Each chunk overwrites its rows: nothing of what the buffer held survives.
+  std::fill_n(chunked->gradients(), chunked->parameterCount(), std::numeric_limits<float>::quiet_NaN());
   chunked->forward(input);
   chunked->backward(gradOutput);
   for (int64_t i = 0; i < whole->parameterCount(); ++i)

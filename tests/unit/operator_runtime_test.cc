@@ -454,7 +454,7 @@ struct EventsServer {
   std::mutex mutex;
   std::vector<json> created;
   std::vector<std::pair<std::string, json>> patches;  // (event name, patch)
-  std::atomic<bool> patchesNotFound{false};
+  std::atomic<int> patchFailure{0};  // an HTTP status the next patches fail with (0: they succeed)
 
   EventsServer() {
     local.server().Post("/api/v1/namespaces/ns/events", [this](const httplib::Request& request, httplib::Response& response) {
@@ -467,9 +467,9 @@ struct EventsServer {
     });
     local.server().Patch(R"(/api/v1/namespaces/ns/events/([^/]+))", [this](const httplib::Request& request,
                                                                            httplib::Response& response) {
-      if (patchesNotFound) {
-        response.status = 404;
-        response.set_content(R"({"kind":"Status","reason":"NotFound","message":"expired"})", "application/json");
+      if (const int failure = patchFailure.load(); failure != 0) {
+        response.status = failure;
+        response.set_content(json{{"kind", "Status"}, {"code", failure}, {"message", "refused"}}.dump(), "application/json");
         return;
       }
       std::lock_guard<std::mutex> lock(mutex);
@@ -521,10 +521,13 @@ TEST(EventRecorder, AnEventGoneFromTheServerOrOlderThanTheWindowIsWrittenAfresh)
   {
     operator_core::EventRecorder recorder(client, "replica-a");
     recorder.record(eventJob(), event);
-    events.patchesNotFound = true;  // the API server's event TTL removed it
+    events.patchFailure = 404;  // the API server's event TTL removed it
     recorder.record(eventJob(), event);
     EXPECT_EQ(events.created.size(), 2u);
-    events.patchesNotFound = false;
+    events.patchFailure = 403;  // any other failure: uncounted, but never a duplicate
+    recorder.record(eventJob(), event);
+    EXPECT_EQ(events.created.size(), 2u);
+    events.patchFailure = 0;
     recorder.record(eventJob(), event);  // the new one is bumped
     ASSERT_EQ(events.patches.size(), 1u);
     EXPECT_EQ(events.patches[0].first, "job.2");
@@ -546,6 +549,14 @@ TEST(EventRecorder, LongMessagesAreCutToWhatTheApiKeeps) {
   const std::string message = events.created[0]["message"];
   EXPECT_EQ(message.size(), 1024u);
   EXPECT_EQ(message.substr(1021), "...");
+  // Two-byte characters: the cut falls between characters, never inside one (JSON needs valid UTF-8).
+  std::string accents;
+  for (int i = 0; i < 600; ++i) accents += "\xC3\xA9";  // U+00E9
+  recorder.record(eventJob(), {operator_core::EventType::kWarning, "FailedCreate", accents});
+  ASSERT_EQ(events.created.size(), 2u);
+  const std::string cut = events.created[1]["message"];
+  EXPECT_EQ(cut.size(), 1023u);  // byte 1021 continues a character: 510 characters, "..."
+  EXPECT_EQ(cut.substr(cut.size() - 5), "\xC3\xA9...");
 }
 
 // ------------------------------------------------------------------------------------------ conversion

@@ -127,6 +127,22 @@ TEST(GradientAccumulator, FinishWithNothingAddedIsZero) {
   FloatBuffer total = accumulator.finish();
   ASSERT_EQ(total.size(), 16);
   for (int i = 0; i < 16; ++i) EXPECT_EQ(total.data()[i], 0.0f);
+  // Also after a step whose buffers went back to the pool with their sums in them.
+  accumulator.recycle(std::move(total));
+  accumulate(accumulator, orderSensitiveGradients(4, 16), 16);
+  total = accumulator.finish();
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(total.data()[i], 0.0f);
+}
+
+TEST(GradientAccumulator, FinishDoesTheSumsTheThreadNeverGotTo) {
+  // No thread at all: the SCHED_IDLE thread's worst case, a core that was never idle during the step.
+  const int64_t size = 1000;
+  GradientAccumulator accumulator(size, /*background=*/false);
+  for (int count : {1, 3, 8, 13}) {
+    const auto gradients = orderSensitiveGradients(count, size);
+    EXPECT_EQ(accumulate(accumulator, gradients, size), treeSum(gradients)) << count << " microbatches";
+  }
+  EXPECT_LE(accumulator.buffersAllocated(), 13 + 1);
 }
 
 TEST(GradientAccumulator, ExchangeGradientsRebindsTheLayers) {

@@ -30,7 +30,9 @@ void foldInto(const std::vector<float*>& buffers, int64_t size) {
 
 }  // namespace
 
-GradientAccumulator::GradientAccumulator(int64_t size) : size_(size), thread_([this] { run(); }) {}
+GradientAccumulator::GradientAccumulator(int64_t size, bool background) : size_(size) {
+  if (background) thread_ = std::thread([this] { run(); });
+}
 
 GradientAccumulator::~GradientAccumulator() {
   {
@@ -38,7 +40,7 @@ GradientAccumulator::~GradientAccumulator() {
     stopping_ = true;
   }
   changed_.notify_all();
-  thread_.join();
+  if (thread_.joinable()) thread_.join();
 }
 
 FloatBuffer GradientAccumulator::spareBuffer() {
@@ -66,21 +68,32 @@ void GradientAccumulator::recycle(FloatBuffer buffer) {
 }
 
 FloatBuffer GradientAccumulator::finish() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  changed_.wait(lock, [&] { return added_.empty() && !working_; });
-  // The thread is idle until the next add(): the tree is ours.
-  if (tree_.size() >= 2) {
-    foldTop(tree_.size());
-    for (size_t i = 1; i < tree_.size(); ++i) spare_.push_back(std::move(tree_[i]));
-    tree_.resize(1);
+  std::deque<FloatBuffer> queued;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    finishing_ = true;
+    changed_.wait(lock, [&] { return !working_; });
+    queued.swap(added_);
   }
+  // The thread takes nothing new while finishing_: the tree is ours.
+  for (FloatBuffer& gradients : queued) {
+    tree_.push_back(std::move(gradients));
+    levels_.push_back(0);
+    mergeEqualLevels();
+  }
+  if (tree_.size() >= 2) foldTop(tree_.size());
+  FloatBuffer total;
   if (tree_.empty()) {
     ++allocated_;
-    tree_.emplace_back(size_);  // FloatBuffer starts zeroed
+    total = FloatBuffer(size_);  // starts zeroed
+  } else {
+    total = std::move(tree_.front());
   }
-  FloatBuffer total = std::move(tree_.front());
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (size_t i = 1; i < tree_.size(); ++i) spare_.push_back(std::move(tree_[i]));
   tree_.clear();
   levels_.clear();
+  finishing_ = false;
   return total;
 }
 
@@ -116,7 +129,7 @@ void GradientAccumulator::run() {
   pthread_setschedparam(pthread_self(), SCHED_IDLE, &lowest);
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
-    changed_.wait(lock, [&] { return stopping_ || !added_.empty(); });
+    changed_.wait(lock, [&] { return stopping_ || (!added_.empty() && !finishing_); });
     if (stopping_) return;
     working_ = true;
     FloatBuffer next = std::move(added_.front());

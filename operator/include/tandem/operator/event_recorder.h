@@ -32,7 +32,9 @@ class EventRecorder {
     int64_t count = 0;
     std::chrono::steady_clock::time_point lastWritten;
   };
-  bool bump(Written& written, const std::string& now);  // false: create a new one instead
+  enum class Bumped { kYes, kGone, kFailed };  // kGone: create a new one instead
+  Bumped bump(Written& written, const std::string& now);
+  void write(const JobObject& job, const EmitEvent& event);
   void forgetOlderThanWindow(std::chrono::steady_clock::time_point now);
 
   kube::KubeClient& client_;

@@ -23,7 +23,9 @@ namespace tandem::parallel {
 
 class GradientAccumulator {
  public:
-  explicit GradientAccumulator(int64_t size);  // floats per gradient buffer
+  // size: floats per gradient buffer. background false: no thread, finish() does every sum (for tests
+  // of the path finish() takes when the thread got no CPU).
+  explicit GradientAccumulator(int64_t size, bool background = true);
   ~GradientAccumulator();
   GradientAccumulator(const GradientAccumulator&) = delete;
   GradientAccumulator& operator=(const GradientAccumulator&) = delete;
@@ -33,12 +35,15 @@ class GradientAccumulator {
   FloatBuffer spareBuffer();
   // Takes one microbatch's gradients; summed in the background.
   void add(FloatBuffer gradients);
-  // Waits for the running sums and returns the total of everything added since the last finish (zeros
-  // when nothing was). Unequal levels (a microbatch count that is not a power of two) fold right to left.
+  // Returns the total of everything added since the last finish (zeros when nothing was). Waits only for
+  // a sum the thread is in the middle of and does what is still queued itself, at the caller's priority:
+  // the thread is SCHED_IDLE and may have had no CPU. Unequal levels (a microbatch count that is not a
+  // power of two) fold right to left.
   FloatBuffer finish();
   // Gives back a buffer that is no longer needed, for spareBuffer().
   void recycle(FloatBuffer buffer);
-  // Buffers allocated so far (the pool only grows while a step holds more than it has).
+  // Buffers allocated so far. The pool grows while a step holds more than it has: about log2(M) + 2 when
+  // the thread keeps up, up to M + 1 when it got no CPU during the step (all M queued for finish()).
   int64_t buffersAllocated() const { return allocated_.load(); }
 
  private:
@@ -53,11 +58,12 @@ class GradientAccumulator {
   std::deque<FloatBuffer> added_;    // handed over, not yet in the tree
   std::vector<FloatBuffer> spare_;   // for spareBuffer()
   bool working_ = false;             // the thread holds a buffer outside the queues
+  bool finishing_ = false;           // finish() owns the tree: the thread takes nothing new
   bool stopping_ = false;
   // Partial sums and their levels: only the thread touches them, and finish() once the thread is idle.
   std::vector<FloatBuffer> tree_;
   std::vector<int> levels_;
-  std::thread thread_;
+  std::thread thread_;  // not started when !background
 };
 
 }  // namespace tandem::parallel
