@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <iostream>
@@ -211,7 +212,11 @@ int run(int argc, char** argv) {
                  << " for /metrics, /healthz, /readyz (--metrics-port)";
     return kExitInternal;
   }
-  std::thread httpThread([&] { server.listen_after_bind(); });
+  std::atomic<bool> serving{true};  // until listen_after_bind returns
+  std::thread httpThread([&] {
+    server.listen_after_bind();
+    serving = false;
+  });
   log::info() << "serving /metrics, /healthz, /readyz on " << flags->metricsAddress << ":" << port;
 
   controller.startInformers();
@@ -248,7 +253,11 @@ int run(int argc, char** argv) {
   controller.stopWorkers();
   if (elector && leading) elector->release();
   controller.stop();
-  server.stop();
+  // httplib's stop() does nothing until the thread has entered listen (a SIGTERM right after start).
+  while (serving) {
+    server.stop();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   httpThread.join();
   log::info() << "tandem-operator stopped";
   return kExitOk;

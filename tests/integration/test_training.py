@@ -8,7 +8,7 @@ import subprocess
 import time
 import unittest
 
-from tandem_testlib import TANDEM, TempDirTest, manifest, relative_error, read_floats, tandem
+from tandem_testlib import TANDEM, WORKER, TempDirTest, manifest, relative_error, read_floats, tandem
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 EXAMPLE = os.path.join(ROOT, "manifests", "examples", "fashion-mnist.yaml")
@@ -102,6 +102,57 @@ class GemmKernels(TempDirTest):
 
     def test_the_users_choice_is_kept(self):
         self.assertEqual(self.kernels({"OPENBLAS_CORETYPE": "Prescott"}), "prescott")
+
+
+def cpu_limited_cgroup(test, cpus):
+    """A cgroup whose CPU quota is `cpus` (a container's CPU limit), removed after the test: v1's cpu
+    controller (this machine's) or v2's. Needs root, as CI runs."""
+    name = f"tandem-test-{os.getpid()}"
+    quota = int(cpus * 100000)
+    if os.path.isdir("/sys/fs/cgroup/cpu"):
+        path = os.path.join("/sys/fs/cgroup/cpu", name)
+        os.mkdir(path)
+        with open(os.path.join(path, "cpu.cfs_period_us"), "w") as f:
+            f.write("100000")
+        with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
+            f.write(str(quota))
+    else:
+        path = os.path.join("/sys/fs/cgroup", name)
+        os.mkdir(path)
+        with open(os.path.join(path, "cpu.max"), "w") as f:
+            f.write(f"{quota} 100000")
+    test.addCleanup(os.rmdir, path)
+    return path
+
+
+class CpuLimit(TempDirTest):
+    """A worker in a container with a CPU limit (a CFS quota: it still sees every CPU of the node) uses as
+    many GEMM threads as the limit allows, unless the user said how many."""
+
+    def run_limited(self, env):
+        cgroup = cpu_limited_cgroup(self, 0.5)
+
+        def enter():
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        config = self.write("job.yaml", manifest(hidden=(32,), data_kind="synthetic", samples=512, global_batch=64))
+        full_env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+        full_env.update(TANDEM_RANK="0", TANDEM_WORLD_SIZE="1", **env)
+        result = subprocess.run([WORKER, "--config", config], capture_output=True, text=True, timeout=120, env=full_env,
+                                preexec_fn=enter)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        return result.stderr
+
+    def test_gemm_threads_follow_the_cgroup_cpu_limit(self):
+        log = self.run_limited({})
+        self.assertIn("training on cpu with 1 GEMM threads", log)
+        if len(os.sched_getaffinity(0)) > 1:  # with one CPU, one thread was the default anyway
+            self.assertIn("cgroup CPU limit 0.5 CPUs: 1 GEMM threads", log)
+
+    def test_the_users_thread_count_is_kept(self):
+        log = self.run_limited({"OPENBLAS_NUM_THREADS": "2"})
+        self.assertIn("training on cpu with 2 GEMM threads", log)
+        self.assertNotIn("cgroup CPU limit", log)
 
 
 class CustomMode(TempDirTest):

@@ -1,13 +1,19 @@
 // common: Status/StatusOr and the error macros, exit codes per status class, FNV-1a against its published
-// test vectors, and the seeded Random (determinism, ranges, permutations).
+// test vectors, the seeded Random (determinism, ranges, permutations) and cgroup CPU limits.
 #include <gtest/gtest.h>
 
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
 #include <numeric>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "tandem/common/cpu_limit.h"
 #include "tandem/common/exit_codes.h"
 #include "tandem/common/hash.h"
 #include "tandem/common/random.h"
@@ -162,6 +168,77 @@ TEST(Random, BelowCoversEveryValue) {
   std::set<uint64_t> seen;
   for (int i = 0; i < 200; ++i) seen.insert(random.below(5));
   EXPECT_EQ(seen, (std::set<uint64_t>{0, 1, 2, 3, 4}));
+}
+
+// ---------------------------------------------------------------------------------------------- cpu limit
+
+// A fake /sys/fs/cgroup and /proc/self/cgroup under a temporary directory.
+class CgroupTree : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = std::filesystem::temp_directory_path() / ("tandem-cgroup-test-" + std::to_string(getpid()));
+    std::filesystem::remove_all(root_);
+    std::filesystem::create_directories(root_);
+  }
+  void TearDown() override { std::filesystem::remove_all(root_); }
+  void write(const std::string& relative, const std::string& text) {
+    const auto path = root_ / relative;
+    std::filesystem::create_directories(path.parent_path());
+    std::ofstream(path) << text << "\n";
+  }
+  std::optional<double> limit() {
+    return cgroupCpuLimit((root_ / "fs").string(), (root_ / "self-cgroup").string());
+  }
+  std::filesystem::path root_;
+};
+
+TEST_F(CgroupTree, V2TakesTheTightestQuotaAlongThePath) {
+  write("self-cgroup", "0::/kubepods/pod1/worker");
+  write("fs/kubepods/pod1/worker/cpu.max", "max 100000");
+  write("fs/kubepods/pod1/cpu.max", "250000 100000");  // the pod's limit: 2.5 CPUs
+  write("fs/kubepods/cpu.max", "800000 100000");
+  ASSERT_TRUE(limit().has_value());
+  EXPECT_DOUBLE_EQ(*limit(), 2.5);
+}
+
+TEST_F(CgroupTree, V2InsideACgroupNamespaceReadsTheMountRoot) {
+  write("self-cgroup", "0::/");
+  write("fs/cpu.max", "150000 100000");
+  EXPECT_DOUBLE_EQ(limit().value_or(-1), 1.5);
+}
+
+TEST_F(CgroupTree, NoLimitAnywhereIsNone) {
+  write("self-cgroup", "0::/user.slice/session");
+  write("fs/user.slice/session/cpu.max", "max 100000");
+  EXPECT_FALSE(limit().has_value());
+  write("self-cgroup", "0::/gone");  // nothing readable at all
+  EXPECT_FALSE(limit().has_value());
+}
+
+TEST_F(CgroupTree, V1QuotaAndPeriodWithAHostPathTheContainerCannotSee) {
+  write("self-cgroup", "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc");
+  // The container sees its own cgroup at the mount's root; /docker/abc exists only on the host.
+  write("fs/cpu,cpuacct/cpu.cfs_quota_us", "300000");
+  write("fs/cpu,cpuacct/cpu.cfs_period_us", "100000");
+  EXPECT_DOUBLE_EQ(limit().value_or(-1), 3.0);
+  write("fs/cpu,cpuacct/cpu.cfs_quota_us", "-1");
+  EXPECT_FALSE(limit().has_value());
+}
+
+TEST(CpusAvailable, CountsTheAffinityMaskNotTheMachine) {
+  cpu_set_t saved;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(saved), &saved), 0);
+  EXPECT_EQ(cpusAvailable(), CPU_COUNT(&saved));
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+    if (CPU_ISSET(cpu, &saved)) {
+      CPU_SET(cpu, &one);
+      break;
+    }
+  ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);  // this thread only
+  EXPECT_EQ(cpusAvailable(), 1);
+  ASSERT_EQ(sched_setaffinity(0, sizeof(saved), &saved), 0);
 }
 
 }  // namespace

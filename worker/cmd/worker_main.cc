@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +19,7 @@
 #include <string>
 
 #include "tandem/comm/communicator.h"
+#include "tandem/common/cpu_limit.h"
 #include "tandem/common/exit_codes.h"
 #include "tandem/common/log.h"
 #include "tandem/data/dataset.h"
@@ -326,6 +328,17 @@ int run(int argc, char** argv) {
     log::info() << "eval after step " << eval.step << ": accuracy " << eval.accuracy * 100 << "%, loss " << eval.loss;
     emit("eval", {{"step", eval.step}, {"accuracy", eval.accuracy}, {"loss", eval.loss}});
   };
+  // A container's CPU limit is a quota over every CPU of the node: OpenBLAS would start a thread per CPU
+  // and spend most of each period throttled. Unless told how many, use as many as the limit allows.
+  if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr && std::getenv("OMP_NUM_THREADS") == nullptr) {
+    if (const std::optional<double> limit = cgroupCpuLimit()) {
+      const int threads = std::clamp(static_cast<int>(std::ceil(*limit - 1e-9)), 1, cpusAvailable());
+      if (threads < kernels::gemmThreads()) {
+        kernels::setGemmThreads(threads);
+        log::info() << "cgroup CPU limit " << *limit << " CPUs: " << threads << " GEMM threads";
+      }
+    }
+  }
   log::info() << "training on cpu with " << kernels::gemmThreads() << " GEMM threads, OpenBLAS " << kernels::gemmCore()
               << " kernels";
   // Device queries only: no CUDA context (and none of its GPU memory) is taken while the engine trains on

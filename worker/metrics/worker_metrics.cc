@@ -7,6 +7,8 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
+#include <atomic>
+#include <chrono>
 #include <thread>
 
 namespace tandem::metrics {
@@ -51,12 +53,20 @@ class MetricsEndpoint {
                                 : (endpoint->server_.bind_to_port(host, port) ? port : -1);
     if (endpoint->port_ < 0)
       return TANDEM_ERROR(StatusCode::kUnavailable, "metrics: cannot listen on " + bindAddress);
-    endpoint->thread_ = std::thread([raw = endpoint.get()] { raw->server_.listen_after_bind(); });
+    endpoint->thread_ = std::thread([raw = endpoint.get()] {
+      raw->server_.listen_after_bind();
+      raw->listening_ = false;
+    });
     return endpoint;
   }
 
   ~MetricsEndpoint() {
-    server_.stop();
+    // httplib's stop() does nothing until the thread has entered listen: a worker that finished before
+    // its server thread got a CPU waited in join() forever. Stop until the thread has returned.
+    while (listening_) {
+      server_.stop();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     if (thread_.joinable()) thread_.join();
   }
   int port() const { return port_; }
@@ -66,6 +76,7 @@ class MetricsEndpoint {
 
   std::shared_ptr<prometheus::Registry> registry_;
   httplib::Server server_;
+  std::atomic<bool> listening_{true};  // until listen_after_bind returns
   std::thread thread_;
   int port_ = -1;
 };
