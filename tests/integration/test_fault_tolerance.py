@@ -328,6 +328,7 @@ class RestartPolicies(TempDirTest):
         # Past the rendezvous (which has its own, longer deadline), into training.
         self.assertTrue(wait_for(lambda: last_logged_step(loss_log) >= 20, 60))
         hung = max(children_of(process.pid), key=rank_of)
+        hung_rank = rank_of(hung)
         os.kill(hung, signal.SIGSTOP)  # alive but silent: no connection closes, only a timeout can tell
         stopped_at = time.monotonic()
         self.assertTrue(wait_for(lambda: hung not in children_of(process.pid), 20),
@@ -339,6 +340,9 @@ class RestartPolicies(TempDirTest):
         # before SIGKILL of the stopped worker, plus slack for a loaded 2-core machine.
         self.assertLess(detected, 3 + 5 + 5, "timeout, then the grace period before SIGKILL")
         self.assertIn("did not answer in time", err)
+        # Heartbeats through rank 0's rendezvous server name the culprit, not just "a peer".
+        self.assertRegex(err, rf"while that collective waited, rank {hung_rank} has been silent for over 1\.5 s "
+                              r"\(stopped, hung or cut off\)")
         self.assertIn("restarts 1", out)
 
 

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "tandem/rendezvous/heartbeat.h"
 #include "tandem/rendezvous/rendezvous.h"
 
 namespace tandem::rendezvous {
@@ -29,7 +30,7 @@ double secondsSince(Clock::time_point start) { return std::chrono::duration<doub
 
 class RendezvousTest : public ::testing::Test {
  protected:
-  void startServer(int worldSize, int64_t generation = 0) {
+  void startServer(int worldSize, int64_t generation = 0, std::chrono::milliseconds heartbeatTimeout = 300ms) {
     ServerOptions options;
     options.listenAddress = "127.0.0.1:0";
     options.job = kJob;
@@ -38,7 +39,7 @@ class RendezvousTest : public ::testing::Test {
     options.token = kToken;
     options.configHash = kHash;
     options.ncclUniqueId = "nccl-id-bytes";
-    options.heartbeatTimeout = 300ms;
+    options.heartbeatTimeout = heartbeatTimeout;
     auto server = RendezvousServer::start(options);
     ASSERT_TRUE(server.ok()) << server.status().toString();
     server_ = std::move(server).value();
@@ -286,6 +287,33 @@ TEST_F(RendezvousTest, HeartbeatReportsSilentRanks) {
   auto later = client()->heartbeat(0, 2, 5s);
   ASSERT_TRUE(later.ok()) << later.status().toString();
   EXPECT_EQ(*later, std::vector<int>{1});
+}
+
+TEST_F(RendezvousTest, HeartbeatSendersKeepRanksAliveAndTheSilentOneIsNamed) {
+  startServer(3, 0, 1s);
+  std::shared_ptr<RendezvousClient> shared = client();
+  {
+    HeartbeatSender rank1(shared, 1, 50ms);
+    HeartbeatSender rank2(shared, 2, 50ms);
+    std::this_thread::sleep_for(200ms);
+    // rank 2 stops (a SIGSTOP, a hung node): rank 1 goes on beating, about 20 times per timeout.
+  }
+  HeartbeatSender rank1(shared, 1, 50ms);
+  std::this_thread::sleep_for(1500ms);  // longer than the server's 1 s heartbeat timeout
+  EXPECT_EQ(describeSilentPeers(*shared, 0, 1s, 2s), "rank 2 has been silent for over 1 s (stopped, hung or cut off)");
+}
+
+TEST_F(RendezvousTest, EveryoneAliveDescribesNothingAndAnUnreachableServerIsNamed) {
+  startServer(2);
+  std::shared_ptr<RendezvousClient> shared = client();
+  HeartbeatSender rank1(shared, 1, 50ms);
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(describeSilentPeers(*shared, 0, 300ms, 2s), "");
+  server_->shutdown();
+  server_.reset();
+  const std::string described = describeSilentPeers(*shared, 1, 300ms, 500ms);
+  EXPECT_NE(described.find("the rendezvous server (rank 0) did not answer a heartbeat either"), std::string::npos)
+      << described;
 }
 
 }  // namespace

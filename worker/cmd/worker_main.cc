@@ -28,6 +28,7 @@
 #include "tandem/kernels/gpu_info.h"
 #include "tandem/manifest/job_spec.h"
 #include "tandem/metrics/worker_metrics.h"
+#include "tandem/rendezvous/heartbeat.h"
 #include "tandem/rendezvous/rendezvous.h"
 
 namespace {
@@ -253,8 +254,16 @@ int run(int argc, char** argv) {
 
   const auto rendezvousTimeout =
       std::chrono::milliseconds(static_cast<int64_t>(arguments->rendezvousTimeoutSeconds * 1000));
+  // Heartbeats let a rank whose collective timed out name the peer that went silent: silent after half
+  // the collective timeout, so that by the time a collective gives up the culprit is already silent.
+  const auto collectiveTimeout =
+      std::chrono::milliseconds(static_cast<int64_t>(arguments->collectiveTimeoutSeconds * 1000));
+  const auto silentAfter = std::max<std::chrono::milliseconds>(collectiveTimeout / 2, std::chrono::seconds(1));
+  const auto heartbeatInterval = std::min<std::chrono::milliseconds>(silentAfter / 3, std::chrono::seconds(1));
   std::unique_ptr<rendezvous::RendezvousServer> server;
+  std::shared_ptr<rendezvous::RendezvousClient> rendezvousClient;
   std::unique_ptr<comm::Communicator> communicator;
+  std::unique_ptr<rendezvous::HeartbeatSender> heartbeats;
   if (identity->worldSize > 1) {
     const std::string configHash = manifest::configHash(spec);
     if (identity->rank == 0) {
@@ -265,6 +274,7 @@ int run(int argc, char** argv) {
       serverOptions.worldSize = identity->worldSize;
       serverOptions.token = identity->token;
       serverOptions.configHash = configHash;
+      serverOptions.heartbeatTimeout = silentAfter;
       auto started = rendezvous::RendezvousServer::start(serverOptions);
       if (!started.ok()) return fail(started.status());
       server = std::move(started).value();
@@ -282,11 +292,13 @@ int run(int argc, char** argv) {
     glooOptions.size = identity->worldSize;
     glooOptions.hostAddress = identity->podAddress;
     glooOptions.keyPrefix = "generation-" + std::to_string(identity->generation) + "/gloo";
-    glooOptions.timeout = std::chrono::milliseconds(static_cast<int64_t>(arguments->collectiveTimeoutSeconds * 1000));
+    glooOptions.timeout = collectiveTimeout;
     auto created = comm::createGlooCommunicator(glooOptions, std::make_shared<RendezvousStore>(client, rendezvousTimeout));
     if (!created.ok()) return fail(created.status());
     communicator = std::move(created).value();
     log::info() << "connected to " << identity->worldSize - 1 << " peers";
+    rendezvousClient = client;
+    heartbeats = std::make_unique<rendezvous::HeartbeatSender>(client, identity->rank, heartbeatInterval);
   }
 
   std::unique_ptr<metrics::WorkerMetrics> workerMetrics;
@@ -356,6 +368,12 @@ int run(int argc, char** argv) {
     if (summary.status().code() == StatusCode::kCancelled) {
       log::warning() << "stopping: " << summary.status().message();
       return 128 + (stopSignal.load() == 0 ? SIGTERM : stopSignal.load());
+    }
+    if (summary.status().code() == StatusCode::kDeadlineExceeded && rendezvousClient != nullptr) {
+      // "A peer did not answer in time": ask rank 0's server which one.
+      const std::string silent = rendezvous::describeSilentPeers(*rendezvousClient, identity->rank, silentAfter,
+                                                                 std::chrono::seconds(2));
+      if (!silent.empty()) log::error() << "while that collective waited, " << silent;
     }
     return fail(summary.status());
   }
