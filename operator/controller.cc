@@ -170,7 +170,10 @@ void Controller::startWorkers() {
 }
 
 void Controller::stopWorkers() {
-  stopping_ = true;
+  {
+    std::lock_guard<std::mutex> lock(resyncMutex_);  // so that the resync loop cannot miss the wake-up
+    stopping_ = true;
+  }
   queue_.shutDown();
   resyncWake_.notify_all();
   for (auto& thread : workers_)

@@ -46,7 +46,12 @@ Informer::~Informer() { stop(); }
 void Informer::start() { thread_ = std::thread([this] { run(); }); }
 
 void Informer::stop() {
-  stopping_ = true;
+  {
+    // Under the waiters' mutex: set between a waiter's check and its wait, the wake-up would be lost and
+    // the waiter would sleep out its backoff.
+    std::lock_guard<std::mutex> lock(waitMutex_);
+    stopping_ = true;
+  }
   waitChanged_.notify_all();
   if (thread_.joinable()) thread_.join();
 }

@@ -220,6 +220,28 @@ TEST(PlanGradientBuckets, InvariantsHoldForManyCaps) {
   }
 }
 
+// A step that fails part-way destroys the reducer with buckets in flight: the destructor waits for them,
+// so no all-reduce writes into the gradients afterwards. Rank 1 joins 300 ms late; rank 0 marks its
+// gradients as soon as its reducer is gone, and the mark must survive.
+TEST(BucketedAllReduce, DestroyingItWaitsForBucketsInFlight) {
+  auto communicators = test_support::connectGlooRanks(2);
+  ASSERT_EQ(communicators.size(), 2u);
+  test_support::runRanks(communicators, [&](int rank, comm::Communicator& communicator) {
+    auto network = buildMlp(6, {5}, 3, ActivationKind::kRelu);
+    network->initialize(3);
+    for (int64_t i = 0; i < network->parameterCount(); ++i) network->gradients()[i] = 1.0f;
+    if (rank == 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    {
+      BucketedAllReduce reducer(*network, &communicator, /*capFloats=*/1000);
+      reducer.onGradientsReady(0);  // every bucket launched; no finish(): the step "failed"
+    }
+    for (int64_t i = 0; i < network->parameterCount(); ++i) network->gradients()[i] = -7.0f;
+    std::this_thread::sleep_for(std::chrono::milliseconds(rank == 0 ? 500 : 0));
+    for (int64_t i = 0; i < network->parameterCount(); ++i)
+      ASSERT_EQ(network->gradients()[i], -7.0f) << "rank " << rank << ": an all-reduce wrote after the reducer was gone";
+  });
+}
+
 // Two ranks, one mlp each (same initialisation), different inputs: the bucketed all-reduce launched from
 // backward's hook leaves every rank with the sum of both ranks' gradients, trailing slots included.
 TEST(BucketedAllReduce, SumsGradientsOfTwoRanks) {

@@ -30,6 +30,8 @@ BucketedAllReduce::BucketedAllReduce(model::Sequential& model, comm::Communicato
   buckets_ = planGradientBuckets(model_, capFloats);
 }
 
+BucketedAllReduce::~BucketedAllReduce() { (void)finish(); }
+
 void BucketedAllReduce::onGradientsReady(int64_t offset) {
   if (communicator_ == nullptr || communicator_->size() == 1) return;
   while (nextBucket_ < buckets_.size() && buckets_[nextBucket_].offset >= offset) {

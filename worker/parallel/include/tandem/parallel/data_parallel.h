@@ -29,6 +29,11 @@ class BucketedAllReduce {
   // Sets the model's gradient pieces to the cap, then plans. communicator may be null (one rank):
   // then nothing is communicated.
   BucketedAllReduce(model::Sequential& model, comm::Communicator* communicator, int64_t capFloats);
+  // Waits for buckets still in flight (each bounded by the communicator's timeout): a step that failed
+  // part-way must not leave all-reduces writing into gradients that are about to be freed.
+  ~BucketedAllReduce();
+  BucketedAllReduce(const BucketedAllReduce&) = delete;
+  BucketedAllReduce& operator=(const BucketedAllReduce&) = delete;
 
   // The Sequential::backward hook: launches every bucket whose gradients are now all final.
   void onGradientsReady(int64_t offset);
