@@ -8,7 +8,7 @@ import subprocess
 import time
 import unittest
 
-from tandem_testlib import TANDEM, WORKER, TempDirTest, manifest, relative_error, read_floats, tandem
+from tandem_testlib import TANDEM, WORKER, TempDirTest, manifest, relative_error, read_floats, tandem, wait_for
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 EXAMPLE = os.path.join(ROOT, "manifests", "examples", "fashion-mnist.yaml")
@@ -253,6 +253,27 @@ spec:
             self.assertGreaterEqual(threads, 1)
             self.assertLessEqual(threads, len(bound))
             self.assertIn(f"tandem: rank {rank} bound to CPUs", result.stderr)
+
+    def test_a_process_a_worker_left_behind_does_not_keep_tandem_waiting(self):
+        # The worker exits at once; the process it started ignores SIGTERM and holds its stdout and stderr
+        # open for 1000 s. (One that obeys SIGTERM is gone at once.)
+        script = ("import signal, subprocess; child = subprocess.Popen(['sleep', '1000'], "
+                  "preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)); "
+                  "print('LEFTOVER', child.pid, flush=True)")
+        started = time.monotonic()
+        result = tandem("run", self.write("custom.yaml", self.job(script)), timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertIn("tandem: rank 0 exited, but a process it started kept its output open", result.stderr)
+        leftover = int(re.search(r"LEFTOVER (\d+)", result.stdout).group(1))
+
+        def ended():  # gone, or a zombie waiting for whoever adopted it to reap it
+            try:
+                with open(f"/proc/{leftover}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+        self.assertTrue(wait_for(ended, 5), "the leftover process was not ended")
 
     def test_bind_cores_splits_only_the_cpus_tandem_may_use(self):
         # What keeps two jobs apart: `taskset -c <cpus> tandem run --bind-cores ...`.

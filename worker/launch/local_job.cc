@@ -116,6 +116,8 @@ class ProgressDisplay {
 
 // How long a worker that only lost a peer (exit 129) waits to be named, in case the peer's own death shows up.
 constexpr std::chrono::milliseconds kCauseWait{300};
+// How long processes a worker left behind may go on holding its output once every worker has exited.
+constexpr std::chrono::milliseconds kLeftoversGrace{2000};
 
 pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::string, std::string>& environment,
                   int stdoutPipe[2], int stderrPipe[2]) {
@@ -125,6 +127,9 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   // Child: die with tandem, whatever kills it; no orphans.
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (getppid() != parent) _exit(kExitInternal);
+  // A process group of its own, so that tandem's signals also reach whatever the worker starts (a
+  // custom command's children, which would otherwise outlive it holding its output open).
+  setpgid(0, 0);
   signal(SIGINT, SIG_DFL);
   signal(SIGTERM, SIG_DFL);
   dup2(stdoutPipe[1], STDOUT_FILENO);
@@ -222,6 +227,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     }
     group[rank].rank = rank;
     group[rank].pid = spawnWorker(options, rank, environment, stdoutPipe, stderrPipe);
+    setpgid(group[rank].pid, group[rank].pid);  // also here: a signal to the group may come before the child's own call
     close(stdoutPipe[1]);
     close(stderrPipe[1]);
     group[rank].stdoutFd = stdoutPipe[0];
@@ -293,11 +299,12 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     return WIFEXITED(worker.waitStatus) && WEXITSTATUS(worker.waitStatus) == kExitPeerLost;
   };
   bool killed = false;
+  std::optional<Clock::time_point> leftoversDeadline;  // set once every worker exited with output still open
   auto beginStop = [&] {
     if (stopDeadline) return;
     stopDeadline = Clock::now() + options.stopGrace;
     for (auto& worker : group)
-      if (!worker.exited) kill(worker.pid, SIGTERM);
+      if (!worker.exited) kill(-worker.pid, SIGTERM);
   };
 
   for (;;) {
@@ -356,7 +363,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     }
     if (stopDeadline && !killed && Clock::now() >= *stopDeadline) {
       for (auto& worker : group)
-        if (!worker.exited) kill(worker.pid, SIGKILL);
+        if (!worker.exited) kill(-worker.pid, SIGKILL);
       killed = true;
     }
     const bool allExited = std::all_of(group.begin(), group.end(), [](const Worker& w) { return w.exited; });
@@ -364,6 +371,32 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
         std::all_of(group.begin(), group.end(), [](const Worker& w) { return w.stdoutFd < 0 && w.stderrFd < 0; });
     if (allExited && allDrained) break;
     if (allExited && fds.empty()) break;
+    if (allExited) {
+      // Every worker is gone but an output pipe is still open: something a worker started holds it. Ask
+      // the leftovers to go, read what they still print for a moment, then end them and stop reading.
+      if (!leftoversDeadline) {
+        leftoversDeadline = Clock::now() + kLeftoversGrace;
+        for (auto& worker : group) kill(-worker.pid, SIGTERM);
+      } else if (Clock::now() >= *leftoversDeadline) {
+        for (auto& worker : group) {
+          kill(-worker.pid, SIGKILL);
+          if (worker.stdoutFd < 0 && worker.stderrFd < 0) continue;
+          display.beforeOutput();
+          std::cerr << "tandem: rank " << worker.rank << " exited, but a process it started kept its output open; "
+                    << "ended it after " << kLeftoversGrace.count() << " ms" << std::endl;
+          for (const bool fromStdout : {true, false}) {
+            int& fd = fromStdout ? worker.stdoutFd : worker.stderrFd;
+            std::string& partial = fromStdout ? worker.stdoutPartial : worker.stderrPartial;
+            if (fd < 0) continue;
+            if (!partial.empty()) handleLine(worker, partial, fromStdout);
+            partial.clear();
+            close(fd);
+            fd = -1;
+          }
+        }
+        break;
+      }
+    }
   }
   display.finish();
   signal(SIGINT, SIG_DFL);
