@@ -121,23 +121,47 @@ bool LeaderElector::acquire(const std::atomic<bool>& stop) {
 }
 
 bool LeaderElector::holdUntil(const std::atomic<bool>& stop) {
-  auto lastRenewal = steady_clock::now();
+  std::atomic<steady_clock::rep> lastRenewal{steady_clock::now().time_since_epoch().count()};
+  auto sinceRenewal = [&] {
+    return steady_clock::now() - steady_clock::time_point(steady_clock::duration(lastRenewal.load()));
+  };
+  // The loop below checks the deadline only between calls; the watchdog also sees a call that hangs.
+  std::atomic<bool> holding{true};
+  std::thread watchdog;
+  if (options_.onRenewDeadlineMissed)
+    watchdog = std::thread([&] {
+      while (holding) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        if (holding && sinceRenewal() > options_.renewDeadline) {
+          log::error() << "leader election: no renewal for "
+                       << std::chrono::duration_cast<std::chrono::milliseconds>(options_.renewDeadline).count()
+                       << " ms while the API server has not answered";
+          options_.onRenewDeadlineMissed();
+          return;
+        }
+      }
+    });
+  bool stillLeading = true;
   while (!stop) {
     sleepUnless(stop, options_.retryPeriod);
     if (stop) break;
     const Attempt attempt = tryAcquireOrRenew();
     if (attempt == Attempt::kLeading) {
-      lastRenewal = steady_clock::now();
+      lastRenewal = steady_clock::now().time_since_epoch().count();
     } else if (attempt == Attempt::kHeldByOther) {
       log::error() << "leader election: lease taken over by " << observedHolder_;
-      return false;
-    } else if (steady_clock::now() - lastRenewal > options_.renewDeadline) {
+      stillLeading = false;
+      break;
+    } else if (sinceRenewal() > options_.renewDeadline) {
       log::error() << "leader election: could not renew the lease for "
                    << std::chrono::duration_cast<std::chrono::seconds>(options_.renewDeadline).count() << " s";
-      return false;
+      stillLeading = false;
+      break;
     }
   }
-  return true;
+  holding = false;
+  if (watchdog.joinable()) watchdog.join();
+  return stillLeading;
 }
 
 void LeaderElector::release() {

@@ -235,6 +235,10 @@ int run(int argc, char** argv) {
     election.leaseDuration = millis(flags->leaseDuration);
     election.renewDeadline = millis(flags->renewDeadline);
     election.retryPeriod = millis(flags->retryPeriod);
+    election.onRenewDeadlineMissed = [] {
+      log::error() << "lost leadership: exiting so that only the new leader acts";
+      std::_Exit(1);
+    };
     elector = std::make_unique<LeaderElector>(client, election);
     leading = elector->acquire(stop);
   }

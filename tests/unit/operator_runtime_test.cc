@@ -17,6 +17,7 @@
 #include "tandem/operator/api_convert.h"
 #include "tandem/operator/event_recorder.h"
 #include "tandem/operator/informer.h"
+#include "tandem/operator/leader_election.h"
 #include "tandem/operator/work_queue.h"
 
 namespace tandem {
@@ -557,6 +558,46 @@ TEST(EventRecorder, LongMessagesAreCutToWhatTheApiKeeps) {
   const std::string cut = events.created[1]["message"];
   EXPECT_EQ(cut.size(), 1023u);  // byte 1021 continues a character: 510 characters, "..."
   EXPECT_EQ(cut.substr(cut.size() - 5), "\xC3\xA9...");
+}
+
+// ---------------------------------------------------------------------------------------------- leases
+
+TEST(LeaderElector, AStalledRenewalIsNoticedWhileItIsStillWaiting) {
+  LocalServer local;
+  const std::string path = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/tandem-operator";
+  std::atomic<bool> stall{false};
+  local.server().Get(path, [&](const httplib::Request&, httplib::Response& response) {
+    json lease = {{"apiVersion", "coordination.k8s.io/v1"}, {"kind", "Lease"},
+                  {"metadata", {{"name", "tandem-operator"}, {"namespace", "ns"}, {"resourceVersion", "7"}}},
+                  {"spec", {{"holderIdentity", "me"}, {"leaseDurationSeconds", 1},
+                            {"renewTime", operator_core::formatMicroTime(std::chrono::system_clock::now())}}}};
+    response.set_content(lease.dump(), "application/json");
+  });
+  local.server().Put(path, [&](const httplib::Request& request, httplib::Response& response) {
+    if (stall) std::this_thread::sleep_for(2s);  // an API server that stopped answering
+    response.set_content(request.body, "application/json");
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  operator_core::LeaderElectionOptions options;
+  options.nameSpace = "ns";
+  options.identity = "me";
+  options.leaseDuration = 1000ms;
+  options.renewDeadline = 400ms;
+  options.retryPeriod = 100ms;
+  std::atomic<bool> missed{false};
+  options.onRenewDeadlineMissed = [&] { missed = true; };
+  operator_core::LeaderElector elector(client, options);
+  std::atomic<bool> stop{false};
+  std::thread holder([&] { elector.holdUntil(stop); });
+  std::this_thread::sleep_for(300ms);  // renewing fine
+  EXPECT_FALSE(missed);
+  stall = true;
+  const auto stalled = std::chrono::steady_clock::now();
+  while (!missed && std::chrono::steady_clock::now() - stalled < 1500ms) std::this_thread::sleep_for(10ms);
+  EXPECT_TRUE(missed) << "the watchdog did not fire while the renewal hung";
+  EXPECT_LT(std::chrono::steady_clock::now() - stalled, 1500ms);  // the hung call takes 2 s
+  stop = true;  // the operator would have exited in the callback
+  holder.join();
 }
 
 // ------------------------------------------------------------------------------------------ conversion

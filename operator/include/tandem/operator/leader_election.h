@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -22,6 +23,11 @@ struct LeaderElectionOptions {
   std::chrono::milliseconds leaseDuration{15000};
   std::chrono::milliseconds renewDeadline{10000};
   std::chrono::milliseconds retryPeriod{2000};
+  // Called from a watchdog thread once renewDeadline has passed since the last renewal while a renewal
+  // is still waiting on a stalled API server (each call retries for up to minutes): by then another
+  // replica may hold the Lease, so the caller must stop acting at once (the operator exits). Without it,
+  // holdUntil notices only when the call returns.
+  std::function<void()> onRenewDeadlineMissed;
 };
 
 class LeaderElector {
