@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <chrono>
 #include <ctime>
 #include <fstream>
 #include <random>
@@ -342,6 +343,9 @@ Status KubeClient::watch(const std::string& collectionPath, const ListOptions& o
   client->set_read_timeout(timeoutSeconds + 30);  // the server ends the stream at timeoutSeconds
   {
     std::lock_guard<std::mutex> lock(poolMutex_);
+    // Checked again under the lock: a cancel() that came after the first check either sees this watch
+    // in watching_ or is seen here.
+    if (cancelled_) return TANDEM_ERROR(StatusCode::kCancelled, "watch " + collectionPath + ": client shut down");
     watching_.insert(client.get());
   }
   ++requests_;
@@ -361,9 +365,20 @@ Status KubeClient::watch(const std::string& collectionPath, const ListOptions& o
 }
 
 void KubeClient::cancel() {
-  cancelled_ = true;
-  std::lock_guard<std::mutex> lock(poolMutex_);
-  for (httplib::ClientImpl* client : watching_) client->stop();
+  {
+    std::lock_guard<std::mutex> lock(poolMutex_);
+    cancelled_ = true;
+  }
+  // httplib's stop() only interrupts a request whose socket exists: a watch that was just starting
+  // would stream on until its timeout (minutes). Repeat until every watch has returned.
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(poolMutex_);
+      if (watching_.empty()) return;
+      for (httplib::ClientImpl* client : watching_) client->stop();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
 }
 
 }  // namespace tandem::kube

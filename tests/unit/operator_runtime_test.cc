@@ -314,6 +314,33 @@ TEST(KubeClient, WatchParsesEventsSplitAcrossChunksAndReports410) {
   EXPECT_NE(status.message().find("too old resource version"), std::string::npos);
 }
 
+TEST(KubeClient, CancelAtAnyMomentEndsAWatchAtOnce) {
+  LocalServer local;
+  // A watch stream with nothing to say for 20 s (the server's own timeout would end it).
+  local.server().Get("/api/v1/pods", [](const httplib::Request&, httplib::Response& response) {
+    response.set_chunked_content_provider("application/json", [](size_t, httplib::DataSink& sink) {
+      for (int waited = 0; waited < 2000 && sink.is_writable(); ++waited) std::this_thread::sleep_for(10ms);
+      sink.done();
+      return true;
+    });
+  });
+  // Cancelled before the watch starts, while it connects, and while it streams.
+  for (const auto delay : {0ms, 1ms, 5ms, 50ms, 200ms}) {
+    kube::KubeClient client(local.config(), fastRetries());
+    std::atomic<bool> returned{false};
+    std::thread watcher([&] {
+      (void)client.watch("/api/v1/pods", {}, "1", 30, [](const kube::WatchEvent&) { return true; });
+      returned = true;
+    });
+    std::this_thread::sleep_for(delay);
+    const auto cancelled = std::chrono::steady_clock::now();
+    client.cancel();
+    while (!returned && std::chrono::steady_clock::now() - cancelled < 3s) std::this_thread::sleep_for(5ms);
+    EXPECT_TRUE(returned) << "cancelled after " << delay.count() << " ms: the watch went on streaming";
+    watcher.join();
+  }
+}
+
 TEST(KubeClient, ReReadsARotatedTokenFile) {
   LocalServer local;
   std::vector<std::string> tokens;
