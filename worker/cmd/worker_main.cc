@@ -279,12 +279,13 @@ int run(int argc, char** argv) {
       if (!started.ok()) return fail(started.status());
       server = std::move(started).value();
     }
-    auto client = std::make_shared<rendezvous::RendezvousClient>(identity->endpoint, identity->token, identity->generation);
+    rendezvousClient =
+        std::make_shared<rendezvous::RendezvousClient>(identity->endpoint, identity->token, identity->generation);
     rendezvous::JoinRequest join{spec.jobKey(), identity->generation, identity->rank, identity->worldSize,
                                  identity->podAddress, configHash};
     log::info() << "joining rendezvous at " << identity->endpoint << " (generation " << identity->generation << ", "
                 << identity->worldSize << " ranks, deadline " << arguments->rendezvousTimeoutSeconds << "s)";
-    auto joined = client->join(join, rendezvousTimeout);
+    auto joined = rendezvousClient->join(join, rendezvousTimeout);
     if (!joined.ok()) return fail(joined.status());
 
     comm::GlooOptions glooOptions;
@@ -293,12 +294,12 @@ int run(int argc, char** argv) {
     glooOptions.hostAddress = identity->podAddress;
     glooOptions.keyPrefix = "generation-" + std::to_string(identity->generation) + "/gloo";
     glooOptions.timeout = collectiveTimeout;
-    auto created = comm::createGlooCommunicator(glooOptions, std::make_shared<RendezvousStore>(client, rendezvousTimeout));
+    auto created =
+        comm::createGlooCommunicator(glooOptions, std::make_shared<RendezvousStore>(rendezvousClient, rendezvousTimeout));
     if (!created.ok()) return fail(created.status());
     communicator = std::move(created).value();
     log::info() << "connected to " << identity->worldSize - 1 << " peers";
-    rendezvousClient = client;
-    heartbeats = std::make_unique<rendezvous::HeartbeatSender>(client, identity->rank, heartbeatInterval);
+    heartbeats = std::make_unique<rendezvous::HeartbeatSender>(rendezvousClient, identity->rank, heartbeatInterval);
   }
 
   std::unique_ptr<metrics::WorkerMetrics> workerMetrics;

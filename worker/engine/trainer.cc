@@ -320,12 +320,11 @@ class StageStep {
       lossSum_ += kernels::softmax_cross_entropy(output.rows(), output.cols(), output.data(), labels_[m].data(),
                                                  1.0f / static_cast<float>(globalBatch_), gradOutputs_[m].data(),
                                                  nullptr);
-      summary_.forwardSeconds += secondsSince(start);
-    } else {
-      summary_.forwardSeconds += secondsSince(start);
+    }
+    summary_.forwardSeconds += secondsSince(start);
+    if (!topology_.lastStage())
       sends_.push_back(
           topology_.pipeline->sendAsync(output.data(), output.size() * 4, topology_.stage + 1, activationTag(m)));
-    }
     return start;
   }
 
@@ -536,8 +535,8 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   // loss sum and this rank's stop vote (so every rank stops after the same step when any one was asked).
   // With a pipeline, the last stages hold the loss, so both travel in one small world all-reduce.
   const bool metricsInGradients = stages == 1;
-  auto network = model::buildMlpSlice(data.train.features, spec.model.mlp.hidden, data.train.classes, activationOf(spec), firstLinear,
-                                      endLinear, metricsInGradients ? 2 : 0);
+  auto network = model::buildMlpSlice(data.train.features, spec.model.mlp.hidden, data.train.classes,
+                                      activationOf(spec), firstLinear, endLinear, metricsInGradients ? 2 : 0);
   network->initialize(static_cast<uint64_t>(spec.training.seed), 2 * firstLinear);
   if (topology.dataParallel != nullptr)  // identical by seed already; the broadcast makes it a guarantee
     TANDEM_RETURN_IF_ERROR(topology.dataParallel->broadcast(network->parameters(), network->parameterCount() * 4, 0)

@@ -274,14 +274,18 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     (fromStdout ? std::cout : std::cerr) << "[rank " << worker.rank << "] " << line << std::endl;
     display.afterOutput();
   };
+  // The stream is over (or abandoned): its unfinished last line, then the pipe.
+  auto closeOutput = [&](Worker& worker, int& fd, std::string& partial, bool fromStdout) {
+    if (!partial.empty()) handleLine(worker, partial, fromStdout);
+    partial.clear();
+    close(fd);
+    fd = -1;
+  };
   auto drain = [&](Worker& worker, int& fd, std::string& partial, bool fromStdout) {
     char buffer[8192];
     const ssize_t count = read(fd, buffer, sizeof(buffer));
     if (count <= 0) {
-      if (!partial.empty()) handleLine(worker, partial, fromStdout);
-      partial.clear();
-      close(fd);
-      fd = -1;
+      closeOutput(worker, fd, partial, fromStdout);
       return;
     }
     partial.append(buffer, static_cast<size_t>(count));
@@ -384,15 +388,8 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
           display.beforeOutput();
           std::cerr << "tandem: rank " << worker.rank << " exited, but a process it started kept its output open; "
                     << "ended it after " << kLeftoversGrace.count() << " ms" << std::endl;
-          for (const bool fromStdout : {true, false}) {
-            int& fd = fromStdout ? worker.stdoutFd : worker.stderrFd;
-            std::string& partial = fromStdout ? worker.stdoutPartial : worker.stderrPartial;
-            if (fd < 0) continue;
-            if (!partial.empty()) handleLine(worker, partial, fromStdout);
-            partial.clear();
-            close(fd);
-            fd = -1;
-          }
+          if (worker.stdoutFd >= 0) closeOutput(worker, worker.stdoutFd, worker.stdoutPartial, true);
+          if (worker.stderrFd >= 0) closeOutput(worker, worker.stderrFd, worker.stderrPartial, false);
         }
         break;
       }

@@ -76,11 +76,7 @@ FloatBuffer GradientAccumulator::finish() {
     queued.swap(added_);
   }
   // The thread takes nothing new while finishing_: the tree is ours.
-  for (FloatBuffer& gradients : queued) {
-    tree_.push_back(std::move(gradients));
-    levels_.push_back(0);
-    mergeEqualLevels();
-  }
+  for (FloatBuffer& gradients : queued) addToTree(std::move(gradients));
   if (tree_.size() >= 2) foldTop(tree_.size());
   FloatBuffer total;
   if (tree_.empty()) {
@@ -101,6 +97,12 @@ void GradientAccumulator::foldTop(size_t count) {
   std::vector<float*> buffers;
   for (size_t i = tree_.size() - count; i < tree_.size(); ++i) buffers.push_back(tree_[i].data());
   foldInto(buffers, size_);
+}
+
+void GradientAccumulator::addToTree(FloatBuffer gradients) {
+  tree_.push_back(std::move(gradients));
+  levels_.push_back(0);
+  mergeEqualLevels();
 }
 
 void GradientAccumulator::mergeEqualLevels() {
@@ -135,9 +137,7 @@ void GradientAccumulator::run() {
     FloatBuffer next = std::move(added_.front());
     added_.pop_front();
     lock.unlock();
-    tree_.push_back(std::move(next));
-    levels_.push_back(0);
-    mergeEqualLevels();
+    addToTree(std::move(next));
     lock.lock();
     working_ = false;
     changed_.notify_all();

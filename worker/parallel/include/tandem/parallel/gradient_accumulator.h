@@ -48,6 +48,7 @@ class GradientAccumulator {
 
  private:
   void run();
+  void addToTree(FloatBuffer gradients);  // a microbatch's gradients as the newest leaf, merged up
   void mergeEqualLevels();
   void foldTop(size_t count);  // the top `count` partial sums into the lowest of them
 
