@@ -259,6 +259,24 @@ class FaultTolerance(TempDirTest):
         self.assertIn("resumed from step 25", again.stderr_text)
 
 
+    def test_hung_checkpoint_storage_fails_the_run_within_the_checkpoint_timeout(self):
+        # Every checkpoint write stalls for 120 s (an NFS server gone): training must not wait for it.
+        ckpt = os.path.join(self.tmp, "ckpt")
+        config = self.write("hung.yaml", job(ckpt, workers=2, restart_policy="Never"))
+        started = time.monotonic()
+        process = subprocess.run([TANDEM, "run", config, "--max-steps", str(STEPS), "--quiet", "--checkpoint-timeout", "2"],
+                                 capture_output=True, text=True, timeout=100,
+                                 env=dict(os.environ, TANDEM_FAULT_CHECKPOINT_DELAY_MS="120000"))
+        elapsed = time.monotonic() - started
+        self.assertNotEqual(process.returncode, 0, process.stderr[-3000:])
+        # Step 25's write hangs; step 50's snapshot waits 2 s for it, then the worker fails, naming it.
+        self.assertIn(f"checkpoint step-00000025 is still being written to {ckpt}/ft after", process.stderr)
+        self.assertIn("step-00000050 waited for it for the checkpoint timeout, 2 s", process.stderr)
+        self.assertIn("the storage does not answer; the last durable checkpoint is none", process.stderr)
+        self.assertLess(elapsed, 60, "the run waited for the stalled write")
+        self.assertFalse(glob.glob(os.path.join(ckpt, "ft", "step-*")), "nothing was published half-written")
+
+
 class RestartPolicies(TempDirTest):
     def start(self, text, steps=2000, env=None):
         config = self.write("job.yaml", text)

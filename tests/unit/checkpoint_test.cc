@@ -6,6 +6,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdint>
@@ -19,6 +20,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tandem/checkpoint/checkpoint.h"
@@ -616,6 +618,15 @@ TEST(CheckpointStore, StaleTemporaryDirectoryIsRemovedByTheNextWrite) {
 // ---------------------------------------------------------------------------------------------------------------
 // AsyncCheckpointer
 
+// Far longer than any write here: only the tests about hung writes use a short timeout.
+constexpr std::chrono::milliseconds kNoHang(60000);
+
+std::optional<AsyncCheckpointer::Result> drained(AsyncCheckpointer& checkpointer) {
+  auto result = checkpointer.drain();
+  EXPECT_TRUE(result.ok()) << result.status().toString();
+  return result.ok() ? *result : std::nullopt;
+}
+
 struct Recorder {
   std::mutex mutex;
   std::vector<AsyncCheckpointer::Result> results;
@@ -634,10 +645,10 @@ struct Recorder {
 TEST(AsyncCheckpointer, WritesEverySubmissionInOrder) {
   TempDir dir;
   Recorder recorder;
-  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 10), recorder.callback());
+  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 10), kNoHang, recorder.callback());
   EXPECT_EQ(checkpointer.store().root(), dir / "job");
-  for (int64_t step = 1; step <= 5; ++step) checkpointer.submit(makeState(step));
-  const auto last = checkpointer.drain();
+  for (int64_t step = 1; step <= 5; ++step) ASSERT_TRUE(checkpointer.submit(makeState(step)).ok());
+  const auto last = drained(checkpointer);
 
   ASSERT_TRUE(last.has_value());
   EXPECT_EQ(last->step, 5);
@@ -665,9 +676,9 @@ TEST(AsyncCheckpointer, WritesEverySubmissionInOrder) {
 TEST(AsyncCheckpointer, KeepTwoLeavesTheLastTwo) {
   TempDir dir;
   Recorder recorder;
-  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 2), recorder.callback());
-  for (int64_t step = 1; step <= 5; ++step) checkpointer.submit(makeState(step));
-  const auto last = checkpointer.drain();
+  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 2), kNoHang, recorder.callback());
+  for (int64_t step = 1; step <= 5; ++step) ASSERT_TRUE(checkpointer.submit(makeState(step)).ok());
+  const auto last = drained(checkpointer);
   ASSERT_TRUE(last.has_value());
   EXPECT_TRUE(last->status.ok()) << last->status.toString();
   EXPECT_EQ(recorder.snapshot().size(), 5u);
@@ -679,24 +690,24 @@ TEST(AsyncCheckpointer, ReportsAFailureAndKeepsWriting) {
   TempDir dir;
   writeText(dir / "blocker", "a regular file where the checkpoint directory should go");
   Recorder recorder;
-  AsyncCheckpointer checkpointer(CheckpointStore(dir / "blocker/job", 3), recorder.callback());
+  AsyncCheckpointer checkpointer(CheckpointStore(dir / "blocker/job", 3), kNoHang, recorder.callback());
 
-  checkpointer.submit(makeState(1));
-  auto first = checkpointer.drain();
+  ASSERT_TRUE(checkpointer.submit(makeState(1)).ok());
+  auto first = drained(checkpointer);
   ASSERT_TRUE(first.has_value());
   EXPECT_EQ(first->step, 1);
   EXPECT_FALSE(first->status.ok());
   EXPECT_EQ(first->bytes, 0);
 
-  checkpointer.submit(makeState(2));  // still failing: the attempt is made and reported
-  auto second = checkpointer.drain();
+  ASSERT_TRUE(checkpointer.submit(makeState(2)).ok());  // still failing: the attempt is made and reported
+  auto second = drained(checkpointer);
   ASSERT_TRUE(second.has_value());
   EXPECT_EQ(second->step, 2);
   EXPECT_FALSE(second->status.ok());
 
   fs::remove(dir / "blocker");  // the cause goes away; later submissions succeed
-  checkpointer.submit(makeState(3));
-  auto third = checkpointer.drain();
+  ASSERT_TRUE(checkpointer.submit(makeState(3)).ok());
+  auto third = drained(checkpointer);
   ASSERT_TRUE(third.has_value());
   EXPECT_EQ(third->step, 3);
   EXPECT_TRUE(third->status.ok()) << third->status.toString();
@@ -715,8 +726,8 @@ TEST(AsyncCheckpointer, ReportsAFailureAndKeepsWriting) {
 
 TEST(AsyncCheckpointer, DrainBeforeAnySubmissionIsNullopt) {
   TempDir dir;
-  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), nullptr);
-  EXPECT_FALSE(checkpointer.drain().has_value());
+  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), kNoHang, nullptr);
+  EXPECT_FALSE(drained(checkpointer).has_value());
   EXPECT_FALSE(fs::exists(dir / "job"));
 }
 
@@ -725,9 +736,9 @@ TEST(AsyncCheckpointer, ASubmissionWaitsUntilThePreviousOneIsDurable) {
   // The writer pauses between the shard and the publish, so a write is observably in flight.
   ASSERT_EQ(::setenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS", "200", 1), 0);
   {
-    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), nullptr);
-    checkpointer.submit(makeState(1));
-    checkpointer.submit(makeState(2));  // returns only once step 1 is published
+    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), kNoHang, nullptr);
+    ASSERT_TRUE(checkpointer.submit(makeState(1)).ok());
+    ASSERT_TRUE(checkpointer.submit(makeState(2)).ok());  // returns only once step 1 is published
     EXPECT_EQ(checkpointer.store().listSteps(), (std::vector<int64_t>{1}));
     // The destructor finishes what was submitted.
   }
@@ -737,6 +748,59 @@ TEST(AsyncCheckpointer, ASubmissionWaitsUntilThePreviousOneIsDurable) {
   auto read = store.read(2);
   ASSERT_TRUE(read.ok()) << read.status().toString();
   expectSameState(*read, makeState(2));
+}
+
+TEST(AsyncCheckpointer, AWriteThatOutlastsTheTimeoutFailsTheWaitInsteadOfHanging) {
+  TempDir dir;
+  // Step 1's write stalls for 1.5 s (hung storage, as far as a 100 ms timeout can tell).
+  ASSERT_EQ(::setenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS", "1500", 1), 0);
+  Recorder recorder;
+  const auto start = std::chrono::steady_clock::now();
+  {
+    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), std::chrono::milliseconds(100), recorder.callback());
+    ASSERT_TRUE(checkpointer.submit(makeState(1)).ok());
+    const Status refused = checkpointer.submit(makeState(2));
+    EXPECT_EQ(refused.code(), StatusCode::kDeadlineExceeded) << refused.toString();
+    for (const std::string& part : {"checkpoint step-00000001 is still being written to " + std::string(dir / "job"),
+                                    std::string("step-00000002 waited for it"), std::string("the last durable checkpoint is none")})
+      EXPECT_NE(refused.message().find(part), std::string::npos) << refused.message();
+    // The destructor does not join a writer that a wait has already given up on.
+  }
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(waited, 1.2) << "the owner waited for the stalled write to end";
+
+  // The writer left behind still finishes step 1 (a whole checkpoint, not debris) but reports nothing:
+  // the callback's owner may be gone.
+  CheckpointStore store(dir / "job", 3);
+  for (int i = 0; i < 100 && store.listSteps().empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ::unsetenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS");
+  ASSERT_EQ(store.listSteps(), (std::vector<int64_t>{1}));
+  auto read = store.read(1);
+  ASSERT_TRUE(read.ok()) << read.status().toString();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_TRUE(recorder.snapshot().empty());
+}
+
+TEST(AsyncCheckpointer, DrainEndsAtTheCallersDeadlineAndTheWriteStillLands) {
+  TempDir dir;
+  ASSERT_EQ(::setenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS", "500", 1), 0);
+  Recorder recorder;
+  {
+    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), kNoHang, recorder.callback());
+    ASSERT_TRUE(checkpointer.submit(makeState(1)).ok());
+    // A stop's grace period ends before the write does.
+    auto early = checkpointer.drain(std::chrono::steady_clock::now() + std::chrono::milliseconds(50));
+    EXPECT_EQ(early.status().code(), StatusCode::kDeadlineExceeded) << early.status().toString();
+    EXPECT_NE(early.status().message().find("the wait's deadline passed"), std::string::npos) << early.status().message();
+    // Waiting again (without a deadline of its own) sees it land, reported once.
+    const auto last = drained(checkpointer);
+    ASSERT_TRUE(last.has_value());
+    EXPECT_EQ(last->step, 1);
+    EXPECT_TRUE(last->status.ok()) << last->status.toString();
+  }
+  ::unsetenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS");
+  ASSERT_EQ(recorder.snapshot().size(), 1u);
+  EXPECT_EQ(CheckpointStore(dir / "job", 3).listSteps(), (std::vector<int64_t>{1}));
 }
 
 }  // namespace

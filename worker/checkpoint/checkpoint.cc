@@ -277,56 +277,112 @@ StatusOr<std::optional<CheckpointState>> CheckpointStore::loadNewestValid(
   return std::optional<CheckpointState>();
 }
 
-AsyncCheckpointer::AsyncCheckpointer(CheckpointStore store, std::function<void(const Result&)> onWritten)
-    : store_(std::move(store)), onWritten_(std::move(onWritten)), writer_([this] { run(); }) {}
+AsyncCheckpointer::AsyncCheckpointer(CheckpointStore store, std::chrono::milliseconds writeTimeout,
+                                     std::function<void(const Result&)> onWritten)
+    : shared_(std::make_shared<Shared>(std::move(store))), writeTimeout_(writeTimeout) {
+  shared_->onWritten = std::move(onWritten);
+  writer_ = std::thread([shared = shared_] { run(shared); });
+}
 
 AsyncCheckpointer::~AsyncCheckpointer() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stopping_ = true;
+  std::unique_lock<std::mutex> lock(shared_->mutex);
+  shared_->stopping = true;
+  shared_->changed.notify_all();
+  const bool hungBefore = timedOutOnSerial_ && shared_->writingStep && *timedOutOnSerial_ == shared_->writeSerial;
+  if (!hungBefore && waitIdle(lock, Clock::now() + writeTimeout_)) {
+    lock.unlock();
+    writer_.join();
+    return;
   }
-  changed_.notify_all();
-  writer_.join();
+  // Hung: the thread keeps the shared state alive and exits when (if) its write returns. Wait out a
+  // report already running, which uses the owner's objects, and stop any later one.
+  shared_->abandoned = true;
+  shared_->changed.wait(lock, [this] { return !shared_->reporting; });
+  lock.unlock();
+  writer_.detach();
 }
 
-void AsyncCheckpointer::submit(CheckpointState state) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  changed_.wait(lock, [this] { return !writing_ && !pending_; });
-  pending_ = std::move(state);
-  changed_.notify_all();
+bool AsyncCheckpointer::waitIdle(std::unique_lock<std::mutex>& lock, Clock::time_point deadline) {
+  return shared_->changed.wait_until(lock, deadline, [this] { return !shared_->writingStep && !shared_->pending; });
 }
 
-std::optional<AsyncCheckpointer::Result> AsyncCheckpointer::drain() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  changed_.wait(lock, [this] { return !writing_ && !pending_; });
-  return lastResult_;
+namespace {
+std::string secondsText(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.3g s", seconds);
+  return text;
+}
+}  // namespace
+
+Status AsyncCheckpointer::hungWriteError(const std::string& why) const {
+  const int64_t step = shared_->writingStep ? *shared_->writingStep : shared_->pending ? shared_->pending->step : 0;
+  const double seconds =
+      shared_->writingStep ? std::chrono::duration<double>(Clock::now() - shared_->writeStart).count() : 0.0;
+  return TANDEM_ERROR(StatusCode::kDeadlineExceeded,
+                      "checkpoint " + stepDirectoryName(step) + " is still being written to " + shared_->store.root() +
+                          " after " + secondsText(seconds) + " (" + why +
+                          "): the storage does not answer; the last durable checkpoint is " +
+                          (shared_->lastDurableStep ? stepDirectoryName(*shared_->lastDurableStep) : std::string("none")));
 }
 
-void AsyncCheckpointer::run() {
+Status AsyncCheckpointer::submit(CheckpointState state) {
+  std::unique_lock<std::mutex> lock(shared_->mutex);
+  if (!waitIdle(lock, Clock::now() + writeTimeout_)) {
+    timedOutOnSerial_ = shared_->writeSerial;
+    return hungWriteError(stepDirectoryName(state.step) + " waited for it for the checkpoint timeout, " +
+                          secondsText(std::chrono::duration<double>(writeTimeout_).count()));
+  }
+  shared_->pending = std::move(state);
+  shared_->changed.notify_all();
+  return Status();
+}
+
+StatusOr<std::optional<AsyncCheckpointer::Result>> AsyncCheckpointer::drain(Clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(shared_->mutex);
+  const auto timeoutEnd = Clock::now() + writeTimeout_;
+  if (!waitIdle(lock, std::min(deadline, timeoutEnd))) {
+    timedOutOnSerial_ = shared_->writeSerial;
+    return hungWriteError(deadline < timeoutEnd
+                              ? std::string("the wait's deadline passed")
+                              : "waited for the checkpoint timeout, " +
+                                    secondsText(std::chrono::duration<double>(writeTimeout_).count()));
+  }
+  return shared_->lastResult;
+}
+
+void AsyncCheckpointer::run(const std::shared_ptr<Shared>& shared) {
   for (;;) {
     CheckpointState state;
     {
-      std::unique_lock<std::mutex> lock(mutex_);
-      changed_.wait(lock, [this] { return stopping_ || pending_.has_value(); });
-      if (!pending_) return;  // stopping with nothing queued
-      state = std::move(*pending_);
-      pending_.reset();
-      writing_ = true;
+      std::unique_lock<std::mutex> lock(shared->mutex);
+      shared->changed.wait(lock, [&] { return shared->stopping || shared->pending.has_value(); });
+      if (!shared->pending || shared->abandoned) return;  // stopping with nothing queued, or left behind
+      state = std::move(*shared->pending);
+      shared->pending.reset();
+      shared->writingStep = state.step;
+      shared->writeStart = Clock::now();
+      ++shared->writeSerial;
     }
     Result result;
     result.step = state.step;
-    const auto start = std::chrono::steady_clock::now();
-    auto written = store_.write(state);
-    result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    auto written = shared->store.write(state);
+    result.seconds = std::chrono::duration<double>(Clock::now() - shared->writeStart).count();
     result.status = written.status();
     result.bytes = written.ok() ? *written : 0;
-    if (onWritten_) onWritten_(result);
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      writing_ = false;
-      lastResult_ = result;
+      std::lock_guard<std::mutex> lock(shared->mutex);
+      if (shared->abandoned) return;
+      shared->reporting = true;
     }
-    changed_.notify_all();
+    if (shared->onWritten) shared->onWritten(result);
+    {
+      std::lock_guard<std::mutex> lock(shared->mutex);
+      shared->reporting = false;
+      shared->writingStep.reset();
+      if (result.status.ok()) shared->lastDurableStep = result.step;
+      shared->lastResult = result;
+    }
+    shared->changed.notify_all();
   }
 }
 

@@ -27,7 +27,7 @@ const char* kUsage =
     "usage:\n"
     "  tandem run FILE [--workers N] [--max-steps N] [--dump-params FILE] [--loss-log FILE]\n"
     "                  [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB]\n"
-    "                  [--grace-seconds SECONDS] [--bind-cores] [--quiet]\n"
+    "                  [--grace-seconds SECONDS] [--checkpoint-timeout SECONDS] [--bind-cores] [--quiet]\n"
     "  tandem validate FILE\n"
     "  tandem version\n";
 
@@ -140,7 +140,7 @@ int run(const std::vector<std::string>& arguments) {
       bindCores = true;
     } else if (argument == "--max-steps" || argument == "--dump-params" || argument == "--loss-log" ||
                argument == "--rendezvous-timeout" || argument == "--collective-timeout" ||
-               argument == "--bucket-cap-mb" || argument == "--grace-seconds") {
+               argument == "--bucket-cap-mb" || argument == "--grace-seconds" || argument == "--checkpoint-timeout") {
       options.workerArguments.push_back(argument);
       options.workerArguments.push_back(value());
     } else if (!argument.empty() && argument[0] == '-') {

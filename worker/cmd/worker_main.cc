@@ -52,16 +52,18 @@ struct WorkerArguments {
   double collectiveTimeoutSeconds = 30;
   double bucketCapMegabytes = 25;  // PyTorch DDP's default bucket_cap_mb
   double graceSeconds = 30;        // after SIGTERM: time to finish the step and checkpoint
+  double checkpointTimeoutSeconds = 600;  // a checkpoint write in flight longer is hung storage
   int64_t metricsPort = 9400;      // 0: no metrics endpoint; TANDEM_METRICS_PORT overrides
 };
 
 const char* kUsage =
     "usage: tandem-worker [--config FILE] [--max-steps N] [--dump-params FILE] [--loss-log FILE]\n"
     "                     [--rendezvous-timeout SECONDS] [--collective-timeout SECONDS] [--bucket-cap-mb MB]\n"
-    "                     [--grace-seconds SECONDS] [--metrics-port PORT]\n"
+    "                     [--grace-seconds SECONDS] [--checkpoint-timeout SECONDS] [--metrics-port PORT]\n"
     "Identity comes from TANDEM_RANK, TANDEM_WORLD_SIZE, TANDEM_GENERATION, TANDEM_RDZV_ENDPOINT,\n"
     "TANDEM_RDZV_TOKEN, TANDEM_POD_IP and TANDEM_CONFIG (DESIGN.md §3); TANDEM_LOG_LEVEL=debug adds\n"
-    "per-step detail (a pipeline stage's timeline).\n";
+    "per-step detail (a pipeline stage's timeline). TANDEM_COLLECTIVE_TIMEOUT_SECONDS and\n"
+    "TANDEM_CHECKPOINT_TIMEOUT_SECONDS set those timeouts too (the flags win).\n";
 
 std::optional<std::string> environment(const char* name) {
   const char* value = std::getenv(name);
@@ -105,6 +107,9 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
   if (auto timeout = environment("TANDEM_COLLECTIVE_TIMEOUT_SECONDS")) {
     TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parsePositive("TANDEM_COLLECTIVE_TIMEOUT_SECONDS", *timeout));
   }
+  if (auto timeout = environment("TANDEM_CHECKPOINT_TIMEOUT_SECONDS")) {
+    TANDEM_ASSIGN_OR_RETURN(arguments.checkpointTimeoutSeconds, parsePositive("TANDEM_CHECKPOINT_TIMEOUT_SECONDS", *timeout));
+  }
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") {
@@ -129,6 +134,8 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
       TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parseInteger(flag, value));
     } else if (flag == "--grace-seconds") {
       TANDEM_ASSIGN_OR_RETURN(arguments.graceSeconds, parsePositive(flag, value));
+    } else if (flag == "--checkpoint-timeout") {
+      TANDEM_ASSIGN_OR_RETURN(arguments.checkpointTimeoutSeconds, parsePositive(flag, value));
     } else if (flag == "--bucket-cap-mb") {
       TANDEM_ASSIGN_OR_RETURN(arguments.bucketCapMegabytes, parsePositive(flag, value));
     } else {
@@ -326,6 +333,7 @@ int run(int argc, char** argv) {
   options.lossLogPath = arguments->lossLogPath;
   options.stopRequested = &stopRequested;
   options.graceSeconds = arguments->graceSeconds;
+  options.checkpointTimeoutSeconds = arguments->checkpointTimeoutSeconds;
   options.onResume = [](int64_t step) { emit("resume", {{"step", step}}); };
   options.onProgress = [](const engine::Progress& progress) {
     emit("progress", {{"step", progress.step},

@@ -587,6 +587,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   if (checkpointing && topology.writesCheckpoints()) {
     checkpointer = std::make_unique<checkpoint::AsyncCheckpointer>(
         checkpoint::CheckpointStore(checkpointRoot(spec, topology), spec.checkpoint.keep),
+        std::chrono::milliseconds(static_cast<int64_t>(options.checkpointTimeoutSeconds * 1000)),
         [&](const checkpoint::AsyncCheckpointer::Result& result) {
           if (result.status.ok()) {
             lastDurableStep = result.step;
@@ -614,7 +615,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     state.seed = static_cast<uint64_t>(spec.training.seed);
     state.parameters.assign(network->parameters(), network->parameters() + network->parameterCount());
     state.optimizerState.assign(optimizer.state(), optimizer.state() + optimizer.stateSize());
-    checkpointer->submit(std::move(state));
+    return checkpointer->submit(std::move(state));
   };
 
   StageStep stageStep(*network, topology, data.train, operations, microBatchSize, globalBatch, allReduce, summary);
@@ -689,16 +690,20 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
         const double left = std::chrono::duration<double>(*stopDeadline - Clock::now()).count();
         if (left > 2.0 * lastWriteSeconds + 0.5) {
           log::info() << "stop requested: writing a checkpoint of step " << step + 1 << " (" << left << " s of grace left)";
-          snapshot(step + 1);
+          if (Status submitted = snapshot(step + 1); !submitted.ok()) log::warning() << submitted.message();
         } else {
           log::warning() << "stop requested: no time for a checkpoint (" << left << " s of grace left)";
         }
       }
-      if (checkpointer) checkpointer->drain();
+      // The grace period bounds the wait: after it the pod is killed anyway.
+      if (checkpointer) {
+        if (auto drained = checkpointer->drain(*stopDeadline); !drained.ok())
+          log::warning() << "stop: " << drained.status().message();
+      }
       return TANDEM_ERROR(StatusCode::kCancelled, "stopped by request after step " + std::to_string(step + 1));
     }
     if (checkpointer && spec.checkpoint.everySteps > 0 && (step + 1) % spec.checkpoint.everySteps == 0)
-      snapshot(step + 1);
+      TANDEM_RETURN_IF_ERROR(snapshot(step + 1));
     const bool evalDue = spec.training.evalEvery > 0 && (step + 1) % spec.training.evalEvery == 0 && step + 1 < totalSteps;
     if (evalDue) {
       const auto evalStart = Clock::now();
@@ -723,8 +728,8 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
                 << summary.peakActivationBytes << " bytes)";
   // The finished model is a checkpoint too: a restart after the end resumes at the end.
   if (checkpointer) {
-    if (lastSubmittedStep != summary.steps) snapshot(summary.steps);
-    checkpointer->drain();
+    if (lastSubmittedStep != summary.steps) TANDEM_RETURN_IF_ERROR(snapshot(summary.steps));
+    TANDEM_RETURN_IF_ERROR(checkpointer->drain().status());
   }
   summary.checkpointsWritten = checkpointsWritten;
 

@@ -7,9 +7,11 @@
 // checkpoints, saying why.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -68,35 +70,61 @@ class CheckpointStore {
 // Writes checkpoints in the background: snapshot() copies the state at a step boundary (the caller's
 // only cost) and a writer thread makes it durable while training goes on. A new snapshot waits until
 // the previous one is durable, so at most one write is in flight and they land in order.
+// Every wait has a deadline: a write still in flight `writeTimeout` after a wait began is taken for hung
+// storage (an NFS server gone, a full volume that blocks) and the wait fails with DEADLINE_EXCEEDED naming
+// the step, the directory and the last durable checkpoint. A hung write cannot be interrupted, so the
+// destructor then leaves the writer thread behind instead of joining it; its result is dropped.
 // Thread-safe for one producer.
 class AsyncCheckpointer {
  public:
+  using Clock = std::chrono::steady_clock;
   struct Result {
     int64_t step = 0;
     int64_t bytes = 0;
     double seconds = 0.0;
     Status status;
   };
-  // onWritten runs on the writer thread after each attempt (success or failure).
-  AsyncCheckpointer(CheckpointStore store, std::function<void(const Result&)> onWritten);
+  // onWritten runs on the writer thread after each attempt (success or failure), never after the
+  // destructor has returned.
+  AsyncCheckpointer(CheckpointStore store, std::chrono::milliseconds writeTimeout,
+                    std::function<void(const Result&)> onWritten);
+  // Finishes what was submitted, waiting at most writeTimeout (none after a wait has timed out on the
+  // same write).
   ~AsyncCheckpointer();
 
-  // Takes ownership of the state; blocks only while an earlier write is still in flight.
-  void submit(CheckpointState state);
-  // Blocks until nothing is in flight. Returns the last attempt's result (if any).
-  std::optional<Result> drain();
-  const CheckpointStore& store() const { return store_; }
+  // Takes ownership of the state once an earlier write is durable; waits at most writeTimeout for it.
+  Status submit(CheckpointState state);
+  // Waits until nothing is in flight, at most writeTimeout and never past `deadline` (a stop's grace
+  // period). Returns the last attempt's result (nullopt before the first).
+  StatusOr<std::optional<Result>> drain(Clock::time_point deadline = Clock::time_point::max());
+  const CheckpointStore& store() const { return shared_->store; }
 
  private:
-  void run();
-  CheckpointStore store_;
-  std::function<void(const Result&)> onWritten_;
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  std::optional<CheckpointState> pending_;
-  bool writing_ = false;
-  bool stopping_ = false;
-  std::optional<Result> lastResult_;
+  // What the writer thread uses: it may outlive this object after a timeout.
+  struct Shared {
+    explicit Shared(CheckpointStore s) : store(std::move(s)) {}
+    CheckpointStore store;
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::optional<CheckpointState> pending;
+    std::optional<int64_t> writingStep;  // the step being written now
+    Clock::time_point writeStart;
+    int64_t writeSerial = 0;             // counts writes begun
+    bool stopping = false;
+    bool abandoned = false;  // the destructor left: report nothing more
+    bool reporting = false;  // onWritten is running
+    std::optional<Result> lastResult;
+    std::optional<int64_t> lastDurableStep;
+    std::function<void(const Result&)> onWritten;
+  };
+  static void run(const std::shared_ptr<Shared>& shared);
+  // Waits with `lock` held until no write is in flight or queued; false at the deadline.
+  bool waitIdle(std::unique_lock<std::mutex>& lock, Clock::time_point deadline);
+  Status hungWriteError(const std::string& waitedFor) const;  // with shared_->mutex held
+
+  std::shared_ptr<Shared> shared_;
+  std::chrono::milliseconds writeTimeout_;
+  std::optional<int64_t> timedOutOnSerial_;  // a wait gave up on this write
   std::thread writer_;
 };
 

@@ -67,6 +67,9 @@ struct TrainerOptions {
   // On SIGTERM (stopRequested) the ranks agree to stop after the same step; rank 0 then writes a
   // checkpoint if the last one is more than everySteps/2 steps old and it fits in the grace period.
   double graceSeconds = 30.0;
+  // A checkpoint write still in flight this long after the trainer began waiting for it is taken for
+  // hung storage: training fails with DEADLINE_EXCEEDED naming the directory instead of hanging.
+  double checkpointTimeoutSeconds = 600.0;
   const std::atomic<bool>* stopRequested = nullptr;
   metrics::WorkerMetrics* metrics = nullptr;   // optional Prometheus metrics of this rank
   std::function<void(const Progress&)> onProgress;  // rank 0, after every step
