@@ -164,18 +164,38 @@ bool Controller::synced() const {
 }
 
 void Controller::startWorkers() {
-  for (int i = 0; i < std::max(1, options_.workers); ++i) workers_.emplace_back([this] { worker(); });
+  const int count = std::max(1, options_.workers);
+  {
+    std::lock_guard<std::mutex> lock(workersMutex_);
+    runningWorkers_ += count;
+  }
+  for (int i = 0; i < count; ++i)
+    workers_.emplace_back([this] {
+      worker();
+      std::lock_guard<std::mutex> lock(workersMutex_);
+      if (--runningWorkers_ == 0) workersDone_.notify_all();
+    });
   resync_ = std::thread([this] { resyncLoop(); });
   enqueueAllJobs();
 }
 
-void Controller::stopWorkers() {
+void Controller::stopWorkers(std::chrono::milliseconds grace) {
   {
     std::lock_guard<std::mutex> lock(resyncMutex_);  // so that the resync loop cannot miss the wake-up
     stopping_ = true;
   }
   queue_.shutDown();
   resyncWake_.notify_all();
+  {
+    std::unique_lock<std::mutex> lock(workersMutex_);
+    if (!workersDone_.wait_for(lock, grace, [this] { return runningWorkers_ == 0; })) {
+      log::warning() << runningWorkers_ << " reconcile(s) still waiting on the API server after "
+                     << std::chrono::duration_cast<std::chrono::milliseconds>(grace).count()
+                     << " ms of shutdown: cancelling their calls";
+      lock.unlock();
+      client_.cancel();
+    }
+  }
   for (auto& thread : workers_)
     if (thread.joinable()) thread.join();
   if (resync_.joinable()) resync_.join();
@@ -230,6 +250,8 @@ void Controller::worker() {
     metrics_.observeReconcile(std::chrono::duration<double>(steady_clock::now() - started).count());
     if (status.ok()) {
       queue_.forget(*key);
+    } else if (stopping_) {
+      log::info() << "reconcile " << *key << " cut short by shutdown: " << status.message();
     } else {
       log::warning() << "reconcile " << *key << ": " << status.message() << " (attempt " << queue_.failures(*key) + 1
                      << ", retrying with backoff)";

@@ -1,6 +1,8 @@
 #include "tandem/operator/leader_election.h"
 
+#include <condition_variable>
 #include <ctime>
+#include <mutex>
 #include <thread>
 
 #include "tandem/common/log.h"
@@ -164,7 +166,29 @@ bool LeaderElector::holdUntil(const std::atomic<bool>& stop) {
   return stillLeading;
 }
 
-void LeaderElector::release() {
+void LeaderElector::release(std::chrono::milliseconds within) {
+  std::mutex mutex;
+  std::condition_variable finished;
+  bool done = false;
+  std::thread guard([&] {
+    std::unique_lock<std::mutex> lock(mutex);
+    if (!finished.wait_for(lock, within, [&] { return done; })) {
+      log::warning() << "leader election: the API server did not answer within "
+                     << std::chrono::duration_cast<std::chrono::milliseconds>(within).count()
+                     << " ms; the lease expires by itself";
+      client_.cancel();
+    }
+  });
+  releaseNow();
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    done = true;
+  }
+  finished.notify_all();
+  guard.join();
+}
+
+void LeaderElector::releaseNow() {
   const std::string path = resources::kLeases.objectPath(options_.nameSpace, options_.name);
   auto current = client_.get(path);
   if (!current.ok()) return;

@@ -168,6 +168,8 @@ int run(int argc, char** argv) {
               << "), watching " << (flags->nameSpace.empty() ? "all namespaces" : "namespace " + flags->nameSpace);
 
   kube::KubeClient client(*config);
+  // The Lease has a client of its own: shutdown cancels the controller's calls before the Lease is released.
+  kube::KubeClient electionClient(*config);
   OperatorMetrics metrics;
   ControllerOptions options;
   options.nameSpace = flags->nameSpace;
@@ -239,7 +241,7 @@ int run(int argc, char** argv) {
       log::error() << "lost leadership: exiting so that only the new leader acts";
       std::_Exit(1);
     };
-    elector = std::make_unique<LeaderElector>(client, election);
+    elector = std::make_unique<LeaderElector>(electionClient, election);
     leading = elector->acquire(stop);
   }
   if (leading) {
@@ -254,7 +256,12 @@ int run(int argc, char** argv) {
       while (!stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   }
-  controller.stopWorkers();
+  // Every step of the shutdown is bounded, so a stalled API server cannot keep a SIGTERM'd operator
+  // (and its Lease) alive. Reconciles must end while the Lease is surely still ours: it was last renewed
+  // at most renewDeadline ago.
+  auto shutdownGrace = std::chrono::milliseconds(5000);
+  if (elector) shutdownGrace = std::min(shutdownGrace, millis((flags->leaseDuration - flags->renewDeadline) / 2));
+  controller.stopWorkers(shutdownGrace);
   if (elector && leading) elector->release();
   controller.stop();
   // httplib's stop() does nothing until the thread has entered listen (a SIGTERM right after start).

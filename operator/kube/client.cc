@@ -213,8 +213,19 @@ StatusOr<json> KubeClient::send(const Call& call) {
     request.headers = requestHeaders(bearerToken());
     if (!call.body.empty()) request.headers.emplace("Content-Type", call.contentType);
     auto client = acquire();
+    {
+      std::lock_guard<std::mutex> lock(poolMutex_);
+      // Checked under the lock that cancel() takes: it either sees this request in inFlight_ or is seen here.
+      if (cancelled_) return TANDEM_ERROR(StatusCode::kCancelled, call.method + " " + call.path + ": client shut down");
+      inFlight_.insert(client.get());
+    }
     ++requests_;
     httplib::Result result = client->send(request);
+    {
+      std::lock_guard<std::mutex> lock(poolMutex_);
+      inFlight_.erase(client.get());
+    }
+    if (cancelled_) return TANDEM_ERROR(StatusCode::kCancelled, call.method + " " + call.path + ": client shut down");
     std::chrono::milliseconds wait = backoffFor(attempt, retry_);
     if (!result) {
       last = TANDEM_ERROR(StatusCode::kUnavailable,
@@ -238,7 +249,8 @@ StatusOr<json> KubeClient::send(const Call& call) {
     }
     if (attempt + 1 < retry_.maxAttempts) {
       log::warning() << last.message() << "; retrying in " << wait.count() << " ms";
-      std::this_thread::sleep_for(wait);
+      std::unique_lock<std::mutex> lock(poolMutex_);
+      cancelledWake_.wait_for(lock, wait, [this] { return cancelled_.load(); });
     }
   }
   return last;
@@ -344,15 +356,15 @@ Status KubeClient::watch(const std::string& collectionPath, const ListOptions& o
   {
     std::lock_guard<std::mutex> lock(poolMutex_);
     // Checked again under the lock: a cancel() that came after the first check either sees this watch
-    // in watching_ or is seen here.
+    // in inFlight_ or is seen here.
     if (cancelled_) return TANDEM_ERROR(StatusCode::kCancelled, "watch " + collectionPath + ": client shut down");
-    watching_.insert(client.get());
+    inFlight_.insert(client.get());
   }
   ++requests_;
   httplib::Result result = client->send(request);
   {
     std::lock_guard<std::mutex> lock(poolMutex_);
-    watching_.erase(client.get());
+    inFlight_.erase(client.get());
   }
   if (!streamStatus.ok()) return streamStatus;
   if (stopped || cancelled_) return Status::Ok();
@@ -369,13 +381,15 @@ void KubeClient::cancel() {
     std::lock_guard<std::mutex> lock(poolMutex_);
     cancelled_ = true;
   }
+  cancelledWake_.notify_all();
   // httplib's stop() only interrupts a request whose socket exists: a watch that was just starting
-  // would stream on until its timeout (minutes). Repeat until every watch has returned.
+  // would stream on until its timeout (minutes), a request until the read timeout. Repeat until every
+  // one has returned.
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(poolMutex_);
-      if (watching_.empty()) return;
-      for (httplib::ClientImpl* client : watching_) client->stop();
+      if (inFlight_.empty()) return;
+      for (httplib::ClientImpl* client : inFlight_) client->stop();
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }

@@ -432,8 +432,8 @@ class OperatorControlPlaneFailures(OperatorTestCase):
         finally:
             op.stop()
 
-    def lease(self):
-        status, body = self.kube.request("GET", "/apis/coordination.k8s.io/v1/namespaces/default/leases/tandem-operator")
+    def lease(self, name="tandem-operator"):
+        status, body = self.kube.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/default/leases/{name}")
         return body["spec"] if status == 200 else None
 
     def test_standby_replica_takes_over_within_the_lease_duration(self):
@@ -470,6 +470,35 @@ class OperatorControlPlaneFailures(OperatorTestCase):
             if second:
                 second.stop()
 
+
+    def test_sigterm_while_the_api_server_is_stalled_still_exits_promptly(self):
+        # A lease of its own: the one it leaves to expire is no other test's.
+        op = OperatorProcess(self.kube, *LEASE_FLAGS, "--lease-name=stalled", name="stalled-shutdown").start()
+        lease = lambda: self.lease("stalled") or {}  # noqa: E731
+        try:
+            op.wait_ready()
+            self.wait_for(lambda: lease().get("holderIdentity") == "stalled-shutdown", 30, "it leads")
+            self.wait_for(lambda: "reconciling with" in op.log(), 10, "its workers started")
+            # Right after a renewal, so that the SIGTERM finds the elector between renewals (0.5 s apart),
+            # not inside one (which the renew-deadline watchdog would end with exit code 1).
+            renewed = lease()["renewTime"]
+            self.wait_for(lambda: lease()["renewTime"] != renewed, 5, "a renewal", interval=0.02)
+            self.kube.apiserver.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+            try:
+                started = time.monotonic()
+                code = op.stop(timeout=40)
+                took = time.monotonic() - started
+            finally:
+                self.kube.apiserver.send_signal(signal.SIGCONT)
+            # Every call would otherwise wait 30 s per attempt, retried: the shutdown is bounded instead
+            # (0.5 s for reconciles with these lease flags, 2 s for the release), and the lease expires.
+            self.assertEqual(code, 0, op.log()[-3000:])
+            self.assertLess(took, 8, f"shutdown took {took:.1f} s:\n{op.log()[-3000:]}")
+            self.assertIn("leader election: the API server did not answer within 2000 ms; the lease expires by itself",
+                          op.log())
+            self.assertIn("tandem-operator stopped", op.log())
+        finally:
+            op.stop()
 
 if __name__ == "__main__":
     unittest.main()

@@ -341,6 +341,42 @@ TEST(KubeClient, CancelAtAnyMomentEndsAWatchAtOnce) {
   }
 }
 
+TEST(KubeClient, CancelEndsARequestWaitingOnAStalledServerAndABackoff) {
+  std::atomic<bool> testOver{false};  // outlives the server, whose handler it ends
+  LocalServer local;
+  // A server that accepts and then says nothing for 20 s (the client's read timeout is 30 s).
+  local.server().Get("/stalled", [&](const httplib::Request&, httplib::Response& response) {
+    for (int waited = 0; waited < 2000 && !testOver; ++waited) std::this_thread::sleep_for(10ms);
+    response.set_content("{}", "application/json");
+  });
+  // And one that is always busy, so the client sleeps between retries (up to 10 s here).
+  local.server().Get("/busy", [](const httplib::Request&, httplib::Response& response) {
+    response.status = 503;
+    response.set_content(R"({"kind":"Status","message":"busy"})", "application/json");
+  });
+  for (const std::string path : {"/stalled", "/busy"}) {
+    kube::KubeClient client(local.config(), kube::RetryPolicy{5, 10s, 10s});
+    std::atomic<bool> returned{false};
+    Status status;
+    std::thread caller([&] {
+      status = client.get(path).status();
+      returned = true;
+    });
+    std::this_thread::sleep_for(300ms);  // into the read, or into the first backoff
+    ASSERT_FALSE(returned) << path;
+    const auto cancelled = std::chrono::steady_clock::now();
+    client.cancel();
+    while (!returned && std::chrono::steady_clock::now() - cancelled < 3s) std::this_thread::sleep_for(5ms);
+    EXPECT_TRUE(returned) << path << ": the call went on waiting after cancel()";
+    caller.join();
+    EXPECT_EQ(status.code(), StatusCode::kCancelled) << path << ": " << status.toString();
+    EXPECT_NE(status.message().find("GET " + path + ": client shut down"), std::string::npos) << status.message();
+    // Later calls fail at once.
+    EXPECT_EQ(client.get("/busy").status().code(), StatusCode::kCancelled);
+  }
+  testOver = true;
+}
+
 TEST(KubeClient, ReReadsARotatedTokenFile) {
   LocalServer local;
   std::vector<std::string> tokens;
@@ -625,6 +661,46 @@ TEST(LeaderElector, AStalledRenewalIsNoticedWhileItIsStillWaiting) {
   EXPECT_LT(std::chrono::steady_clock::now() - stalled, 1500ms);  // the hung call takes 2 s
   stop = true;  // the operator would have exited in the callback
   holder.join();
+}
+
+TEST(LeaderElector, ReleaseClearsTheHolderAndGivesUpOnAStalledServer) {
+  std::atomic<bool> stall{false};
+  std::atomic<bool> testOver{false};  // outlives the server, whose stalled handler it ends
+  LocalServer local;
+  const std::string path = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/tandem-operator";
+  std::mutex mutex;
+  json stored = {{"apiVersion", "coordination.k8s.io/v1"}, {"kind", "Lease"},
+                 {"metadata", {{"name", "tandem-operator"}, {"namespace", "ns"}, {"resourceVersion", "7"}}},
+                 {"spec", {{"holderIdentity", "me"}, {"leaseDurationSeconds", 15},
+                           {"renewTime", operator_core::formatMicroTime(std::chrono::system_clock::now())}}}};
+  local.server().Get(path, [&](const httplib::Request&, httplib::Response& response) {
+    for (int waited = 0; stall && waited < 2000 && !testOver; ++waited) std::this_thread::sleep_for(10ms);
+    std::lock_guard<std::mutex> lock(mutex);
+    response.set_content(stored.dump(), "application/json");
+  });
+  local.server().Put(path, [&](const httplib::Request& request, httplib::Response& response) {
+    std::lock_guard<std::mutex> lock(mutex);
+    stored = json::parse(request.body);
+    response.set_content(request.body, "application/json");
+  });
+  operator_core::LeaderElectionOptions options;
+  options.nameSpace = "ns";
+  options.identity = "me";
+  {
+    kube::KubeClient client(local.config(), fastRetries());
+    operator_core::LeaderElector(client, options).release(2s);
+    std::lock_guard<std::mutex> lock(mutex);
+    EXPECT_EQ(stored["spec"]["holderIdentity"], "");
+    EXPECT_EQ(stored["spec"]["leaseDurationSeconds"], 1);
+  }
+  // An API server that stopped answering: release gives up after its bound (the read timeout is 30 s).
+  stall = true;
+  kube::KubeClient client(local.config(), fastRetries());
+  const auto start = std::chrono::steady_clock::now();
+  operator_core::LeaderElector(client, options).release(300ms);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 2s);
+  EXPECT_TRUE(client.cancelled());
+  testOver = true;
 }
 
 // ------------------------------------------------------------------------------------------ conversion

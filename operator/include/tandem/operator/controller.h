@@ -44,8 +44,10 @@ class Controller {
   bool synced() const;
   // Starts the workers and the resync timer (once this replica leads).
   void startWorkers();
-  // Lets running reconciles finish and stops the workers (before the Lease is released).
-  void stopWorkers();
+  // Stops the workers (before the Lease is released): running reconciles get `grace` to finish, then
+  // their API calls are cancelled, so a stalled API server cannot hold the shutdown. Reconciling is
+  // level-triggered: the next leader redoes whatever was cut short. Cancelling ends the client for good.
+  void stopWorkers(std::chrono::milliseconds grace = std::chrono::seconds(5));
   // stopWorkers(), then ends the watches and stops the informers.
   void stop();
 
@@ -81,6 +83,9 @@ class Controller {
   std::unique_ptr<Informer> nodes_;  // optional: where the pods run, to recognise unreachable nodes
   std::vector<Informer*> informers() const;
   std::vector<std::thread> workers_;
+  int runningWorkers_ = 0;  // worker threads not yet returned, under workersMutex_
+  std::mutex workersMutex_;
+  std::condition_variable workersDone_;
   std::thread resync_;
   std::atomic<bool> stopping_{false};
   std::atomic<bool> stopped_{false};

@@ -39,14 +39,17 @@ class LeaderElector {
   // While leading: renews every retryPeriod; returns false as soon as leadership is lost (no renewal for
   // renewDeadline, or another holder), true when `stop` was set.
   bool holdUntil(const std::atomic<bool>& stop);
-  // Gives the Lease up (holder cleared) so that another replica takes over without waiting.
-  void release();
+  // Gives the Lease up (holder cleared) so that another replica takes over without waiting. Best effort
+  // and bounded: calls still waiting after `within` are cancelled, which ends the client for good (give
+  // the elector a client of its own), and the Lease then expires by itself.
+  void release(std::chrono::milliseconds within = std::chrono::seconds(2));
 
   const LeaderElectionOptions& options() const { return options_; }
 
  private:
   enum class Attempt { kLeading, kHeldByOther, kError };
   Attempt tryAcquireOrRenew();
+  void releaseNow();
 
   kube::KubeClient& client_;
   LeaderElectionOptions options_;

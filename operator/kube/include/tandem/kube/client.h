@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -98,8 +99,10 @@ class KubeClient {
   Status watch(const std::string& collectionPath, const ListOptions& options, const std::string& resourceVersion,
                int timeoutSeconds, const std::function<bool(const WatchEvent&)>& onEvent);
 
-  // Ends every watch in flight and makes later calls fail fast (shutdown).
+  // Ends every request and watch in flight (they return CANCELLED, a watch OK), cuts short a retry's
+  // backoff, and makes later calls fail fast: shutdown, or a caller's deadline.
   void cancel();
+  bool cancelled() const { return cancelled_.load(); }
 
   int64_t requestCount() const { return requests_.load(); }
 
@@ -124,7 +127,8 @@ class KubeClient {
 
   std::mutex poolMutex_;
   std::vector<std::unique_ptr<httplib::ClientImpl>> idle_;
-  std::set<httplib::ClientImpl*> watching_;
+  std::set<httplib::ClientImpl*> inFlight_;  // requests and watches that cancel() must stop
+  std::condition_variable cancelledWake_;     // a retry's backoff waits on it
   std::atomic<bool> cancelled_{false};
   std::atomic<int64_t> requests_{0};
 
