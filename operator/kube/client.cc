@@ -52,6 +52,12 @@ std::string withQuery(const std::string& path, const std::vector<std::pair<std::
 }
 
 // An error from the HTTP status and the server's Status body (kind: Status, reason, message).
+void replaceAll(std::string& text, const std::string& what, const std::string& with) {
+  if (what.empty()) return;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + with.size()))
+    text.replace(at, what.size(), with);
+}
+
 Status apiError(int code, const std::string& method, const std::string& path, const std::string& body) {
   std::string reason;
   std::string message = body.substr(0, 300);
@@ -374,6 +380,25 @@ Status KubeClient::watch(const std::string& collectionPath, const ListOptions& o
   }
   if (result->status != 200) return apiError(result->status, "WATCH", collectionPath, errorBody + pending);
   return Status::Ok();
+}
+
+std::string redactSecretValues(std::string text, const json& secret) {
+  auto redact = [&](const std::string& value) {
+    // Values too short to be secret would blank out ordinary words of the message.
+    if (value.size() < 4) return;
+    replaceAll(text, value, "[redacted]");
+    replaceAll(text, encodeBase64(value), "[redacted]");
+  };
+  if (const auto plain = secret.find("stringData"); plain != secret.end() && plain->is_object())
+    for (const auto& [key, value] : plain->items())
+      if (value.is_string()) redact(value.get<std::string>());
+  if (const auto encoded = secret.find("data"); encoded != secret.end() && encoded->is_object())
+    for (const auto& [key, value] : encoded->items()) {
+      if (!value.is_string()) continue;
+      redact(value.get<std::string>());
+      if (auto decoded = decodeBase64(value.get<std::string>()); decoded.ok()) redact(*decoded);
+    }
+  return text;
 }
 
 void KubeClient::cancel() {

@@ -47,6 +47,36 @@ TEST(KubeConfig, DecodesBase64WithAndWithoutPadding) {
   EXPECT_FALSE(kube::decodeBase64("abc").ok());
 }
 
+TEST(KubeConfig, EncodesBase64AsDecodeReadsIt) {
+  for (const std::string& bytes : std::vector<std::string>{"", "a", "ab", "abc", "abcd", std::string("\0\xff\x10token", 8)}) {
+    const std::string encoded = kube::encodeBase64(bytes);
+    EXPECT_EQ(encoded.size() % 4, 0u) << encoded;
+    auto decoded = kube::decodeBase64(encoded);
+    ASSERT_TRUE(decoded.ok()) << decoded.status().message();
+    EXPECT_EQ(*decoded, bytes);
+  }
+  EXPECT_EQ(kube::encodeBase64("token"), "dG9rZW4=");
+}
+
+TEST(KubeSecrets, RefusalMessagesLoseEveryValueOfTheSecretPlainOrEncoded) {
+  const std::string token = "5f0c1d2e3a4b5c6d7e8f9a0b1c2d3e4f";
+  const json secret = {{"kind", "Secret"},
+                       {"metadata", {{"name", "job-rendezvous"}}},
+                       {"stringData", {{"token", token}}},
+                       {"data", {{"extra", kube::encodeBase64("hunter22")}}}};
+  const std::string message = "admission webhook \"deny.example\" denied the request: Secret job-rendezvous: token " + token +
+                              " (data.token: " + kube::encodeBase64(token) + "), extra hunter22 / " +
+                              kube::encodeBase64("hunter22") + "; exceeded quota: secrets=1";
+  const std::string redacted = kube::redactSecretValues(message, secret);
+  for (const std::string& value : {token, kube::encodeBase64(token), std::string("hunter22"), kube::encodeBase64("hunter22")})
+    EXPECT_EQ(redacted.find(value), std::string::npos) << redacted;
+  EXPECT_EQ(redacted,
+            "admission webhook \"deny.example\" denied the request: Secret job-rendezvous: token [redacted] (data.token: "
+            "[redacted]), extra [redacted] / [redacted]; exceeded quota: secrets=1");
+  // Other objects' messages, and a Secret without values, pass unchanged.
+  EXPECT_EQ(kube::redactSecretValues("exceeded quota: secrets=1", json{{"kind", "Secret"}}), "exceeded quota: secrets=1");
+}
+
 TEST(KubeConfig, ReadsTheCurrentContextWithRelativeFilesAndInlineData) {
   const auto dir = tempDir("kubeconfig");
   writeFile(dir / "ca.crt", "CA PEM");

@@ -36,6 +36,11 @@ bool isAlreadyExists(const Status& status);
 bool isConflict(const Status& status);
 bool isGone(const Status& status);  // 410: the resourceVersion is too old, relist
 
+// `text` (an API server's or a webhook's message about `secret`) with every value of the Secret's
+// stringData and data, as given and base64-encoded, replaced by "[redacted]": refusals are logged and
+// become Events, which more people may read than the Secret.
+std::string redactSecretValues(std::string text, const nlohmann::json& secret);
+
 // API paths. group "" is the core API (/api/v1); nameSpace "" means all namespaces (collections) or a
 // cluster-scoped resource.
 struct Resource {

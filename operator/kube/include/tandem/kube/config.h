@@ -34,5 +34,6 @@ StatusOr<KubeConfig> resolveConfig(const std::string& kubeconfigFlag);
 
 // Standard base64 (with padding), as kubeconfig *-data fields and Secret data use.
 StatusOr<std::string> decodeBase64(const std::string& text);
+std::string encodeBase64(const std::string& bytes);
 
 }  // namespace tandem::kube
