@@ -55,11 +55,26 @@ FloatBuffer GradientAccumulator::spareBuffer() {
 }
 
 void GradientAccumulator::add(FloatBuffer gradients) {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    added_.push_back(std::move(gradients));
+  std::unique_lock<std::mutex> lock(mutex_);
+  added_.push_back(std::move(gradients));
+  if (added_.size() > kMaxQueued) {
+    // The thread is behind: the sums are done here, at the caller's priority, in the same order.
+    std::deque<FloatBuffer> queued = takeOverQueue(lock);
+    lock.unlock();
+    for (FloatBuffer& next : queued) addToTree(std::move(next));
+    lock.lock();
+    callerOwnsTree_ = false;
   }
+  lock.unlock();
   changed_.notify_all();
+}
+
+std::deque<FloatBuffer> GradientAccumulator::takeOverQueue(std::unique_lock<std::mutex>& lock) {
+  callerOwnsTree_ = true;
+  changed_.wait(lock, [&] { return !working_; });
+  std::deque<FloatBuffer> queued;
+  queued.swap(added_);
+  return queued;
 }
 
 void GradientAccumulator::recycle(FloatBuffer buffer) {
@@ -71,11 +86,9 @@ FloatBuffer GradientAccumulator::finish() {
   std::deque<FloatBuffer> queued;
   {
     std::unique_lock<std::mutex> lock(mutex_);
-    finishing_ = true;
-    changed_.wait(lock, [&] { return !working_; });
-    queued.swap(added_);
+    queued = takeOverQueue(lock);
   }
-  // The thread takes nothing new while finishing_: the tree is ours.
+  // The thread takes nothing new while callerOwnsTree_: the tree is ours.
   for (FloatBuffer& gradients : queued) addToTree(std::move(gradients));
   if (tree_.size() >= 2) foldTop(tree_.size());
   FloatBuffer total;
@@ -89,7 +102,7 @@ FloatBuffer GradientAccumulator::finish() {
   for (size_t i = 1; i < tree_.size(); ++i) spare_.push_back(std::move(tree_[i]));
   tree_.clear();
   levels_.clear();
-  finishing_ = false;
+  callerOwnsTree_ = false;
   return total;
 }
 
@@ -131,7 +144,7 @@ void GradientAccumulator::run() {
   pthread_setschedparam(pthread_self(), SCHED_IDLE, &lowest);
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
-    changed_.wait(lock, [&] { return stopping_ || (!added_.empty() && !finishing_); });
+    changed_.wait(lock, [&] { return stopping_ || (!added_.empty() && !callerOwnsTree_); });
     if (stopping_) return;
     working_ = true;
     FloatBuffer next = std::move(added_.front());

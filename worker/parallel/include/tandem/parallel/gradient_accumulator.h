@@ -23,8 +23,8 @@ namespace tandem::parallel {
 
 class GradientAccumulator {
  public:
-  // size: floats per gradient buffer. background false: no thread, finish() does every sum (for tests
-  // of the path finish() takes when the thread got no CPU).
+  // size: floats per gradient buffer. background false: no thread, add() and finish() do every sum (for
+  // tests of the paths they take when the thread gets no CPU).
   explicit GradientAccumulator(int64_t size, bool background = true);
   ~GradientAccumulator();
   GradientAccumulator(const GradientAccumulator&) = delete;
@@ -33,8 +33,10 @@ class GradientAccumulator {
   // A buffer of `size` floats for the next backward to overwrite, its contents unspecified: a spare
   // one, else a new one (so there are never more buffers than a step holds at once).
   FloatBuffer spareBuffer();
-  // Takes one microbatch's gradients; summed in the background.
+  // Takes one microbatch's gradients; summed in the background. When more than kMaxQueued wait for the
+  // thread (it had no CPU), the caller sums them itself, so memory does not grow with M.
   void add(FloatBuffer gradients);
+  static constexpr size_t kMaxQueued = 2;
   // Returns the total of everything added since the last finish (zeros when nothing was). Waits only for
   // a sum the thread is in the middle of and does what is still queued itself, at the caller's priority:
   // the thread is SCHED_IDLE and may have had no CPU. Unequal levels (a microbatch count that is not a
@@ -42,13 +44,16 @@ class GradientAccumulator {
   FloatBuffer finish();
   // Gives back a buffer that is no longer needed, for spareBuffer().
   void recycle(FloatBuffer buffer);
-  // Buffers allocated so far. The pool grows while a step holds more than it has: about log2(M) + 2 when
-  // the thread keeps up, up to M + 1 when it got no CPU during the step (all M queued for finish()).
+  // Buffers allocated so far. The pool grows while a step holds more than it has: at most a partial sum
+  // per bit of M, kMaxQueued queued ones, the one a backward is writing and the model's (log2(M) + 5).
   int64_t buffersAllocated() const { return allocated_.load(); }
 
  private:
   void run();
   void addToTree(FloatBuffer gradients);  // a microbatch's gradients as the newest leaf, merged up
+  // Waits for the thread to put down its sum, then takes what is queued (with `lock` held on entry and
+  // exit); the tree is the caller's until it clears callerOwnsTree_.
+  std::deque<FloatBuffer> takeOverQueue(std::unique_lock<std::mutex>& lock);
   void mergeEqualLevels();
   void foldTop(size_t count);  // the top `count` partial sums into the lowest of them
 
@@ -59,7 +64,7 @@ class GradientAccumulator {
   std::deque<FloatBuffer> added_;    // handed over, not yet in the tree
   std::vector<FloatBuffer> spare_;   // for spareBuffer()
   bool working_ = false;             // the thread holds a buffer outside the queues
-  bool finishing_ = false;           // finish() owns the tree: the thread takes nothing new
+  bool callerOwnsTree_ = false;      // add() or finish() sums: the thread takes nothing new
   bool stopping_ = false;
   // Partial sums and their levels: only the thread touches them, and finish() once the thread is idle.
   std::vector<FloatBuffer> tree_;
