@@ -299,12 +299,9 @@ Status Controller::createChild(const kube::Resource& resource, const JobObject& 
     // Already there (an earlier pass, or another replica before it lost the lease): nothing to do.
     if (kube::isAlreadyExists(created.status())) return Status::Ok();
     const std::string kind = resource.plural.substr(0, resource.plural.size() - 1);  // "services" -> "service"
-    Status refused = created.status();
-    // A webhook may quote what it refused: the rendezvous token must not reach the log or an Event.
-    if (object.value("kind", "") == "Secret")
-      refused = TANDEM_ERROR(refused.code(), kube::redactSecretValues(refused.message(), object));
-    reportRefusedCreate(job, kind + " " + object.value("/metadata/name"_json_pointer, std::string()), refused);
-    return refused;
+    // (A Secret's values are already cut out of the message by the client: a webhook may quote them.)
+    reportRefusedCreate(job, kind + " " + object.value("/metadata/name"_json_pointer, std::string()), created.status());
+    return created.status();
   }
   if (cache != nullptr) cache->upsertIfNewer(std::move(created).value());
   return Status::Ok();

@@ -3,6 +3,7 @@
 #include <condition_variable>
 #include <ctime>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "tandem/common/log.h"
@@ -127,27 +128,39 @@ bool LeaderElector::holdUntil(const std::atomic<bool>& stop) {
   auto sinceRenewal = [&] {
     return steady_clock::now() - steady_clock::time_point(steady_clock::duration(lastRenewal.load()));
   };
-  // The loop below checks the deadline only between calls; the watchdog also sees a call that hangs.
+  // The loop below checks the deadline only between calls; the watchdog also sees a call that hangs,
+  // and a stop that comes while one hangs: it cancels the call after a second, so that a SIGTERM'd
+  // operator does not wait on the API server (release() then fails fast; the Lease expires by itself).
+  constexpr auto kStopPatience = std::chrono::seconds(1);
   std::atomic<bool> holding{true};
-  std::thread watchdog;
-  if (options_.onRenewDeadlineMissed)
-    watchdog = std::thread([&] {
-      while (holding) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-        if (holding && sinceRenewal() > options_.renewDeadline) {
-          log::error() << "leader election: no renewal for "
-                       << std::chrono::duration_cast<std::chrono::milliseconds>(options_.renewDeadline).count()
-                       << " ms while the API server has not answered";
-          options_.onRenewDeadlineMissed();
-          return;
-        }
+  std::atomic<steady_clock::rep> callStarted{0};  // 0: no call in flight
+  std::optional<steady_clock::time_point> stopSeen;
+  std::thread watchdog([&] {
+    while (holding) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      if (!holding) return;
+      if (options_.onRenewDeadlineMissed && sinceRenewal() > options_.renewDeadline) {
+        log::error() << "leader election: no renewal for "
+                     << std::chrono::duration_cast<std::chrono::milliseconds>(options_.renewDeadline).count()
+                     << " ms while the API server has not answered";
+        options_.onRenewDeadlineMissed();
+        return;
       }
-    });
+      if (stop && !stopSeen) stopSeen = steady_clock::now();
+      if (stopSeen && callStarted.load() != 0 && steady_clock::now() - *stopSeen > kStopPatience) {
+        log::warning() << "leader election: stopping while a renewal still waits on the API server: cancelling it";
+        client_.cancel();
+        return;
+      }
+    }
+  });
   bool stillLeading = true;
   while (!stop) {
     sleepUnless(stop, options_.retryPeriod);
     if (stop) break;
+    callStarted = steady_clock::now().time_since_epoch().count();
     const Attempt attempt = tryAcquireOrRenew();
+    callStarted = 0;
     if (attempt == Attempt::kLeading) {
       lastRenewal = steady_clock::now().time_since_epoch().count();
     } else if (attempt == Attempt::kHeldByOther) {
@@ -162,7 +175,7 @@ bool LeaderElector::holdUntil(const std::atomic<bool>& stop) {
     }
   }
   holding = false;
-  if (watchdog.joinable()) watchdog.join();
+  watchdog.join();
   return stillLeading;
 }
 

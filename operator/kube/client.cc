@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <ctime>
 #include <fstream>
@@ -58,7 +59,10 @@ void replaceAll(std::string& text, const std::string& what, const std::string& w
     text.replace(at, what.size(), with);
 }
 
-Status apiError(int code, const std::string& method, const std::string& path, const std::string& body) {
+Status apiError(int code, const std::string& method, const std::string& path, const std::string& rawBody,
+                const json* secret = nullptr) {
+  // Before anything is cut: a value cut in two would no longer be found.
+  const std::string body = secret != nullptr ? redactSecretValues(rawBody, *secret) : rawBody;
   std::string reason;
   std::string message = body.substr(0, 300);
   try {
@@ -173,7 +177,7 @@ std::unique_ptr<httplib::ClientImpl> KubeClient::connect() const {
   return client;
 }
 
-std::unique_ptr<httplib::ClientImpl> KubeClient::acquire() {
+std::shared_ptr<httplib::ClientImpl> KubeClient::acquire() {
   {
     std::lock_guard<std::mutex> lock(poolMutex_);
     if (!idle_.empty()) {
@@ -185,7 +189,7 @@ std::unique_ptr<httplib::ClientImpl> KubeClient::acquire() {
   return connect();
 }
 
-void KubeClient::release(std::unique_ptr<httplib::ClientImpl> client) {
+void KubeClient::release(std::shared_ptr<httplib::ClientImpl> client) {
   std::lock_guard<std::mutex> lock(poolMutex_);
   if (idle_.size() < 12) idle_.push_back(std::move(client));  // each keeps its own TLS context
 }
@@ -223,13 +227,13 @@ StatusOr<json> KubeClient::send(const Call& call) {
       std::lock_guard<std::mutex> lock(poolMutex_);
       // Checked under the lock that cancel() takes: it either sees this request in inFlight_ or is seen here.
       if (cancelled_) return TANDEM_ERROR(StatusCode::kCancelled, call.method + " " + call.path + ": client shut down");
-      inFlight_.insert(client.get());
+      inFlight_.insert(client);
     }
     ++requests_;
     httplib::Result result = client->send(request);
     {
       std::lock_guard<std::mutex> lock(poolMutex_);
-      inFlight_.erase(client.get());
+      inFlight_.erase(client);
     }
     if (cancelled_) return TANDEM_ERROR(StatusCode::kCancelled, call.method + " " + call.path + ": client shut down");
     std::chrono::milliseconds wait = backoffFor(attempt, retry_);
@@ -248,7 +252,7 @@ StatusOr<json> KubeClient::send(const Call& call) {
           return TANDEM_ERROR(StatusCode::kInternal, call.method + " " + call.path + ": response is not JSON: " + error.what());
         }
       }
-      last = apiError(code, call.method, call.path, result->body);
+      last = apiError(code, call.method, call.path, result->body, call.secret);
       if (!retryableCode(code)) return last;
       if (code == 429 && result->has_header("Retry-After"))
         wait = std::chrono::seconds(std::max(1, std::atoi(result->get_header_value("Retry-After").c_str())));
@@ -283,12 +287,16 @@ StatusOr<ListResult> KubeClient::list(const std::string& collectionPath, const L
   return result;
 }
 
+namespace {
+const json* secretOrNull(const json& object) { return object.value("kind", "") == "Secret" ? &object : nullptr; }
+}  // namespace
+
 StatusOr<json> KubeClient::create(const std::string& collectionPath, const json& object) {
-  return send({"POST", collectionPath, object.dump(), "application/json"});
+  return send({"POST", collectionPath, object.dump(), "application/json", secretOrNull(object)});
 }
 
 StatusOr<json> KubeClient::update(const std::string& objectPath, const json& object) {
-  return send({"PUT", objectPath, object.dump(), "application/json"});
+  return send({"PUT", objectPath, object.dump(), "application/json", secretOrNull(object)});
 }
 
 StatusOr<json> KubeClient::mergePatch(const std::string& objectPath, const json& patch) {
@@ -356,7 +364,7 @@ Status KubeClient::watch(const std::string& collectionPath, const ListOptions& o
     return true;
   };
 
-  auto client = connect();
+  std::shared_ptr<httplib::ClientImpl> client = connect();
   client->set_keep_alive(false);
   client->set_read_timeout(timeoutSeconds + 30);  // the server ends the stream at timeoutSeconds
   {
@@ -364,13 +372,13 @@ Status KubeClient::watch(const std::string& collectionPath, const ListOptions& o
     // Checked again under the lock: a cancel() that came after the first check either sees this watch
     // in inFlight_ or is seen here.
     if (cancelled_) return TANDEM_ERROR(StatusCode::kCancelled, "watch " + collectionPath + ": client shut down");
-    inFlight_.insert(client.get());
+    inFlight_.insert(client);
   }
   ++requests_;
   httplib::Result result = client->send(request);
   {
     std::lock_guard<std::mutex> lock(poolMutex_);
-    inFlight_.erase(client.get());
+    inFlight_.erase(client);
   }
   if (!streamStatus.ok()) return streamStatus;
   if (stopped || cancelled_) return Status::Ok();
@@ -383,21 +391,25 @@ Status KubeClient::watch(const std::string& collectionPath, const ListOptions& o
 }
 
 std::string redactSecretValues(std::string text, const json& secret) {
-  auto redact = [&](const std::string& value) {
+  std::vector<std::string> values;
+  auto collect = [&](const std::string& value) {
     // Values too short to be secret would blank out ordinary words of the message.
     if (value.size() < 4) return;
-    replaceAll(text, value, "[redacted]");
-    replaceAll(text, encodeBase64(value), "[redacted]");
+    values.push_back(value);
+    values.push_back(encodeBase64(value));
   };
   if (const auto plain = secret.find("stringData"); plain != secret.end() && plain->is_object())
     for (const auto& [key, value] : plain->items())
-      if (value.is_string()) redact(value.get<std::string>());
+      if (value.is_string()) collect(value.get<std::string>());
   if (const auto encoded = secret.find("data"); encoded != secret.end() && encoded->is_object())
     for (const auto& [key, value] : encoded->items()) {
       if (!value.is_string()) continue;
-      redact(value.get<std::string>());
-      if (auto decoded = decodeBase64(value.get<std::string>()); decoded.ok()) redact(*decoded);
+      collect(value.get<std::string>());
+      if (auto decoded = decodeBase64(value.get<std::string>()); decoded.ok()) collect(*decoded);
     }
+  // Longest first: a value that contains another is found whole before the shorter one cuts into it.
+  std::sort(values.begin(), values.end(), [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+  for (const std::string& value : values) replaceAll(text, value, "[redacted]");
   return text;
 }
 
@@ -411,11 +423,13 @@ void KubeClient::cancel() {
   // would stream on until its timeout (minutes), a request until the read timeout. Repeat until every
   // one has returned.
   for (;;) {
+    std::vector<std::shared_ptr<httplib::ClientImpl>> running;
     {
       std::lock_guard<std::mutex> lock(poolMutex_);
       if (inFlight_.empty()) return;
-      for (httplib::ClientImpl* client : inFlight_) client->stop();
+      running.assign(inFlight_.begin(), inFlight_.end());
     }
+    for (const auto& client : running) client->stop();
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
 }

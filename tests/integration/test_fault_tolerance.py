@@ -260,19 +260,27 @@ class FaultTolerance(TempDirTest):
 
 
     def test_hung_checkpoint_storage_fails_the_run_within_the_checkpoint_timeout(self):
-        # Every checkpoint write stalls for 120 s (an NFS server gone): training must not wait for it.
+        # Every checkpoint write stalls for 120 s (an NFS server gone): training must neither wait for it
+        # nor stall its peers, and must fail, naming the storage, once the write is past the timeout.
         ckpt = os.path.join(self.tmp, "ckpt")
-        config = self.write("hung.yaml", job(ckpt, workers=2, restart_policy="Never"))
+        # Enough epochs to train well past the timeout (about 4 ms a step here).
+        extra = (f"  checkpoint: {{dir: {ckpt}, everySteps: {EVERY}, keep: 3}}\n"
+                 f"  runPolicy: {{restartPolicy: Never}}\n")
+        config = self.write("hung.yaml", manifest(name="ft", workers=2, epochs=100, extra_spec=extra))
         started = time.monotonic()
-        process = subprocess.run([TANDEM, "run", config, "--max-steps", str(STEPS), "--quiet", "--checkpoint-timeout", "2"],
+        process = subprocess.run([TANDEM, "run", config, "--max-steps", "100000", "--quiet", "--checkpoint-timeout", "4",
+                                  "--collective-timeout", "3"],
                                  capture_output=True, text=True, timeout=100,
                                  env=dict(os.environ, TANDEM_FAULT_CHECKPOINT_DELAY_MS="120000"))
         elapsed = time.monotonic() - started
         self.assertNotEqual(process.returncode, 0, process.stderr[-3000:])
-        # Step 25's write hangs; step 50's snapshot waits 2 s for it, then the worker fails, naming it.
-        self.assertIn(f"checkpoint step-00000025 is still being written to {ckpt}/ft after", process.stderr)
-        self.assertIn("step-00000050 waited for it for the checkpoint timeout, 2 s", process.stderr)
-        self.assertIn("the storage does not answer; the last durable checkpoint is none", process.stderr)
+        # Step 25's write hangs; later checkpoints are skipped while training goes on (longer than the
+        # collective timeout: no peer waits for rank 0), until the write is 4 s old.
+        self.assertIn("skipping the checkpoint of step 50: step-00000025 is still being written", process.stderr)
+        self.assertRegex(process.stderr, f"rank=0 step=\\d+ UNAVAILABLE: checkpoint step-00000025 has been written to "
+                                         f"{ckpt}/ft for 4(\\.\\d+)? s, longer than the checkpoint timeout \\(4 s\\): "
+                                         f"the storage does not answer; the last durable checkpoint is none")
+        self.assertNotIn("timed out", process.stderr, "no peer waited for rank 0 into its collective timeout")
         self.assertLess(elapsed, 60, "the run waited for the stalled write")
         self.assertFalse(glob.glob(os.path.join(ckpt, "ft", "step-*")), "nothing was published half-written")
 

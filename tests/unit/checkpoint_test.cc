@@ -645,7 +645,7 @@ struct Recorder {
 TEST(AsyncCheckpointer, WritesEverySubmissionInOrder) {
   TempDir dir;
   Recorder recorder;
-  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 10), kNoHang, recorder.callback());
+  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 10), kNoHang, 0, recorder.callback());
   EXPECT_EQ(checkpointer.store().root(), dir / "job");
   for (int64_t step = 1; step <= 5; ++step) ASSERT_TRUE(checkpointer.submit(makeState(step)).ok());
   const auto last = drained(checkpointer);
@@ -676,7 +676,7 @@ TEST(AsyncCheckpointer, WritesEverySubmissionInOrder) {
 TEST(AsyncCheckpointer, KeepTwoLeavesTheLastTwo) {
   TempDir dir;
   Recorder recorder;
-  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 2), kNoHang, recorder.callback());
+  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 2), kNoHang, 0, recorder.callback());
   for (int64_t step = 1; step <= 5; ++step) ASSERT_TRUE(checkpointer.submit(makeState(step)).ok());
   const auto last = drained(checkpointer);
   ASSERT_TRUE(last.has_value());
@@ -690,7 +690,7 @@ TEST(AsyncCheckpointer, ReportsAFailureAndKeepsWriting) {
   TempDir dir;
   writeText(dir / "blocker", "a regular file where the checkpoint directory should go");
   Recorder recorder;
-  AsyncCheckpointer checkpointer(CheckpointStore(dir / "blocker/job", 3), kNoHang, recorder.callback());
+  AsyncCheckpointer checkpointer(CheckpointStore(dir / "blocker/job", 3), kNoHang, 0, recorder.callback());
 
   ASSERT_TRUE(checkpointer.submit(makeState(1)).ok());
   auto first = drained(checkpointer);
@@ -726,7 +726,7 @@ TEST(AsyncCheckpointer, ReportsAFailureAndKeepsWriting) {
 
 TEST(AsyncCheckpointer, DrainBeforeAnySubmissionIsNullopt) {
   TempDir dir;
-  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), kNoHang, nullptr);
+  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), kNoHang, 0, nullptr);
   EXPECT_FALSE(drained(checkpointer).has_value());
   EXPECT_FALSE(fs::exists(dir / "job"));
 }
@@ -736,7 +736,7 @@ TEST(AsyncCheckpointer, ASubmissionWaitsUntilThePreviousOneIsDurable) {
   // The writer pauses between the shard and the publish, so a write is observably in flight.
   ASSERT_EQ(::setenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS", "200", 1), 0);
   {
-    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), kNoHang, nullptr);
+    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), kNoHang, 0, nullptr);
     ASSERT_TRUE(checkpointer.submit(makeState(1)).ok());
     ASSERT_TRUE(checkpointer.submit(makeState(2)).ok());  // returns only once step 1 is published
     EXPECT_EQ(checkpointer.store().listSteps(), (std::vector<int64_t>{1}));
@@ -750,34 +750,46 @@ TEST(AsyncCheckpointer, ASubmissionWaitsUntilThePreviousOneIsDurable) {
   expectSameState(*read, makeState(2));
 }
 
-TEST(AsyncCheckpointer, AWriteThatOutlastsTheTimeoutFailsTheWaitInsteadOfHanging) {
+TEST(AsyncCheckpointer, AWriteThatOutlastsTheTimeoutIsReportedInsteadOfWaitedFor) {
   TempDir dir;
-  // Step 1's write stalls for 1.5 s (hung storage, as far as a 100 ms timeout can tell).
+  // Step 1's write stalls for 1.5 s: hung storage, as far as a 200 ms timeout can tell.
   ASSERT_EQ(::setenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS", "1500", 1), 0);
   Recorder recorder;
   const auto start = std::chrono::steady_clock::now();
   {
-    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), std::chrono::milliseconds(100), recorder.callback());
-    ASSERT_TRUE(checkpointer.submit(makeState(1)).ok());
-    const Status refused = checkpointer.submit(makeState(2));
-    EXPECT_EQ(refused.code(), StatusCode::kDeadlineExceeded) << refused.toString();
-    for (const std::string& part : {"checkpoint step-00000001 is still being written to " + std::string(dir / "job"),
-                                    std::string("step-00000002 waited for it"), std::string("the last durable checkpoint is none")})
+    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), std::chrono::milliseconds(200), 7,
+                                   recorder.callback());
+    ASSERT_TRUE(checkpointer.submit(makeState(8)).ok());
+    EXPECT_EQ(checkpointer.stepInFlight(), std::optional<int64_t>(8));
+    EXPECT_TRUE(checkpointer.checkWriter().ok());  // in flight, not yet hung
+    // A snapshot that may not wait (training's periodic one) is told so at once.
+    const Status busy = checkpointer.submit(makeState(9), std::chrono::steady_clock::now());
+    EXPECT_EQ(busy.code(), StatusCode::kDeadlineExceeded) << busy.toString();
+    EXPECT_NE(busy.message().find("is not durable yet when the snapshot of step-00000009 had to go on"), std::string::npos)
+        << busy.message();
+    // One that may wait is refused once the write turns hung.
+    const Status refused = checkpointer.submit(makeState(9));
+    EXPECT_EQ(refused.code(), StatusCode::kUnavailable) << refused.toString();
+    for (const std::string& part : {"checkpoint step-00000008 has been written to " + std::string(dir / "job") + " for ",
+                                    std::string("longer than the checkpoint timeout (0.2 s): the storage does not answer"),
+                                    std::string("the last durable checkpoint is step-00000007")})
       EXPECT_NE(refused.message().find(part), std::string::npos) << refused.message();
-    // The destructor does not join a writer that a wait has already given up on.
+    EXPECT_EQ(checkpointer.checkWriter().code(), StatusCode::kUnavailable);
+    EXPECT_EQ(checkpointer.drain().status().code(), StatusCode::kUnavailable);
+    // The destructor does not join a hung writer.
   }
   const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_LT(waited, 1.2) << "the owner waited for the stalled write to end";
 
-  // The writer left behind still finishes step 1 (a whole checkpoint, not debris) but reports nothing:
+  // The writer left behind still finishes step 8 (a whole checkpoint, not debris) but reports nothing:
   // the callback's owner may be gone.
   CheckpointStore store(dir / "job", 3);
   for (int i = 0; i < 100 && store.listSteps().empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // past the writer's last use of the environment
   ::unsetenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS");
-  ASSERT_EQ(store.listSteps(), (std::vector<int64_t>{1}));
-  auto read = store.read(1);
+  ASSERT_EQ(store.listSteps(), (std::vector<int64_t>{8}));
+  auto read = store.read(8);
   ASSERT_TRUE(read.ok()) << read.status().toString();
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_TRUE(recorder.snapshot().empty());
 }
 
@@ -786,17 +798,21 @@ TEST(AsyncCheckpointer, DrainEndsAtTheCallersDeadlineAndTheWriteStillLands) {
   ASSERT_EQ(::setenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS", "500", 1), 0);
   Recorder recorder;
   {
-    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), kNoHang, recorder.callback());
+    AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 3), kNoHang, 0, recorder.callback());
     ASSERT_TRUE(checkpointer.submit(makeState(1)).ok());
     // A stop's grace period ends before the write does.
     auto early = checkpointer.drain(std::chrono::steady_clock::now() + std::chrono::milliseconds(50));
     EXPECT_EQ(early.status().code(), StatusCode::kDeadlineExceeded) << early.status().toString();
-    EXPECT_NE(early.status().message().find("the wait's deadline passed"), std::string::npos) << early.status().message();
+    EXPECT_NE(early.status().message().find("is not durable yet when the wait for it had to go on; the last durable "
+                                            "checkpoint is none"),
+              std::string::npos)
+        << early.status().message();
     // Waiting again (without a deadline of its own) sees it land, reported once.
     const auto last = drained(checkpointer);
     ASSERT_TRUE(last.has_value());
     EXPECT_EQ(last->step, 1);
     EXPECT_TRUE(last->status.ok()) << last->status.toString();
+    EXPECT_FALSE(checkpointer.stepInFlight().has_value());
   }
   ::unsetenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS");
   ASSERT_EQ(recorder.snapshot().size(), 1u);

@@ -407,6 +407,35 @@ TEST(KubeClient, CancelEndsARequestWaitingOnAStalledServerAndABackoff) {
   testOver = true;
 }
 
+TEST(KubeSecrets, TheClientNeverPutsASecretsValueInAnError) {
+  LocalServer local;
+  const std::string token = "0123456789abcdef0123456789abcdef";
+  // A webhook that quotes the request: as JSON (422), and as plain text whose first 300 characters, all
+  // a message keeps, end inside the token (500, retried and logged on every attempt).
+  local.server().Post("/api/v1/namespaces/ns/secrets", [&](const httplib::Request& request, httplib::Response& response) {
+    if (request.body.find("\"quote\"") != std::string::npos) {
+      response.status = 422;
+      response.set_content(json{{"kind", "Status"}, {"reason", "Invalid"}, {"message", "denied: " + request.body}}.dump(),
+                           "application/json");
+    } else {
+      response.status = 500;
+      response.set_content(std::string(288, '.') + " token " + token + " " + kube::encodeBase64(token), "text/plain");
+    }
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  json secret = {{"apiVersion", "v1"}, {"kind", "Secret"}, {"metadata", {{"name", "quote"}}}, {"stringData", {{"token", token}}}};
+  const Status invalid = client.create("/api/v1/namespaces/ns/secrets", secret).status();
+  EXPECT_EQ(invalid.code(), StatusCode::kInvalidArgument) << invalid.toString();
+  EXPECT_NE(invalid.message().find("denied: "), std::string::npos) << invalid.message();
+  EXPECT_NE(invalid.message().find("[redacted]"), std::string::npos) << invalid.message();
+  secret["metadata"]["name"] = "plain";
+  const Status failed = client.create("/api/v1/namespaces/ns/secrets", secret).status();
+  EXPECT_EQ(failed.code(), StatusCode::kUnavailable) << failed.toString();
+  for (const Status& status : {invalid, failed})
+    for (const std::string& leak : {token, token.substr(0, 4), kube::encodeBase64(token)})
+      EXPECT_EQ(status.message().find(leak), std::string::npos) << leak << " in " << status.message();
+}
+
 TEST(KubeClient, ReReadsARotatedTokenFile) {
   LocalServer local;
   std::vector<std::string> tokens;
@@ -691,6 +720,54 @@ TEST(LeaderElector, AStalledRenewalIsNoticedWhileItIsStillWaiting) {
   EXPECT_LT(std::chrono::steady_clock::now() - stalled, 1500ms);  // the hung call takes 2 s
   stop = true;  // the operator would have exited in the callback
   holder.join();
+}
+
+TEST(LeaderElector, AStopDuringAStalledRenewalCancelsItWithinASecond) {
+  std::atomic<bool> stall{false};
+  std::atomic<bool> testOver{false};  // outlives the server, whose stalled handler it ends
+  LocalServer local;
+  const std::string path = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/tandem-operator";
+  local.server().Get(path, [&](const httplib::Request&, httplib::Response& response) {
+    for (int waited = 0; stall && waited < 2000 && !testOver; ++waited) std::this_thread::sleep_for(10ms);
+    json lease = {{"apiVersion", "coordination.k8s.io/v1"}, {"kind", "Lease"},
+                  {"metadata", {{"name", "tandem-operator"}, {"namespace", "ns"}, {"resourceVersion", "7"}}},
+                  {"spec", {{"holderIdentity", "me"}, {"leaseDurationSeconds", 60},
+                            {"renewTime", operator_core::formatMicroTime(std::chrono::system_clock::now())}}}};
+    response.set_content(lease.dump(), "application/json");
+  });
+  local.server().Put(path, [&](const httplib::Request& request, httplib::Response& response) {
+    response.set_content(request.body, "application/json");
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  operator_core::LeaderElectionOptions options;
+  options.nameSpace = "ns";
+  options.identity = "me";
+  options.leaseDuration = 60s;
+  options.renewDeadline = 30s;  // far away: only the stop can end this wait
+  options.retryPeriod = 100ms;
+  std::atomic<bool> missed{false};
+  options.onRenewDeadlineMissed = [&] { missed = true; };
+  operator_core::LeaderElector elector(client, options);
+  std::atomic<bool> stop{false};
+  std::atomic<bool> returned{false};
+  bool stillLeading = false;
+  std::thread holder([&] {
+    stillLeading = elector.holdUntil(stop);
+    returned = true;
+  });
+  std::this_thread::sleep_for(300ms);  // renewing fine
+  stall = true;
+  std::this_thread::sleep_for(300ms);  // a renewal now waits on the server (20 s)
+  stop = true;
+  const auto stopped = std::chrono::steady_clock::now();
+  while (!returned && std::chrono::steady_clock::now() - stopped < 5s) std::this_thread::sleep_for(10ms);
+  EXPECT_TRUE(returned) << "holdUntil waited on the stalled renewal";
+  EXPECT_LT(std::chrono::steady_clock::now() - stopped, 3s);
+  testOver = true;
+  holder.join();
+  EXPECT_TRUE(stillLeading);  // stopped, not deposed
+  EXPECT_FALSE(missed);
+  EXPECT_TRUE(client.cancelled());
 }
 
 TEST(LeaderElector, ReleaseClearsTheHolderAndGivesUpOnAStalledServer) {

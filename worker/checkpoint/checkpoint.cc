@@ -277,9 +277,20 @@ StatusOr<std::optional<CheckpointState>> CheckpointStore::loadNewestValid(
   return std::optional<CheckpointState>();
 }
 
+namespace {
+std::string secondsText(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.3g s", seconds);
+  return text;
+}
+}  // namespace
+
 AsyncCheckpointer::AsyncCheckpointer(CheckpointStore store, std::chrono::milliseconds writeTimeout,
-                                     std::function<void(const Result&)> onWritten)
-    : shared_(std::make_shared<Shared>(std::move(store))), writeTimeout_(writeTimeout) {
+                                     int64_t lastDurableStep, std::function<void(const Result&)> onWritten)
+    : shared_(std::make_shared<Shared>(std::move(store))),
+      // Bounded so that writeStart + writeTimeout cannot overflow the clock.
+      writeTimeout_(std::clamp(writeTimeout, std::chrono::milliseconds(1), std::chrono::milliseconds(std::chrono::hours(24 * 365)))) {
+  shared_->lastDurableStep = lastDurableStep;
   shared_->onWritten = std::move(onWritten);
   writer_ = std::thread([shared = shared_] { run(shared); });
 }
@@ -288,8 +299,7 @@ AsyncCheckpointer::~AsyncCheckpointer() {
   std::unique_lock<std::mutex> lock(shared_->mutex);
   shared_->stopping = true;
   shared_->changed.notify_all();
-  const bool hungBefore = timedOutOnSerial_ && shared_->writingStep && *timedOutOnSerial_ == shared_->writeSerial;
-  if (!hungBefore && waitIdle(lock, Clock::now() + writeTimeout_)) {
+  if (waitIdle(lock, Clock::time_point::max(), "shutdown").ok()) {
     lock.unlock();
     writer_.join();
     return;
@@ -302,51 +312,65 @@ AsyncCheckpointer::~AsyncCheckpointer() {
   writer_.detach();
 }
 
-bool AsyncCheckpointer::waitIdle(std::unique_lock<std::mutex>& lock, Clock::time_point deadline) {
-  return shared_->changed.wait_until(lock, deadline, [this] { return !shared_->writingStep && !shared_->pending; });
+bool AsyncCheckpointer::hung() const {
+  return shared_->writingStep && Clock::now() - shared_->writeStart >= writeTimeout_;
 }
 
-namespace {
-std::string secondsText(double seconds) {
-  char text[32];
-  std::snprintf(text, sizeof(text), "%.3g s", seconds);
-  return text;
-}
-}  // namespace
-
-Status AsyncCheckpointer::hungWriteError(const std::string& why) const {
+std::string AsyncCheckpointer::inFlightDescription() const {
   const int64_t step = shared_->writingStep ? *shared_->writingStep : shared_->pending ? shared_->pending->step : 0;
   const double seconds =
       shared_->writingStep ? std::chrono::duration<double>(Clock::now() - shared_->writeStart).count() : 0.0;
-  return TANDEM_ERROR(StatusCode::kDeadlineExceeded,
-                      "checkpoint " + stepDirectoryName(step) + " is still being written to " + shared_->store.root() +
-                          " after " + secondsText(seconds) + " (" + why +
-                          "): the storage does not answer; the last durable checkpoint is " +
-                          (shared_->lastDurableStep ? stepDirectoryName(*shared_->lastDurableStep) : std::string("none")));
+  return "checkpoint " + stepDirectoryName(step) + " has been written to " + shared_->store.root() + " for " +
+         secondsText(seconds);
 }
 
-Status AsyncCheckpointer::submit(CheckpointState state) {
-  std::unique_lock<std::mutex> lock(shared_->mutex);
-  if (!waitIdle(lock, Clock::now() + writeTimeout_)) {
-    timedOutOnSerial_ = shared_->writeSerial;
-    return hungWriteError(stepDirectoryName(state.step) + " waited for it for the checkpoint timeout, " +
-                          secondsText(std::chrono::duration<double>(writeTimeout_).count()));
+Status AsyncCheckpointer::waitIdle(std::unique_lock<std::mutex>& lock, Clock::time_point deadline, const std::string& what) {
+  for (;;) {
+    if (!shared_->writingStep && !shared_->pending) return Status::Ok();
+    const std::string lastDurable = "; the last durable checkpoint is " +
+                                    (shared_->lastDurableStep > 0 ? stepDirectoryName(shared_->lastDurableStep) : std::string("none"));
+    if (hung())
+      return TANDEM_ERROR(StatusCode::kUnavailable,
+                          inFlightDescription() + ", longer than the checkpoint timeout (" +
+                              secondsText(std::chrono::duration<double>(writeTimeout_).count()) +
+                              "): the storage does not answer" + lastDurable);
+    if (Clock::now() >= deadline)
+      return TANDEM_ERROR(StatusCode::kDeadlineExceeded, inFlightDescription() + " and is not durable yet when " +
+                                                             what + " had to go on" + lastDurable);
+    // A queued state is picked up at once; a write in flight is waited for until it turns hung.
+    Clock::time_point until = deadline;
+    if (shared_->writingStep) until = std::min(until, shared_->writeStart + writeTimeout_);
+    if (until == Clock::time_point::max())
+      shared_->changed.wait(lock);
+    else
+      shared_->changed.wait_until(lock, until);
   }
+}
+
+std::optional<int64_t> AsyncCheckpointer::stepInFlight() {
+  std::lock_guard<std::mutex> lock(shared_->mutex);
+  if (shared_->writingStep) return shared_->writingStep;
+  if (shared_->pending) return shared_->pending->step;
+  return std::nullopt;
+}
+
+Status AsyncCheckpointer::checkWriter() {
+  std::unique_lock<std::mutex> lock(shared_->mutex);
+  if (!hung()) return Status::Ok();
+  return waitIdle(lock, Clock::now(), "training");  // the hung write's message
+}
+
+Status AsyncCheckpointer::submit(CheckpointState state, Clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(shared_->mutex);
+  TANDEM_RETURN_IF_ERROR(waitIdle(lock, deadline, "the snapshot of " + stepDirectoryName(state.step)));
   shared_->pending = std::move(state);
   shared_->changed.notify_all();
-  return Status();
+  return Status::Ok();
 }
 
 StatusOr<std::optional<AsyncCheckpointer::Result>> AsyncCheckpointer::drain(Clock::time_point deadline) {
   std::unique_lock<std::mutex> lock(shared_->mutex);
-  const auto timeoutEnd = Clock::now() + writeTimeout_;
-  if (!waitIdle(lock, std::min(deadline, timeoutEnd))) {
-    timedOutOnSerial_ = shared_->writeSerial;
-    return hungWriteError(deadline < timeoutEnd
-                              ? std::string("the wait's deadline passed")
-                              : "waited for the checkpoint timeout, " +
-                                    secondsText(std::chrono::duration<double>(writeTimeout_).count()));
-  }
+  TANDEM_RETURN_IF_ERROR(waitIdle(lock, deadline, "the wait for it"));
   return shared_->lastResult;
 }
 
@@ -361,8 +385,8 @@ void AsyncCheckpointer::run(const std::shared_ptr<Shared>& shared) {
       shared->pending.reset();
       shared->writingStep = state.step;
       shared->writeStart = Clock::now();
-      ++shared->writeSerial;
     }
+    shared->changed.notify_all();  // waiters now wait for this write, until it turns hung
     Result result;
     result.step = state.step;
     auto written = shared->store.write(state);

@@ -587,8 +587,8 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   if (checkpointing && topology.writesCheckpoints()) {
     checkpointer = std::make_unique<checkpoint::AsyncCheckpointer>(
         checkpoint::CheckpointStore(checkpointRoot(spec, topology), spec.checkpoint.keep),
-        std::chrono::milliseconds(static_cast<int64_t>(options.checkpointTimeoutSeconds * 1000)),
-        [&](const checkpoint::AsyncCheckpointer::Result& result) {
+        std::chrono::milliseconds(static_cast<int64_t>(std::min(options.checkpointTimeoutSeconds, 1e9) * 1000)),
+        firstStep, [&](const checkpoint::AsyncCheckpointer::Result& result) {
           if (result.status.ok()) {
             lastDurableStep = result.step;
             lastWriteSeconds = result.seconds;
@@ -603,7 +603,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
         });
   }
   int64_t lastSubmittedStep = firstStep;
-  auto snapshot = [&](int64_t step) {
+  auto snapshot = [&](int64_t step, Clock::time_point deadline) {
     lastSubmittedStep = step;
     checkpoint::CheckpointState state;
     state.step = step;
@@ -615,7 +615,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     state.seed = static_cast<uint64_t>(spec.training.seed);
     state.parameters.assign(network->parameters(), network->parameters() + network->parameterCount());
     state.optimizerState.assign(optimizer.state(), optimizer.state() + optimizer.stateSize());
-    return checkpointer->submit(std::move(state));
+    return checkpointer->submit(std::move(state), deadline);
   };
 
   StageStep stageStep(*network, topology, data.train, operations, microBatchSize, globalBatch, allReduce, summary);
@@ -687,23 +687,37 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       if (!stopDeadline)
         stopDeadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(options.graceSeconds * 1000));
       if (checkpointer && step + 1 - lastSubmittedStep > spec.checkpoint.everySteps / 2) {
+        // A periodic write still in flight lands first; everything within the grace period, after which
+        // the pod is killed anyway.
+        Status written = checkpointer->drain(*stopDeadline).status();
         const double left = std::chrono::duration<double>(*stopDeadline - Clock::now()).count();
-        if (left > 2.0 * lastWriteSeconds + 0.5) {
+        if (written.ok() && left > 2.0 * lastWriteSeconds + 0.5) {
           log::info() << "stop requested: writing a checkpoint of step " << step + 1 << " (" << left << " s of grace left)";
-          if (Status submitted = snapshot(step + 1); !submitted.ok()) log::warning() << submitted.message();
-        } else {
+          written = snapshot(step + 1, *stopDeadline);
+        } else if (written.ok()) {
           log::warning() << "stop requested: no time for a checkpoint (" << left << " s of grace left)";
         }
+        if (!written.ok()) log::warning() << "stop: " << written.message();
       }
-      // The grace period bounds the wait: after it the pod is killed anyway.
       if (checkpointer) {
         if (auto drained = checkpointer->drain(*stopDeadline); !drained.ok())
           log::warning() << "stop: " << drained.status().message();
       }
       return TANDEM_ERROR(StatusCode::kCancelled, "stopped by request after step " + std::to_string(step + 1));
     }
-    if (checkpointer && spec.checkpoint.everySteps > 0 && (step + 1) % spec.checkpoint.everySteps == 0)
-      TANDEM_RETURN_IF_ERROR(snapshot(step + 1));
+    if (checkpointer) {
+      // A write hung on dead storage ends training here instead of in a collective's timeout elsewhere.
+      TANDEM_RETURN_IF_ERROR(checkpointer->checkWriter());
+      if (spec.checkpoint.everySteps > 0 && (step + 1) % spec.checkpoint.everySteps == 0) {
+        if (const auto inFlight = checkpointer->stepInFlight()) {
+          // Waiting would stall this rank and every peer in the next collective: skip this one.
+          log::warning() << "skipping the checkpoint of step " << step + 1 << ": "
+                         << checkpoint::stepDirectoryName(*inFlight) << " is still being written";
+        } else {
+          TANDEM_RETURN_IF_ERROR(snapshot(step + 1, Clock::now()));
+        }
+      }
+    }
     const bool evalDue = spec.training.evalEvery > 0 && (step + 1) % spec.training.evalEvery == 0 && step + 1 < totalSteps;
     if (evalDue) {
       const auto evalStart = Clock::now();
@@ -728,7 +742,8 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
                 << summary.peakActivationBytes << " bytes)";
   // The finished model is a checkpoint too: a restart after the end resumes at the end.
   if (checkpointer) {
-    if (lastSubmittedStep != summary.steps) TANDEM_RETURN_IF_ERROR(snapshot(summary.steps));
+    if (lastSubmittedStep != summary.steps)
+      TANDEM_RETURN_IF_ERROR(snapshot(summary.steps, Clock::time_point::max()));
     TANDEM_RETURN_IF_ERROR(checkpointer->drain().status());
   }
   summary.checkpointsWritten = checkpointsWritten;

@@ -37,7 +37,8 @@ class LeaderElector {
   // Blocks until this candidate holds the Lease (true) or `stop` is set (false).
   bool acquire(const std::atomic<bool>& stop);
   // While leading: renews every retryPeriod; returns false as soon as leadership is lost (no renewal for
-  // renewDeadline, or another holder), true when `stop` was set.
+  // renewDeadline, or another holder), true when `stop` was set. A renewal still waiting on the API server
+  // a second after `stop` is cancelled, which ends the client for good (release() then does nothing).
   bool holdUntil(const std::atomic<bool>& stop);
   // Gives the Lease up (holder cleared) so that another replica takes over without waiting. Best effort
   // and bounded: calls still waiting after `within` are cancelled, which ends the client for good (give

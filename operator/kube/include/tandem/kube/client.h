@@ -38,7 +38,8 @@ bool isGone(const Status& status);  // 410: the resourceVersion is too old, reli
 
 // `text` (an API server's or a webhook's message about `secret`) with every value of the Secret's
 // stringData and data, as given and base64-encoded, replaced by "[redacted]": refusals are logged and
-// become Events, which more people may read than the Secret.
+// become Events, which more people may read than the Secret. KubeClient does it to every error of a
+// create or update of a Secret, before any log line or truncation.
 std::string redactSecretValues(std::string text, const nlohmann::json& secret);
 
 // API paths. group "" is the core API (/api/v1); nameSpace "" means all namespaces (collections) or a
@@ -117,10 +118,11 @@ class KubeClient {
     std::string path;
     std::string body;
     std::string contentType;
+    const nlohmann::json* secret = nullptr;  // a Secret being written: its values never reach a message
   };
   StatusOr<nlohmann::json> send(const Call& call);
-  std::unique_ptr<httplib::ClientImpl> acquire();
-  void release(std::unique_ptr<httplib::ClientImpl> client);
+  std::shared_ptr<httplib::ClientImpl> acquire();
+  void release(std::shared_ptr<httplib::ClientImpl> client);
   std::unique_ptr<httplib::ClientImpl> connect() const;
   std::string bearerToken();
 
@@ -131,8 +133,10 @@ class KubeClient {
   bool tls_ = true;
 
   std::mutex poolMutex_;
-  std::vector<std::unique_ptr<httplib::ClientImpl>> idle_;
-  std::set<httplib::ClientImpl*> inFlight_;  // requests and watches that cancel() must stop
+  std::vector<std::shared_ptr<httplib::ClientImpl>> idle_;
+  // Requests and watches that cancel() must stop. Shared: cancel() stops them outside poolMutex_ (httplib's
+  // stop() waits while a connection is being made) and one may return meanwhile.
+  std::set<std::shared_ptr<httplib::ClientImpl>> inFlight_;
   std::condition_variable cancelledWake_;     // a retry's backoff waits on it
   std::atomic<bool> cancelled_{false};
   std::atomic<int64_t> requests_{0};

@@ -68,12 +68,12 @@ class CheckpointStore {
 };
 
 // Writes checkpoints in the background: snapshot() copies the state at a step boundary (the caller's
-// only cost) and a writer thread makes it durable while training goes on. A new snapshot waits until
-// the previous one is durable, so at most one write is in flight and they land in order.
-// Every wait has a deadline: a write still in flight `writeTimeout` after a wait began is taken for hung
-// storage (an NFS server gone, a full volume that blocks) and the wait fails with DEADLINE_EXCEEDED naming
-// the step, the directory and the last durable checkpoint. A hung write cannot be interrupted, so the
-// destructor then leaves the writer thread behind instead of joining it; its result is dropped.
+// only cost) and a writer thread makes it durable while training goes on. One write is in flight at a
+// time and they land in order.
+// Nothing waits on storage without a deadline: a write in flight longer than `writeTimeout` is hung (an
+// NFS server gone, a volume that blocks), which checkWriter(), submit() and drain() report as UNAVAILABLE
+// naming the step, the directory and the last durable checkpoint. A hung write cannot be interrupted, so
+// the destructor then leaves the writer thread behind instead of joining it, and its result is dropped.
 // Thread-safe for one producer.
 class AsyncCheckpointer {
  public:
@@ -84,18 +84,23 @@ class AsyncCheckpointer {
     double seconds = 0.0;
     Status status;
   };
-  // onWritten runs on the writer thread after each attempt (success or failure), never after the
-  // destructor has returned.
-  AsyncCheckpointer(CheckpointStore store, std::chrono::milliseconds writeTimeout,
+  // lastDurableStep: the checkpoint training resumed from (0: none), for messages. onWritten runs on the
+  // writer thread after each attempt (success or failure), never after the destructor has returned.
+  AsyncCheckpointer(CheckpointStore store, std::chrono::milliseconds writeTimeout, int64_t lastDurableStep,
                     std::function<void(const Result&)> onWritten);
-  // Finishes what was submitted, waiting at most writeTimeout (none after a wait has timed out on the
-  // same write).
+  // Finishes what was submitted unless the write in flight is (or becomes) hung.
   ~AsyncCheckpointer();
 
-  // Takes ownership of the state once an earlier write is durable; waits at most writeTimeout for it.
-  Status submit(CheckpointState state);
-  // Waits until nothing is in flight, at most writeTimeout and never past `deadline` (a stop's grace
-  // period). Returns the last attempt's result (nullopt before the first).
+  // The step being written now, if a write is in flight or queued: a periodic snapshot then skips rather
+  // than stall training (and every peer waiting for this rank in the next collective).
+  std::optional<int64_t> stepInFlight();
+  // UNAVAILABLE once the write in flight has run longer than writeTimeout.
+  Status checkWriter();
+  // Queues the state once no write is in flight, waiting until `deadline` at most (then
+  // DEADLINE_EXCEEDED) or until the write in flight is hung (UNAVAILABLE).
+  Status submit(CheckpointState state, Clock::time_point deadline = Clock::time_point::max());
+  // Waits until nothing is in flight; the same errors as submit(). Returns the last attempt's result
+  // (nullopt before the first).
   StatusOr<std::optional<Result>> drain(Clock::time_point deadline = Clock::time_point::max());
   const CheckpointStore& store() const { return shared_->store; }
 
@@ -109,22 +114,22 @@ class AsyncCheckpointer {
     std::optional<CheckpointState> pending;
     std::optional<int64_t> writingStep;  // the step being written now
     Clock::time_point writeStart;
-    int64_t writeSerial = 0;             // counts writes begun
     bool stopping = false;
     bool abandoned = false;  // the destructor left: report nothing more
     bool reporting = false;  // onWritten is running
     std::optional<Result> lastResult;
-    std::optional<int64_t> lastDurableStep;
+    int64_t lastDurableStep = 0;
     std::function<void(const Result&)> onWritten;
   };
   static void run(const std::shared_ptr<Shared>& shared);
-  // Waits with `lock` held until no write is in flight or queued; false at the deadline.
-  bool waitIdle(std::unique_lock<std::mutex>& lock, Clock::time_point deadline);
-  Status hungWriteError(const std::string& waitedFor) const;  // with shared_->mutex held
+  bool hung() const;  // with shared_->mutex held
+  // Waits with `lock` held until nothing is in flight (OK), the write in flight is hung (UNAVAILABLE) or
+  // `deadline` passes (DEADLINE_EXCEEDED); `what` says who waits, for the messages.
+  Status waitIdle(std::unique_lock<std::mutex>& lock, Clock::time_point deadline, const std::string& what);
+  std::string inFlightDescription() const;  // with shared_->mutex held
 
   std::shared_ptr<Shared> shared_;
   std::chrono::milliseconds writeTimeout_;
-  std::optional<int64_t> timedOutOnSerial_;  // a wait gave up on this write
   std::thread writer_;
 };
 

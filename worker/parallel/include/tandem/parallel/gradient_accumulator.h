@@ -34,7 +34,9 @@ class GradientAccumulator {
   // one, else a new one (so there are never more buffers than a step holds at once).
   FloatBuffer spareBuffer();
   // Takes one microbatch's gradients; summed in the background. When more than kMaxQueued wait for the
-  // thread (it had no CPU), the caller sums them itself, so memory does not grow with M.
+  // thread (it had no CPU), the caller sums them itself, so memory does not grow with M. It first waits
+  // for a sum the thread is in the middle of, as finish() does: on a core that other busy threads also
+  // share, that wait lasts until the scheduler gives the SCHED_IDLE thread a slice.
   void add(FloatBuffer gradients);
   static constexpr size_t kMaxQueued = 2;
   // Returns the total of everything added since the last finish (zeros when nothing was). Waits only for
@@ -66,7 +68,8 @@ class GradientAccumulator {
   bool working_ = false;             // the thread holds a buffer outside the queues
   bool callerOwnsTree_ = false;      // add() or finish() sums: the thread takes nothing new
   bool stopping_ = false;
-  // Partial sums and their levels: only the thread touches them, and finish() once the thread is idle.
+  // Partial sums and their levels: the thread's, or add()'s or finish()'s while callerOwnsTree_ (they
+  // take it only once the thread has put its sum down).
   std::vector<FloatBuffer> tree_;
   std::vector<int> levels_;
   std::thread thread_;  // not started when !background
