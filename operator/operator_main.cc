@@ -22,6 +22,7 @@
 
 #include "tandem/common/exit_codes.h"
 #include "tandem/common/log.h"
+#include "tandem/common/serving_thread.h"
 #include "tandem/kube/client.h"
 #include "tandem/kube/config.h"
 #include "tandem/operator/controller.h"
@@ -214,11 +215,7 @@ int run(int argc, char** argv) {
                  << " for /metrics, /healthz, /readyz (--metrics-port)";
     return kExitInternal;
   }
-  std::atomic<bool> serving{true};  // until listen_after_bind returns
-  std::thread httpThread([&] {
-    server.listen_after_bind();
-    serving = false;
-  });
+  ServingThread serving(server);
   log::info() << "serving /metrics, /healthz, /readyz on " << flags->metricsAddress << ":" << port;
 
   controller.startInformers();
@@ -264,12 +261,7 @@ int run(int argc, char** argv) {
   controller.stopWorkers(shutdownGrace);
   if (elector && leading) elector->release();
   controller.stop();
-  // httplib's stop() does nothing until the thread has entered listen (a SIGTERM right after start).
-  while (serving) {
-    server.stop();
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  httpThread.join();
+  serving.stop();
   log::info() << "tandem-operator stopped";
   return kExitOk;
 }

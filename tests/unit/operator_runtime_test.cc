@@ -684,28 +684,39 @@ TEST(EventRecorder, LongMessagesAreCutToWhatTheApiKeeps) {
 
 // ---------------------------------------------------------------------------------------------- leases
 
+// Lease ns/tandem-operator as the API server returns it: held by "me", renewed now.
+json leaseHeldByMe(int durationSeconds) {
+  return {{"apiVersion", "coordination.k8s.io/v1"}, {"kind", "Lease"},
+          {"metadata", {{"name", "tandem-operator"}, {"namespace", "ns"}, {"resourceVersion", "7"}}},
+          {"spec", {{"holderIdentity", "me"}, {"leaseDurationSeconds", durationSeconds},
+                    {"renewTime", operator_core::formatMicroTime(std::chrono::system_clock::now())}}}};
+}
+
+operator_core::LeaderElectionOptions electionAsMe(std::chrono::milliseconds leaseDuration,
+                                                  std::chrono::milliseconds renewDeadline,
+                                                  std::chrono::milliseconds retryPeriod) {
+  operator_core::LeaderElectionOptions options;
+  options.nameSpace = "ns";
+  options.identity = "me";
+  options.leaseDuration = leaseDuration;
+  options.renewDeadline = renewDeadline;
+  options.retryPeriod = retryPeriod;
+  return options;
+}
+
 TEST(LeaderElector, AStalledRenewalIsNoticedWhileItIsStillWaiting) {
   LocalServer local;
   const std::string path = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/tandem-operator";
   std::atomic<bool> stall{false};
   local.server().Get(path, [&](const httplib::Request&, httplib::Response& response) {
-    json lease = {{"apiVersion", "coordination.k8s.io/v1"}, {"kind", "Lease"},
-                  {"metadata", {{"name", "tandem-operator"}, {"namespace", "ns"}, {"resourceVersion", "7"}}},
-                  {"spec", {{"holderIdentity", "me"}, {"leaseDurationSeconds", 1},
-                            {"renewTime", operator_core::formatMicroTime(std::chrono::system_clock::now())}}}};
-    response.set_content(lease.dump(), "application/json");
+    response.set_content(leaseHeldByMe(1).dump(), "application/json");
   });
   local.server().Put(path, [&](const httplib::Request& request, httplib::Response& response) {
     if (stall) std::this_thread::sleep_for(2s);  // an API server that stopped answering
     response.set_content(request.body, "application/json");
   });
   kube::KubeClient client(local.config(), fastRetries());
-  operator_core::LeaderElectionOptions options;
-  options.nameSpace = "ns";
-  options.identity = "me";
-  options.leaseDuration = 1000ms;
-  options.renewDeadline = 400ms;
-  options.retryPeriod = 100ms;
+  auto options = electionAsMe(1000ms, 400ms, 100ms);
   std::atomic<bool> missed{false};
   options.onRenewDeadlineMissed = [&] { missed = true; };
   operator_core::LeaderElector elector(client, options);
@@ -729,22 +740,13 @@ TEST(LeaderElector, AStopDuringAStalledRenewalCancelsItWithinASecond) {
   const std::string path = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/tandem-operator";
   local.server().Get(path, [&](const httplib::Request&, httplib::Response& response) {
     for (int waited = 0; stall && waited < 2000 && !testOver; ++waited) std::this_thread::sleep_for(10ms);
-    json lease = {{"apiVersion", "coordination.k8s.io/v1"}, {"kind", "Lease"},
-                  {"metadata", {{"name", "tandem-operator"}, {"namespace", "ns"}, {"resourceVersion", "7"}}},
-                  {"spec", {{"holderIdentity", "me"}, {"leaseDurationSeconds", 60},
-                            {"renewTime", operator_core::formatMicroTime(std::chrono::system_clock::now())}}}};
-    response.set_content(lease.dump(), "application/json");
+    response.set_content(leaseHeldByMe(60).dump(), "application/json");
   });
   local.server().Put(path, [&](const httplib::Request& request, httplib::Response& response) {
     response.set_content(request.body, "application/json");
   });
   kube::KubeClient client(local.config(), fastRetries());
-  operator_core::LeaderElectionOptions options;
-  options.nameSpace = "ns";
-  options.identity = "me";
-  options.leaseDuration = 60s;
-  options.renewDeadline = 30s;  // far away: only the stop can end this wait
-  options.retryPeriod = 100ms;
+  auto options = electionAsMe(60s, 30s, 100ms);  // the renew deadline is far away: only the stop ends the wait
   std::atomic<bool> missed{false};
   options.onRenewDeadlineMissed = [&] { missed = true; };
   operator_core::LeaderElector elector(client, options);
@@ -776,10 +778,7 @@ TEST(LeaderElector, ReleaseClearsTheHolderAndGivesUpOnAStalledServer) {
   LocalServer local;
   const std::string path = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/tandem-operator";
   std::mutex mutex;
-  json stored = {{"apiVersion", "coordination.k8s.io/v1"}, {"kind", "Lease"},
-                 {"metadata", {{"name", "tandem-operator"}, {"namespace", "ns"}, {"resourceVersion", "7"}}},
-                 {"spec", {{"holderIdentity", "me"}, {"leaseDurationSeconds", 15},
-                           {"renewTime", operator_core::formatMicroTime(std::chrono::system_clock::now())}}}};
+  json stored = leaseHeldByMe(15);
   local.server().Get(path, [&](const httplib::Request&, httplib::Response& response) {
     for (int waited = 0; stall && waited < 2000 && !testOver; ++waited) std::this_thread::sleep_for(10ms);
     std::lock_guard<std::mutex> lock(mutex);
@@ -790,9 +789,7 @@ TEST(LeaderElector, ReleaseClearsTheHolderAndGivesUpOnAStalledServer) {
     stored = json::parse(request.body);
     response.set_content(request.body, "application/json");
   });
-  operator_core::LeaderElectionOptions options;
-  options.nameSpace = "ns";
-  options.identity = "me";
+  const auto options = electionAsMe(15s, 10s, 2s);
   {
     kube::KubeClient client(local.config(), fastRetries());
     operator_core::LeaderElector(client, options).release(2s);

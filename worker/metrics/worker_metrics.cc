@@ -11,6 +11,8 @@
 #include <chrono>
 #include <thread>
 
+#include "tandem/common/serving_thread.h"
+
 namespace tandem::metrics {
 namespace {
 
@@ -53,22 +55,10 @@ class MetricsEndpoint {
                                 : (endpoint->server_.bind_to_port(host, port) ? port : -1);
     if (endpoint->port_ < 0)
       return TANDEM_ERROR(StatusCode::kUnavailable, "metrics: cannot listen on " + bindAddress);
-    endpoint->thread_ = std::thread([raw = endpoint.get()] {
-      raw->server_.listen_after_bind();
-      raw->listening_ = false;
-    });
+    endpoint->serving_ = std::make_unique<ServingThread>(endpoint->server_);
     return endpoint;
   }
 
-  ~MetricsEndpoint() {
-    // httplib's stop() does nothing until the thread has entered listen: a worker that finished before
-    // its server thread got a CPU waited in join() forever. Stop until the thread has returned.
-    while (listening_) {
-      server_.stop();
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    if (thread_.joinable()) thread_.join();
-  }
   int port() const { return port_; }
 
  private:
@@ -76,8 +66,7 @@ class MetricsEndpoint {
 
   std::shared_ptr<prometheus::Registry> registry_;
   httplib::Server server_;
-  std::atomic<bool> listening_{true};  // until listen_after_bind returns
-  std::thread thread_;
+  std::unique_ptr<ServingThread> serving_;  // declared after server_: stopped before it goes
   int port_ = -1;
 };
 
