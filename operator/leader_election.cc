@@ -133,7 +133,8 @@ bool LeaderElector::holdUntil(const std::atomic<bool>& stop) {
   // operator does not wait on the API server (release() then fails fast; the Lease expires by itself).
   constexpr auto kStopPatience = std::chrono::seconds(1);
   std::atomic<bool> holding{true};
-  std::atomic<steady_clock::rep> callStarted{0};  // 0: no call in flight
+  std::mutex callMutex;      // so that a renewal that just returned is not cancelled after the fact
+  bool callInFlight = false;  // under callMutex
   std::optional<steady_clock::time_point> stopSeen;
   std::thread watchdog([&] {
     while (holding) {
@@ -147,7 +148,9 @@ bool LeaderElector::holdUntil(const std::atomic<bool>& stop) {
         return;
       }
       if (stop && !stopSeen) stopSeen = steady_clock::now();
-      if (stopSeen && callStarted.load() != 0 && steady_clock::now() - *stopSeen > kStopPatience) {
+      if (stopSeen && steady_clock::now() - *stopSeen > kStopPatience) {
+        std::lock_guard<std::mutex> lock(callMutex);
+        if (!callInFlight) continue;
         log::warning() << "leader election: stopping while a renewal still waits on the API server: cancelling it";
         client_.cancel();
         return;
@@ -158,9 +161,16 @@ bool LeaderElector::holdUntil(const std::atomic<bool>& stop) {
   while (!stop) {
     sleepUnless(stop, options_.retryPeriod);
     if (stop) break;
-    callStarted = steady_clock::now().time_since_epoch().count();
+    {
+      std::lock_guard<std::mutex> lock(callMutex);
+      if (stop) break;
+      callInFlight = true;
+    }
     const Attempt attempt = tryAcquireOrRenew();
-    callStarted = 0;
+    {
+      std::lock_guard<std::mutex> lock(callMutex);  // waits for a cancel() already under way
+      callInFlight = false;
+    }
     if (attempt == Attempt::kLeading) {
       lastRenewal = steady_clock::now().time_since_epoch().count();
     } else if (attempt == Attempt::kHeldByOther) {

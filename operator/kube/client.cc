@@ -69,6 +69,10 @@ Status apiError(int code, const std::string& method, const std::string& path, co
     const json status = json::parse(body);
     reason = status.value("reason", "");
     message = status.value("message", message);
+    if (secret != nullptr) {  // a value with characters JSON escapes is found only once unescaped
+      reason = redactSecretValues(reason, *secret);
+      message = redactSecretValues(message, *secret);
+    }
   } catch (const json::exception&) {
   }
   const std::string text =
@@ -397,6 +401,14 @@ std::string redactSecretValues(std::string text, const json& secret) {
     if (value.size() < 4) return;
     values.push_back(value);
     values.push_back(encodeBase64(value));
+    // As quoted inside JSON text (a webhook may quote the request body): escaped, and escaped as Go
+    // also escapes HTML characters.
+    const std::string quoted = json(value).dump();
+    std::string escaped = quoted.substr(1, quoted.size() - 2);
+    if (escaped != value) values.push_back(escaped);
+    for (const auto& [from, to] : {std::pair<std::string, std::string>{"<", "\\u003c"}, {">", "\\u003e"}, {"&", "\\u0026"}})
+      replaceAll(escaped, from, to);
+    if (escaped != values.back()) values.push_back(escaped);
   };
   if (const auto plain = secret.find("stringData"); plain != secret.end() && plain->is_object())
     for (const auto& [key, value] : plain->items())

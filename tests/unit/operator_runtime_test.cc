@@ -413,7 +413,7 @@ TEST(KubeSecrets, TheClientNeverPutsASecretsValueInAnError) {
   // A webhook that quotes the request: as JSON (422), and as plain text whose first 300 characters, all
   // a message keeps, end inside the token (500, retried and logged on every attempt).
   local.server().Post("/api/v1/namespaces/ns/secrets", [&](const httplib::Request& request, httplib::Response& response) {
-    if (request.body.find("\"quote\"") != std::string::npos) {
+    if (request.body.find("\"quote") != std::string::npos) {
       response.status = 422;
       response.set_content(json{{"kind", "Status"}, {"reason", "Invalid"}, {"message", "denied: " + request.body}}.dump(),
                            "application/json");
@@ -431,6 +431,12 @@ TEST(KubeSecrets, TheClientNeverPutsASecretsValueInAnError) {
   secret["metadata"]["name"] = "plain";
   const Status failed = client.create("/api/v1/namespaces/ns/secrets", secret).status();
   EXPECT_EQ(failed.code(), StatusCode::kUnavailable) << failed.toString();
+  // A value with characters that JSON escapes (a PEM key's newlines, quotes) is quoted escaped.
+  const std::string pem = "-----BEGIN KEY-----\n\"abc<def>\"\n-----END KEY-----";
+  json pemSecret = {{"kind", "Secret"}, {"metadata", {{"name", "quote-pem"}}}, {"stringData", {{"key", pem}}}};
+  const Status pemInvalid = client.create("/api/v1/namespaces/ns/secrets", pemSecret).status();
+  EXPECT_EQ(pemInvalid.code(), StatusCode::kInvalidArgument) << pemInvalid.toString();
+  EXPECT_EQ(pemInvalid.message().find("abc<def>"), std::string::npos) << pemInvalid.message();
   for (const Status& status : {invalid, failed})
     for (const std::string& leak : {token, token.substr(0, 4), kube::encodeBase64(token)})
       EXPECT_EQ(status.message().find(leak), std::string::npos) << leak << " in " << status.message();

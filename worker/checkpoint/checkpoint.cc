@@ -14,6 +14,8 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "tandem/common/log.h"
+
 namespace tandem::checkpoint {
 namespace {
 
@@ -280,7 +282,7 @@ StatusOr<std::optional<CheckpointState>> CheckpointStore::loadNewestValid(
 namespace {
 std::string secondsText(double seconds) {
   char text[32];
-  std::snprintf(text, sizeof(text), "%.3g s", seconds);
+  std::snprintf(text, sizeof(text), "%.1f s", seconds);
   return text;
 }
 }  // namespace
@@ -299,18 +301,27 @@ AsyncCheckpointer::~AsyncCheckpointer() {
   std::unique_lock<std::mutex> lock(shared_->mutex);
   shared_->stopping = true;
   shared_->changed.notify_all();
-  if (waitIdle(lock, Clock::time_point::max(), "shutdown").ok()) {
+  const Clock::time_point limit = std::min(shutdownDeadline_, Clock::now() + shutdownPatience_);
+  if (Status finished = waitIdle(lock, limit, "shutdown"); finished.ok()) {
     lock.unlock();
     writer_.join();
     return;
+  } else {
+    log::warning() << finished.message() << "; leaving it unfinished";
   }
-  // Hung: the thread keeps the shared state alive and exits when (if) its write returns. Wait out a
-  // report already running, which uses the owner's objects, and stop any later one.
+  // Hung or out of time: the thread keeps the shared state alive and exits when (if) its write returns.
+  // Wait out a report already running, which uses the owner's objects, and stop any later one.
   shared_->abandoned = true;
   shared_->changed.wait(lock, [this] { return !shared_->reporting; });
   lock.unlock();
   writer_.detach();
 }
+
+void AsyncCheckpointer::limitShutdown(std::chrono::milliseconds patience) {
+  shutdownPatience_ = std::clamp(patience, std::chrono::milliseconds(0), std::chrono::milliseconds(std::chrono::hours(24 * 365)));
+}
+
+void AsyncCheckpointer::limitShutdown(Clock::time_point deadline) { shutdownDeadline_ = deadline; }
 
 bool AsyncCheckpointer::hung() const {
   return shared_->writingStep && Clock::now() - shared_->writeStart >= writeTimeout_;
@@ -320,8 +331,9 @@ std::string AsyncCheckpointer::inFlightDescription() const {
   const int64_t step = shared_->writingStep ? *shared_->writingStep : shared_->pending ? shared_->pending->step : 0;
   const double seconds =
       shared_->writingStep ? std::chrono::duration<double>(Clock::now() - shared_->writeStart).count() : 0.0;
-  return "checkpoint " + stepDirectoryName(step) + " has been written to " + shared_->store.root() + " for " +
-         secondsText(seconds);
+  if (!shared_->writingStep) return "checkpoint " + stepDirectoryName(step) + " is queued for " + shared_->store.root();
+  return "checkpoint " + stepDirectoryName(step) + " is being written to " + shared_->store.root() + " (for " +
+         secondsText(seconds) + ")";
 }
 
 Status AsyncCheckpointer::waitIdle(std::unique_lock<std::mutex>& lock, Clock::time_point deadline, const std::string& what) {
@@ -335,7 +347,7 @@ Status AsyncCheckpointer::waitIdle(std::unique_lock<std::mutex>& lock, Clock::ti
                               secondsText(std::chrono::duration<double>(writeTimeout_).count()) +
                               "): the storage does not answer" + lastDurable);
     if (Clock::now() >= deadline)
-      return TANDEM_ERROR(StatusCode::kDeadlineExceeded, inFlightDescription() + " and is not durable yet when " +
+      return TANDEM_ERROR(StatusCode::kDeadlineExceeded, inFlightDescription() + ", not durable when " +
                                                              what + " had to go on" + lastDurable);
     // A queued state is picked up at once; a write in flight is waited for until it turns hung.
     Clock::time_point until = deadline;

@@ -602,6 +602,9 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
           }
         });
   }
+  // A failed worker is killed after its grace period anyway: wait no longer for a write in flight.
+  const auto grace = std::chrono::milliseconds(static_cast<int64_t>(std::clamp(options.graceSeconds, 0.0, 1e6) * 1000));
+  if (checkpointer) checkpointer->limitShutdown(grace);
   int64_t lastSubmittedStep = firstStep;
   auto snapshot = [&](int64_t step, Clock::time_point deadline) {
     lastSubmittedStep = step;
@@ -626,7 +629,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   for (int64_t step = firstStep; step < totalSteps; ++step) {
     const bool stopVote = options.stopRequested != nullptr && options.stopRequested->load();
     if (stopVote && !stopDeadline)
-      stopDeadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(options.graceSeconds * 1000));
+      stopDeadline = Clock::now() + grace;
     log::setStep(step + 1);
     const auto stepStart = Clock::now();
     const double exposedBefore = allReduce.exposedSeconds();
@@ -685,7 +688,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     if (metrics[1] > 0.0f) {
       // The grace period runs from this rank's own signal, or from now when another rank was asked.
       if (!stopDeadline)
-        stopDeadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(options.graceSeconds * 1000));
+        stopDeadline = Clock::now() + grace;
       if (checkpointer && step + 1 - lastSubmittedStep > spec.checkpoint.everySteps / 2) {
         // A periodic write still in flight lands first; everything within the grace period, after which
         // the pod is killed anyway.
@@ -702,6 +705,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       if (checkpointer) {
         if (auto drained = checkpointer->drain(*stopDeadline); !drained.ok())
           log::warning() << "stop: " << drained.status().message();
+        checkpointer->limitShutdown(*stopDeadline);
       }
       return TANDEM_ERROR(StatusCode::kCancelled, "stopped by request after step " + std::to_string(step + 1));
     }
@@ -740,20 +744,20 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
                 << summary.backwardSeconds << " s, idle " << summary.idleSeconds << " s, bubble ratio "
                 << summary.bubbleRatio << ", peak activations " << summary.peakMicroBatchesInFlight << " microbatches ("
                 << summary.peakActivationBytes << " bytes)";
-  // The finished model is a checkpoint too: a restart after the end resumes at the end.
-  if (checkpointer) {
-    if (lastSubmittedStep != summary.steps)
-      TANDEM_RETURN_IF_ERROR(snapshot(summary.steps, Clock::time_point::max()));
-    TANDEM_RETURN_IF_ERROR(checkpointer->drain().status());
-  }
-  summary.checkpointsWritten = checkpointsWritten;
-
   TANDEM_ASSIGN_OR_RETURN(summary.finalEval, evaluate(*network, data.test, topology));
   summary.finalEval.step = summary.steps;
   if (options.metrics != nullptr) options.metrics->setEvalAccuracy(summary.finalEval.accuracy);
   if (isLeader && options.onEval) options.onEval(summary.finalEval);
   if (!options.dumpParametersPath.empty())
     TANDEM_RETURN_IF_ERROR(dumpParameters(options.dumpParametersPath, topology, *network));
+  // The finished model is a checkpoint too: a restart after the end resumes at the end. Written after
+  // the last collective, so that no peer waits on this rank's storage.
+  if (checkpointer) {
+    if (lastSubmittedStep != summary.steps)
+      TANDEM_RETURN_IF_ERROR(snapshot(summary.steps, Clock::time_point::max()));
+    TANDEM_RETURN_IF_ERROR(checkpointer->drain().status());
+  }
+  summary.checkpointsWritten = checkpointsWritten;
   return summary;
 }
 

@@ -88,8 +88,13 @@ class AsyncCheckpointer {
   // writer thread after each attempt (success or failure), never after the destructor has returned.
   AsyncCheckpointer(CheckpointStore store, std::chrono::milliseconds writeTimeout, int64_t lastDurableStep,
                     std::function<void(const Result&)> onWritten);
-  // Finishes what was submitted unless the write in flight is (or becomes) hung.
+  // Finishes what was submitted, waiting until it lands, turns hung, or the shutdown limit passes (then
+  // the writer is left behind; its temporary directory is debris the next write removes).
   ~AsyncCheckpointer();
+  // The destructor waits at most `patience` from when it runs (a worker that failed is killed after its
+  // grace period anyway), and never past `deadline` once set (a stop's grace period).
+  void limitShutdown(std::chrono::milliseconds patience);
+  void limitShutdown(Clock::time_point deadline);
 
   // The step being written now, if a write is in flight or queued: a periodic snapshot then skips rather
   // than stall training (and every peer waiting for this rank in the next collective).
@@ -130,6 +135,8 @@ class AsyncCheckpointer {
 
   std::shared_ptr<Shared> shared_;
   std::chrono::milliseconds writeTimeout_;
+  std::chrono::milliseconds shutdownPatience_ = std::chrono::hours(24 * 365);
+  Clock::time_point shutdownDeadline_ = Clock::time_point::max();
   std::thread writer_;
 };
 
