@@ -46,12 +46,15 @@ class PipelineEquivalence(TempDirTest):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         return read_floats(path), result.stderr
 
-    def check(self, workers, stages, micro_batches, reference_micro_batches):
+    def check(self, workers, stages, micro_batches, reference_micro_batches, partition=()):
         reference, _ = self.parameters("single", pipeline_job(1, 1, reference_micro_batches))
         self.assertEqual(len(reference), 784 * 512 + 512 + 3 * (512 * 512 + 512) + 512 * 10 + 10)
         for schedule in ("GPipe", "1F1B"):
             values, log = self.parameters(f"p{stages}-{schedule}", pipeline_job(workers, stages, micro_batches, schedule))
             self.assertIn(f"pipeline of {stages} stages x {workers // stages} replicas", log)
+            self.assertIn(f"{schedule}; partition by estimated FLOPs:", log)
+            for line in partition:
+                self.assertIn(line + " MFLOP per sample (forward + backward, estimated)", log)
             relative, largest = relative_error(values, reference)
             print(f"P={stages} D={workers // stages} M={micro_batches} {schedule} vs 1 worker with "
                   f"{reference_micro_batches} microbatches: relative error {relative:.3g}, largest {largest:.3g}")
@@ -62,7 +65,14 @@ class PipelineEquivalence(TempDirTest):
         self.check(workers=2, stages=2, micro_batches=4, reference_micro_batches=4)
 
     def test_four_stages(self):
-        self.check(workers=4, stages=4, micro_batches=4, reference_micro_batches=4)
+        # Per sample, a linear layer costs forward + weight gradient + input gradient multiply-adds, the
+        # first no input gradient: 2 x 784 x 512, then 3 x 512 x 512 three times, then 3 x 512 x 10. The
+        # least largest stage puts the last two together; a FLOP is 2 multiply-adds.
+        self.check(workers=4, stages=4, micro_batches=4, reference_micro_batches=4, partition=(
+            "stage 0: linear layers 0-0, 401920 parameters, 1.60563",     # 4 x 784 x 512 / 1e6
+            "stage 1: linear layers 1-1, 262656 parameters, 1.57286",     # 6 x 512 x 512 / 1e6
+            "stage 2: linear layers 2-2, 262656 parameters, 1.57286",
+            "stage 3: linear layers 3-4, 267786 parameters, 1.60358"))    # 6 x (512 x 512 + 512 x 10) / 1e6
 
     def test_two_stages_by_two_replicas(self):
         # Each replica takes half the batch in 4 microbatches: 8 microbatches of 32 in all.
