@@ -399,16 +399,14 @@ std::string redactSecretValues(std::string text, const json& secret) {
   auto collect = [&](const std::string& value) {
     // Values too short to be secret would blank out ordinary words of the message.
     if (value.size() < 4) return;
-    values.push_back(value);
-    values.push_back(encodeBase64(value));
-    // As quoted inside JSON text (a webhook may quote the request body): escaped, and escaped as Go
-    // also escapes HTML characters.
+    // Also as quoted inside JSON text (a webhook may quote the request body): escaped, and escaped as Go
+    // also escapes HTML characters. Forms that coincide are replaced twice, harmlessly.
     const std::string quoted = json(value).dump();
-    std::string escaped = quoted.substr(1, quoted.size() - 2);
-    if (escaped != value) values.push_back(escaped);
+    const std::string escaped = quoted.substr(1, quoted.size() - 2);
+    std::string goEscaped = escaped;
     for (const auto& [from, to] : {std::pair<std::string, std::string>{"<", "\\u003c"}, {">", "\\u003e"}, {"&", "\\u0026"}})
-      replaceAll(escaped, from, to);
-    if (escaped != values.back()) values.push_back(escaped);
+      replaceAll(goEscaped, from, to);
+    values.insert(values.end(), {value, encodeBase64(value), escaped, goEscaped});
   };
   if (const auto plain = secret.find("stringData"); plain != secret.end() && plain->is_object())
     for (const auto& [key, value] : plain->items())

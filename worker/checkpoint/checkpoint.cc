@@ -291,7 +291,7 @@ AsyncCheckpointer::AsyncCheckpointer(CheckpointStore store, std::chrono::millise
                                      int64_t lastDurableStep, std::function<void(const Result&)> onWritten)
     : shared_(std::make_shared<Shared>(std::move(store))),
       // Bounded so that writeStart + writeTimeout cannot overflow the clock.
-      writeTimeout_(std::clamp(writeTimeout, std::chrono::milliseconds(1), std::chrono::milliseconds(std::chrono::hours(24 * 365)))) {
+      writeTimeout_(std::clamp(writeTimeout, std::chrono::milliseconds(1), kForever)) {
   shared_->lastDurableStep = lastDurableStep;
   shared_->onWritten = std::move(onWritten);
   writer_ = std::thread([shared = shared_] { run(shared); });
@@ -302,13 +302,13 @@ AsyncCheckpointer::~AsyncCheckpointer() {
   shared_->stopping = true;
   shared_->changed.notify_all();
   const Clock::time_point limit = std::min(shutdownDeadline_, Clock::now() + shutdownPatience_);
-  if (Status finished = waitIdle(lock, limit, "shutdown"); finished.ok()) {
+  const Status finished = waitIdle(lock, limit, "shutdown");
+  if (finished.ok()) {
     lock.unlock();
     writer_.join();
     return;
-  } else {
-    log::warning() << finished.message() << "; leaving it unfinished";
   }
+  log::warning() << finished.message() << "; leaving it unfinished";
   // Hung or out of time: the thread keeps the shared state alive and exits when (if) its write returns.
   // Wait out a report already running, which uses the owner's objects, and stop any later one.
   shared_->abandoned = true;
@@ -318,7 +318,7 @@ AsyncCheckpointer::~AsyncCheckpointer() {
 }
 
 void AsyncCheckpointer::limitShutdown(std::chrono::milliseconds patience) {
-  shutdownPatience_ = std::clamp(patience, std::chrono::milliseconds(0), std::chrono::milliseconds(std::chrono::hours(24 * 365)));
+  shutdownPatience_ = std::clamp(patience, std::chrono::milliseconds(0), kForever);
 }
 
 void AsyncCheckpointer::limitShutdown(Clock::time_point deadline) { shutdownDeadline_ = deadline; }
@@ -328,27 +328,33 @@ bool AsyncCheckpointer::hung() const {
 }
 
 std::string AsyncCheckpointer::inFlightDescription() const {
-  const int64_t step = shared_->writingStep ? *shared_->writingStep : shared_->pending ? shared_->pending->step : 0;
-  const double seconds =
-      shared_->writingStep ? std::chrono::duration<double>(Clock::now() - shared_->writeStart).count() : 0.0;
-  if (!shared_->writingStep) return "checkpoint " + stepDirectoryName(step) + " is queued for " + shared_->store.root();
-  return "checkpoint " + stepDirectoryName(step) + " is being written to " + shared_->store.root() + " (for " +
-         secondsText(seconds) + ")";
+  if (!shared_->writingStep) {
+    const int64_t queued = shared_->pending ? shared_->pending->step : 0;
+    return "checkpoint " + stepDirectoryName(queued) + " is queued for " + shared_->store.root();
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - shared_->writeStart).count();
+  return "checkpoint " + stepDirectoryName(*shared_->writingStep) + " is being written to " + shared_->store.root() +
+         " (for " + secondsText(seconds) + ")";
+}
+
+std::string AsyncCheckpointer::lastDurableDescription() const {
+  return "; the last durable checkpoint is " +
+         (shared_->lastDurableStep > 0 ? stepDirectoryName(shared_->lastDurableStep) : std::string("none"));
+}
+
+Status AsyncCheckpointer::hungError() const {
+  return TANDEM_ERROR(StatusCode::kUnavailable, inFlightDescription() + ", longer than the checkpoint timeout (" +
+                                                    secondsText(std::chrono::duration<double>(writeTimeout_).count()) +
+                                                    "): the storage does not answer" + lastDurableDescription());
 }
 
 Status AsyncCheckpointer::waitIdle(std::unique_lock<std::mutex>& lock, Clock::time_point deadline, const std::string& what) {
   for (;;) {
     if (!shared_->writingStep && !shared_->pending) return Status::Ok();
-    const std::string lastDurable = "; the last durable checkpoint is " +
-                                    (shared_->lastDurableStep > 0 ? stepDirectoryName(shared_->lastDurableStep) : std::string("none"));
-    if (hung())
-      return TANDEM_ERROR(StatusCode::kUnavailable,
-                          inFlightDescription() + ", longer than the checkpoint timeout (" +
-                              secondsText(std::chrono::duration<double>(writeTimeout_).count()) +
-                              "): the storage does not answer" + lastDurable);
+    if (hung()) return hungError();
     if (Clock::now() >= deadline)
-      return TANDEM_ERROR(StatusCode::kDeadlineExceeded, inFlightDescription() + ", not durable when " +
-                                                             what + " had to go on" + lastDurable);
+      return TANDEM_ERROR(StatusCode::kDeadlineExceeded, inFlightDescription() + ", not durable when " + what +
+                                                             " had to go on" + lastDurableDescription());
     // A queued state is picked up at once; a write in flight is waited for until it turns hung.
     Clock::time_point until = deadline;
     if (shared_->writingStep) until = std::min(until, shared_->writeStart + writeTimeout_);
@@ -367,9 +373,8 @@ std::optional<int64_t> AsyncCheckpointer::stepInFlight() {
 }
 
 Status AsyncCheckpointer::checkWriter() {
-  std::unique_lock<std::mutex> lock(shared_->mutex);
-  if (!hung()) return Status::Ok();
-  return waitIdle(lock, Clock::now(), "training");  // the hung write's message
+  std::lock_guard<std::mutex> lock(shared_->mutex);
+  return hung() ? hungError() : Status::Ok();
 }
 
 Status AsyncCheckpointer::submit(CheckpointState state, Clock::time_point deadline) {
@@ -409,13 +414,15 @@ void AsyncCheckpointer::run(const std::shared_ptr<Shared>& shared) {
       std::lock_guard<std::mutex> lock(shared->mutex);
       if (shared->abandoned) return;
       shared->reporting = true;
+      // Only this thread changes it.
+      result.lastDurableStep = result.status.ok() ? result.step : shared->lastDurableStep;
     }
     if (shared->onWritten) shared->onWritten(result);
     {
       std::lock_guard<std::mutex> lock(shared->mutex);
       shared->reporting = false;
       shared->writingStep.reset();
-      if (result.status.ok()) shared->lastDurableStep = result.step;
+      shared->lastDurableStep = result.lastDurableStep;
       shared->lastResult = result;
     }
     shared->changed.notify_all();

@@ -580,7 +580,6 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   summary.resumedFromStep = firstStep;
   summary.steps = firstStep;
   // Failures are logged; training goes on and the earlier checkpoints stay.
-  std::atomic<int64_t> lastDurableStep{firstStep};
   std::atomic<double> lastWriteSeconds{0.0};
   std::atomic<int64_t> checkpointsWritten{0};
   std::unique_ptr<checkpoint::AsyncCheckpointer> checkpointer;
@@ -590,7 +589,6 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
         std::chrono::milliseconds(static_cast<int64_t>(std::min(options.checkpointTimeoutSeconds, 1e9) * 1000)),
         firstStep, [&](const checkpoint::AsyncCheckpointer::Result& result) {
           if (result.status.ok()) {
-            lastDurableStep = result.step;
             lastWriteSeconds = result.seconds;
             ++checkpointsWritten;
             if (options.metrics != nullptr) options.metrics->observeCheckpoint(result.seconds, result.bytes);
@@ -598,7 +596,8 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
                         << " bytes in " << result.seconds << " s";
           } else {
             log::error() << result.status.message() << "; training continues, the last good checkpoint is "
-                         << (lastDurableStep > 0 ? checkpoint::stepDirectoryName(lastDurableStep) : std::string("none"));
+                         << (result.lastDurableStep > 0 ? checkpoint::stepDirectoryName(result.lastDurableStep)
+                                                        : std::string("none"));
           }
         });
   }

@@ -83,6 +83,7 @@ class AsyncCheckpointer {
     int64_t bytes = 0;
     double seconds = 0.0;
     Status status;
+    int64_t lastDurableStep = 0;  // after this attempt: `step` if it succeeded (0: none yet)
   };
   // lastDurableStep: the checkpoint training resumed from (0: none), for messages. onWritten runs on the
   // writer thread after each attempt (success or failure), never after the destructor has returned.
@@ -126,16 +127,20 @@ class AsyncCheckpointer {
     int64_t lastDurableStep = 0;
     std::function<void(const Result&)> onWritten;
   };
+  static constexpr std::chrono::milliseconds kForever = std::chrono::hours(24 * 365);  // clock-safe "no limit"
   static void run(const std::shared_ptr<Shared>& shared);
-  bool hung() const;  // with shared_->mutex held
+  // With shared_->mutex held: whether the write in flight has outlived writeTimeout, and the error saying so.
+  bool hung() const;
+  Status hungError() const;
   // Waits with `lock` held until nothing is in flight (OK), the write in flight is hung (UNAVAILABLE) or
   // `deadline` passes (DEADLINE_EXCEEDED); `what` says who waits, for the messages.
   Status waitIdle(std::unique_lock<std::mutex>& lock, Clock::time_point deadline, const std::string& what);
   std::string inFlightDescription() const;  // with shared_->mutex held
+  std::string lastDurableDescription() const;  // "; the last durable checkpoint is ..."
 
   std::shared_ptr<Shared> shared_;
   std::chrono::milliseconds writeTimeout_;
-  std::chrono::milliseconds shutdownPatience_ = std::chrono::hours(24 * 365);
+  std::chrono::milliseconds shutdownPatience_ = kForever;
   Clock::time_point shutdownDeadline_ = Clock::time_point::max();
   std::thread writer_;
 };
