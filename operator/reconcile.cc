@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <set>
 
+#include "tandem/common/exit_codes.h"
 #include "tandem/operator/naming.h"
 #include "tandem/operator/objects.h"
 
@@ -81,18 +82,23 @@ ConditionType conditionFor(JobPhase phase) {
   return ConditionType::kCreated;
 }
 
-// 0 is the most telling: a permanent error explains its peers' failures, a disruption explains the
-// retryable exits (peer lost, 129) of the ranks that were training with it.
-int causePriority(FailureCause cause) {
-  if (cause == FailureCause::kPermanentExit) return 0;
-  return isDisruption(cause) ? 1 : 2;
-}
+bool lostAPeer(const ObservedPod& pod) { return !pod.signal && pod.exitCode == kExitPeerLost; }
 
 struct Failure {
   FailureCause cause;
   int64_t rank;
   std::string detail;  // "worker 1 (pod fmnist-worker-1) exited with code 137"
+  bool lostAPeer = false;
 };
+
+// 0 is the most telling: a permanent error explains its peers' failures; a disruption, a signal or a
+// worker's own retryable failure (its disk, its port) explains the "peer lost" exits (129) of the ranks
+// that were training with it.
+int causePriority(const Failure& failure) {
+  if (failure.cause == FailureCause::kPermanentExit) return 0;
+  if (isDisruption(failure.cause)) return 1;
+  return failure.lostAPeer ? 3 : 2;
+}
 
 std::string describeFailure(const ObservedPod& pod, int64_t rank, FailureCause cause) {
   std::string text = "worker " + std::to_string(rank) + " (pod " + pod.name + ") ";
@@ -100,6 +106,7 @@ std::string describeFailure(const ObservedPod& pod, int64_t rank, FailureCause c
   switch (cause) {
     case FailureCause::kRetryableExit:
       if (pod.signal) return text + "was killed by signal " + std::to_string(*pod.signal);
+      if (lostAPeer(pod)) return text + "exited with code " + std::to_string(*pod.exitCode) + " (lost a peer; retryable)";
       if (pod.exitCode) return text + "exited with code " + std::to_string(*pod.exitCode) + " (retryable)";
       return text + "failed" + (pod.reason.empty() ? "" : " (" + pod.reason + ")");
     case FailureCause::kPermanentExit:
@@ -354,14 +361,14 @@ class JobReconciler {
       std::optional<Failure> failure;
       if (pod != nullptr) {
         if (std::optional<FailureCause> cause = classifyPod(*pod))
-          failure = Failure{*cause, rank, describeFailure(*pod, rank, *cause)};
+          failure = Failure{*cause, rank, describeFailure(*pod, rank, *cause), lostAPeer(*pod)};
       } else if (status_.phase == JobPhase::kRunning) {
         // Every rank existed when the gang went Running: a missing one was deleted behind our back.
         failure = Failure{FailureCause::kDeleted, rank,
                           "worker " + std::to_string(rank) + " (pod " + workerPodName(job_.name, rank) +
                               ") disappeared from the running gang"};
       }
-      if (failure && (!root || causePriority(failure->cause) < causePriority(root->cause))) root = failure;
+      if (failure && (!root || causePriority(*failure) < causePriority(*root))) root = failure;
     }
     return root;
   }

@@ -18,6 +18,7 @@ const char* statusCodeName(StatusCode code) {
     case StatusCode::kAborted: return "ABORTED";
     case StatusCode::kCancelled: return "CANCELLED";
     case StatusCode::kInternal: return "INTERNAL";
+    case StatusCode::kResourceUnavailable: return "RESOURCE_UNAVAILABLE";
   }
   return "UNKNOWN";
 }

@@ -16,6 +16,7 @@ EXIT_INVALID_CONFIG = 2
 EXIT_BAD_DATA = 3
 EXIT_REFUSED = 4
 EXIT_PEER_LOST = 129
+EXIT_RESOURCE_UNAVAILABLE = 150
 
 
 def started_training(output):
@@ -144,6 +145,19 @@ class RendezvousErrors(TempDirTest):
         self.assertIn("cannot reach the rendezvous at 127.0.0.1:", result.stderr)
         self.assertIn("within 2.0s", result.stderr)
         self.assertLess(elapsed, 10, "the worker must give up at its deadline, not hang")
+        self.assertFalse(started_training(result.stdout + result.stderr))
+
+    def test_rank_0_whose_rendezvous_port_is_taken_names_it_and_exits_as_the_cause(self):
+        config = self.write("job.yaml", manifest(workers=2, data_kind="synthetic", samples=1024))
+        with socket.socket() as taken:
+            taken.bind(("0.0.0.0", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = run([WORKER, "--config", config, "--rendezvous-timeout", "2"], timeout=30,
+                         env=self.worker_env(0, port))
+        # Retryable (another pod or moment may have the port), and not "peer lost": the cause is this worker.
+        self.assertEqual(result.returncode, EXIT_RESOURCE_UNAVAILABLE, result.stderr)
+        self.assertIn(f"RESOURCE_UNAVAILABLE: rendezvous: cannot listen on 127.0.0.1:{port} (port in use?)", result.stderr)
         self.assertFalse(started_training(result.stdout + result.stderr))
 
     def refused_pair(self, rank1_config, rank1_token):

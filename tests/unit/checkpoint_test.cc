@@ -769,13 +769,13 @@ TEST(AsyncCheckpointer, AWriteThatOutlastsTheTimeoutIsReportedInsteadOfWaitedFor
         << busy.message();
     // One that may wait is refused once the write turns hung.
     const Status refused = checkpointer.submit(makeState(9));
-    EXPECT_EQ(refused.code(), StatusCode::kUnavailable) << refused.toString();
+    EXPECT_EQ(refused.code(), StatusCode::kResourceUnavailable) << refused.toString();
     for (const std::string& part : {"checkpoint step-00000008 is being written to " + std::string(dir / "job") + " (for ",
                                     std::string("s), longer than the checkpoint timeout (1.0 s): the storage does not answer"),
                                     std::string("the last durable checkpoint is step-00000007")})
       EXPECT_NE(refused.message().find(part), std::string::npos) << refused.message();
-    EXPECT_EQ(checkpointer.checkWriter().code(), StatusCode::kUnavailable);
-    EXPECT_EQ(checkpointer.drain().status().code(), StatusCode::kUnavailable);
+    EXPECT_EQ(checkpointer.checkWriter().code(), StatusCode::kResourceUnavailable);
+    EXPECT_EQ(checkpointer.drain().status().code(), StatusCode::kResourceUnavailable);
     // The destructor does not join a hung writer.
   }
   const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -89,7 +89,8 @@ TEST(ExitCodes, PermanentAndRetryableClasses) {
                         Case{StatusCode::kFailedPrecondition, kExitRefused},
                         Case{StatusCode::kAlreadyExists, kExitRefused}, Case{StatusCode::kUnavailable, kExitPeerLost},
                         Case{StatusCode::kDeadlineExceeded, kExitPeerLost}, Case{StatusCode::kAborted, kExitPeerLost},
-                        Case{StatusCode::kCancelled, kExitTerminated}, Case{StatusCode::kInternal, kExitInternal}}) {
+                        Case{StatusCode::kCancelled, kExitTerminated}, Case{StatusCode::kInternal, kExitInternal},
+                        Case{StatusCode::kResourceUnavailable, kExitResourceUnavailable}}) {
     EXPECT_EQ(exitCodeFor(Status(c.code, "x")), c.exit) << statusCodeName(c.code);
   }
   // DESIGN.md §3: 1-127 permanent, 128+ retryable.
@@ -98,6 +99,8 @@ TEST(ExitCodes, PermanentAndRetryableClasses) {
   EXPECT_FALSE(isRetryableExit(kExitRefused));
   EXPECT_TRUE(isRetryableExit(kExitPeerLost));
   EXPECT_TRUE(isRetryableExit(kExitTerminated));
+  EXPECT_TRUE(isRetryableExit(kExitResourceUnavailable));
+  EXPECT_NE(kExitResourceUnavailable, kExitPeerLost);  // a cause must read differently from its symptom
 }
 
 TEST(Hash, Fnv1a64PublishedVectors) {

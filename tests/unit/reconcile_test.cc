@@ -683,6 +683,33 @@ TEST(Reconcile, RootCauseExplainsThePeersFailures) {
     EXPECT_EQ(result.status.condition(ConditionType::kFailed)->reason, reasons::kPermanentError);
     EXPECT_NE(result.status.condition(ConditionType::kFailed)->message.find("exited with code 3"), std::string::npos);
   }
+  // A worker's own retryable failure (its storage hung: 150) or a signal explains the lower ranks that
+  // lost it as a peer (129), whichever the operator sees first.
+  for (const auto& [fail, expected] : std::vector<std::pair<std::function<void(ObservedPod&)>, std::string>>{
+           {[](ObservedPod& pod) { exitWith(pod, 150); }, "worker 2 (pod fmnist-worker-2) exited with code 150 (retryable)"},
+           {[](ObservedPod& pod) {
+              pod.phase = PodPhase::kFailed;
+              pod.signal = 9;
+            }, "worker 2 (pod fmnist-worker-2) was killed by signal 9"}}) {
+    World world = runningWorld(JobOptions{});
+    exitWith(livePod(world, 0), 129);
+    fail(livePod(world, 2));
+    exitWith(livePod(world, 3), 129);
+    const Plan result = plan(world, kT0 + seconds(100));
+    ASSERT_EQ(result.status.phase, JobPhase::kRestarting) << describe(result);
+    const std::string& message = result.status.condition(ConditionType::kRestarting)->message;
+    EXPECT_NE(message.find(expected), std::string::npos) << message;
+    EXPECT_EQ(message.find("code 129"), std::string::npos) << message;
+  }
+  // With no better cause, the peer-lost exit is named, and said to be one.
+  {
+    World world = runningWorld(JobOptions{});
+    exitWith(livePod(world, 1), 129);
+    const Plan result = plan(world, kT0 + seconds(100));
+    const std::string& message = result.status.condition(ConditionType::kRestarting)->message;
+    EXPECT_NE(message.find("worker 1 (pod fmnist-worker-1) exited with code 129 (lost a peer; retryable)"), std::string::npos)
+        << message;
+  }
 }
 
 TEST(Reconcile, ClassifiesPodFailures) {

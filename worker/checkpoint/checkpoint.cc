@@ -24,7 +24,7 @@ constexpr int kFormatVersion = 1;
 
 Status errnoError(StatusCode code, const std::string& what) {
   const int saved = errno;
-  return Status(saved == ENOSPC || saved == EDQUOT ? StatusCode::kUnavailable : code,
+  return Status(saved == ENOSPC || saved == EDQUOT ? StatusCode::kResourceUnavailable : code,
                 what + ": " + std::strerror(saved), __FILE__, __LINE__);
 }
 
@@ -343,7 +343,7 @@ std::string AsyncCheckpointer::lastDurableDescription() const {
 }
 
 Status AsyncCheckpointer::hungError() const {
-  return TANDEM_ERROR(StatusCode::kUnavailable, inFlightDescription() + ", longer than the checkpoint timeout (" +
+  return TANDEM_ERROR(StatusCode::kResourceUnavailable, inFlightDescription() + ", longer than the checkpoint timeout (" +
                                                     secondsText(std::chrono::duration<double>(writeTimeout_).count()) +
                                                     "): the storage does not answer" + lastDurableDescription());
 }

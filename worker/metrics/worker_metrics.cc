@@ -54,7 +54,7 @@ class MetricsEndpoint {
     endpoint->port_ = port == 0 ? endpoint->server_.bind_to_any_port(host)
                                 : (endpoint->server_.bind_to_port(host, port) ? port : -1);
     if (endpoint->port_ < 0)
-      return TANDEM_ERROR(StatusCode::kUnavailable, "metrics: cannot listen on " + bindAddress);
+      return TANDEM_ERROR(StatusCode::kResourceUnavailable, "metrics: cannot listen on " + bindAddress);
     endpoint->serving_ = std::make_unique<ServingThread>(endpoint->server_);
     return endpoint;
   }

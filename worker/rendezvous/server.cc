@@ -184,7 +184,7 @@ class GrpcRendezvousServer final : public RendezvousServer {
     builder.RegisterService(&service_);
     server_ = builder.BuildAndStart();
     if (server_ == nullptr || port_ == 0)
-      return TANDEM_ERROR(StatusCode::kUnavailable, "rendezvous: cannot listen on " + address + " (port in use?)");
+      return TANDEM_ERROR(StatusCode::kResourceUnavailable, "rendezvous: cannot listen on " + address + " (port in use?)");
     return Status::Ok();
   }
   int port() const override { return port_; }

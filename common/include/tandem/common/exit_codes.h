@@ -13,6 +13,10 @@ constexpr int kExitInternal = 5;        // a bug: retrying would fail the same w
 constexpr int kExitPeerLost = 129;      // a peer died or timed out, rendezvous unreachable: retry
 constexpr int kExitInterrupted = 130;   // SIGINT (128 + 2)
 constexpr int kExitTerminated = 143;    // SIGTERM (128 + 15): preempted, retry
+// This worker's own disk or port failed (full, hung, taken): retry, and name this worker as the cause, not
+// the peers that exit kExitPeerLost after it. 150 = 128 + SIGTTOU, a signal that stops a process and never
+// ends one, so no signal death reads as this code.
+constexpr int kExitResourceUnavailable = 150;
 
 inline bool isRetryableExit(int code) { return code >= 128; }
 
@@ -31,6 +35,7 @@ inline int exitCodeFor(const Status& status) {
     case StatusCode::kAborted: return kExitPeerLost;
     case StatusCode::kCancelled: return kExitTerminated;
     case StatusCode::kInternal: return kExitInternal;
+    case StatusCode::kResourceUnavailable: return kExitResourceUnavailable;
   }
   return kExitInternal;
 }

@@ -22,6 +22,7 @@ enum class StatusCode {
   kAborted,             // a peer failed or the run was stopped (retryable)
   kCancelled,           // stopped on request (SIGTERM, Ctrl-C)
   kInternal,
+  kResourceUnavailable,  // this process's own disk or port is full, hung or taken (retryable; the cause is here)
 };
 
 const char* statusCodeName(StatusCode code);
