@@ -55,6 +55,23 @@ class TempDirTest(unittest.TestCase):
         return path
 
 
+def custom_manifest(script, workers=2):
+    """Custom mode: every worker runs `python3 -c script`; restartPolicy Never."""
+    return f"""apiVersion: tandem.dev/v1alpha1
+kind: DistributedTrainingJob
+metadata: {{name: custom}}
+spec:
+  workers: {workers}
+  runPolicy: {{restartPolicy: Never}}
+  template:
+    spec:
+      containers:
+        - name: worker
+          command: [/usr/bin/python3, -c]
+          args: [{script!r}]
+"""
+
+
 def run(args, timeout=300, env=None, **kwargs):
     """Runs a command to completion; returns CompletedProcess with text stdout/stderr."""
     full_env = dict(os.environ)

@@ -1,14 +1,17 @@
 """`tandem run` supervises its workers: a dead worker stops the group within 10 s and is named with its
-exit code; Ctrl-C stops everyone; killing tandem itself leaves no orphan workers."""
+exit code; Ctrl-C stops everyone (within the grace period it gave them, at once on a second Ctrl-C);
+killing tandem itself leaves no orphan workers; workers never read tandem's terminal, odd output and
+closed output cost tandem nothing, and a worker that cannot be started ends the run cleanly."""
 
 import os
+import resource
 import signal
 import subprocess
 import threading
 import time
 import unittest
 
-from tandem_testlib import TANDEM, TempDirTest, children_of, manifest, rank_of, wait_for, worker_pids
+from tandem_testlib import TANDEM, TempDirTest, children_of, custom_manifest, manifest, rank_of, wait_for, worker_pids
 
 
 class Supervision(TempDirTest):
@@ -75,6 +78,103 @@ class Supervision(TempDirTest):
         process.kill()
         process.wait(timeout=10)
         self.assert_no_orphans(pids)
+
+
+class Launcher(TempDirTest):
+    """The launcher's own edges, with custom-mode workers (python3 -c SCRIPT) that do exactly one thing."""
+
+    # Each worker says READY, then on SIGTERM takes `seconds` to "write its checkpoint" before exiting 143.
+    SLOW_STOP = ("import signal, sys, time\n"
+                 "def stop(*_):\n"
+                 "    time.sleep({seconds}); print('CHECKPOINTED', flush=True); sys.exit(143)\n"
+                 "signal.signal(signal.SIGTERM, stop)\n"
+                 "print('READY', flush=True)\n"
+                 "while True: time.sleep(0.05)\n")
+
+    def start(self, script, *flags, workers=2):
+        process = subprocess.Popen([TANDEM, "run", self.write("custom.yaml", custom_manifest(script, workers)), *flags],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        ready = 0
+        while ready < workers:
+            line = process.stdout.readline()
+            if not line:
+                self.fail("a worker never said READY: " + process.stderr.read()[-2000:])
+            ready += "READY" in line
+        return process
+
+    def test_a_stop_waits_for_the_grace_period_given_to_the_workers(self):
+        # Workers are told they have --grace-seconds to finish; tandem must not kill them sooner.
+        process = self.start(self.SLOW_STOP.format(seconds=6), "--grace-seconds", "10")
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+        self.assertEqual(process.returncode, 143, err[-2000:])
+        self.assertEqual(out.count("CHECKPOINTED"), 2, "a worker was killed inside its grace period: " + err[-2000:])
+
+    def test_a_second_ctrl_c_kills_at_once(self):
+        process = self.start(self.SLOW_STOP.format(seconds=60))
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        out, err = process.communicate(timeout=30)
+        self.assertLess(time.monotonic() - started, 5, "the second Ctrl-C waited out the grace period")
+        self.assertIn("stopping all workers (again to kill them now)", err)
+        self.assertIn("interrupted again: killing all workers", err)
+        self.assertNotIn("CHECKPOINTED", out)
+
+    def test_workers_do_not_read_tandems_input(self):
+        # tandem's stdin stays open and silent (as a terminal would): a worker reading it sees end of file.
+        script = "import sys; print('INPUT', repr(sys.stdin.read()), flush=True)"
+        process = subprocess.Popen([TANDEM, "run", self.write("custom.yaml", custom_manifest(script))],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        watchdog = threading.Timer(30, process.kill)  # a worker blocked on the open stdin would hang the test
+        watchdog.start()
+        try:
+            out = process.stdout.read()  # ends when every worker has exited, with stdin still open
+            err = process.stderr.read()
+            process.wait()
+        finally:
+            watchdog.cancel()
+            for stream in (process.stdin, process.stdout, process.stderr):
+                stream.close()
+        self.assertEqual(process.returncode, 0, err[-2000:])
+        self.assertEqual(out.count("INPUT ''"), 2, out)
+
+    def test_workers_that_closed_their_output_cost_tandem_no_cpu(self):
+        script = "import os, time; os.close(1); os.close(2); time.sleep(3)"
+        process = subprocess.Popen([TANDEM, "run", self.write("custom.yaml", custom_manifest(script))],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        self.assertEqual(process.returncode, 0)
+        # tandem, its workers and their children: a supervisor spinning on waitpid for 3 s would use ~3 s.
+        self.assertLess(usage.ru_utime + usage.ru_stime, 1.0)
+
+    def test_progress_and_summary_with_missing_or_null_numbers(self):
+        # A NaN loss travels as JSON null; a custom command may print anything after '@'.
+        script = ("import json, os\n"
+                  "if os.environ['RANK'] == '0':\n"
+                  "    print('@progress ' + json.dumps({'step': 1, 'totalSteps': 2, 'loss': None}))\n"
+                  "    print('@progress ' + json.dumps({'step': 'two'}))\n"
+                  "    print('@progress [1, 2]')\n"
+                  "    print('@summary ' + json.dumps({'testLoss': None, 'steps': 2}))\n")
+        result = subprocess.run([TANDEM, "run", self.write("custom.yaml", custom_manifest(script))],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("loss nan", result.stdout)
+        self.assertRegex(result.stdout, r"summary: default/custom  test accuracy nan%  test loss nan  steps 2 ")
+
+    def test_a_worker_that_cannot_be_started_ends_the_run_and_its_started_peers(self):
+        # Too few file descriptors for every worker's output pipes: this machine's limit, retryable (150).
+        limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))
+        script = "import time; time.sleep(30)"
+        started = time.monotonic()
+        result = subprocess.run([TANDEM, "run", self.write("custom.yaml", custom_manifest(script, workers=8))],
+                                capture_output=True, text=True, timeout=60, preexec_fn=limit)
+        self.assertLess(time.monotonic() - started, 10, "the started workers were waited for")
+        self.assertEqual(result.returncode, 150, result.stderr[-2000:])
+        self.assertRegex(result.stderr, r"tandem: cannot start worker rank [1-7]: pipe: Too many open files")
 
 
 class ProgressDisplay(TempDirTest):

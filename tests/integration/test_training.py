@@ -8,7 +8,7 @@ import subprocess
 import time
 import unittest
 
-from tandem_testlib import TANDEM, WORKER, TempDirTest, manifest, relative_error, read_floats, tandem, wait_for
+from tandem_testlib import TANDEM, WORKER, TempDirTest, custom_manifest, manifest, relative_error, read_floats, tandem, wait_for
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 EXAMPLE = os.path.join(ROOT, "manifests", "examples", "fashion-mnist.yaml")
@@ -160,19 +160,7 @@ class CustomMode(TempDirTest):
     the environment of DESIGN.md §3 (torchrun's names included), and the job ends with its exit code."""
 
     def job(self, script, workers=2):
-        return f"""apiVersion: tandem.dev/v1alpha1
-kind: DistributedTrainingJob
-metadata: {{name: custom}}
-spec:
-  workers: {workers}
-  runPolicy: {{restartPolicy: Never}}
-  template:
-    spec:
-      containers:
-        - name: worker
-          command: [/usr/bin/python3, -c]
-          args: [{script!r}]
-"""
+        return custom_manifest(script, workers)
 
     def test_command_runs_with_the_process_contract(self):
         keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TANDEM_JOB",

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <thread>
 #include <cstdio>
 #include <cstdlib>
@@ -116,6 +117,8 @@ int run(const std::vector<std::string>& arguments) {
   std::string file;
   int64_t workersOverride = 0;
   bool bindCores = false;
+  double graceSeconds = 30;  // tandem-worker's default
+  constexpr double kExitMarginSeconds = 5;
   launch::LocalJobOptions options;
   for (size_t i = 0; i < arguments.size(); ++i) {
     const std::string& argument = arguments[i];
@@ -138,9 +141,20 @@ int run(const std::vector<std::string>& arguments) {
       options.quiet = true;
     } else if (argument == "--bind-cores") {
       bindCores = true;
+    } else if (argument == "--grace-seconds") {
+      const std::string text = value();
+      char* end = nullptr;
+      const double seconds = std::strtod(text.c_str(), &end);
+      if (end == text.c_str() || *end != '\0' || !(seconds > 0) || seconds > 1e6) {
+        std::cerr << "--grace-seconds: expected a positive number of seconds, got \"" << text << "\"\n";
+        return kExitInvalidConfig;
+      }
+      graceSeconds = seconds;
+      options.workerArguments.push_back(argument);
+      options.workerArguments.push_back(text);
     } else if (argument == "--max-steps" || argument == "--dump-params" || argument == "--loss-log" ||
                argument == "--rendezvous-timeout" || argument == "--collective-timeout" ||
-               argument == "--bucket-cap-mb" || argument == "--grace-seconds" || argument == "--checkpoint-timeout") {
+               argument == "--bucket-cap-mb" || argument == "--checkpoint-timeout") {
       options.workerArguments.push_back(argument);
       options.workerArguments.push_back(value());
     } else if (!argument.empty() && argument[0] == '-') {
@@ -157,6 +171,9 @@ int run(const std::vector<std::string>& arguments) {
     std::cerr << kUsage;
     return kExitInvalidConfig;
   }
+  // Workers finish their step and checkpoint within the grace period after SIGTERM, then exit: SIGKILL
+  // only after that and a margin for exiting, as a kubelet does after terminationGracePeriodSeconds.
+  options.stopGrace = std::chrono::milliseconds(std::llround((graceSeconds + kExitMarginSeconds) * 1000));
   manifest::ParseResult parsed = manifest::loadManifest(file);
   if (!parsed.ok()) return printErrors(parsed.errors);
   manifest::JobSpec spec = parsed.spec;
@@ -199,12 +216,12 @@ int run(const std::vector<std::string>& arguments) {
   const launch::LocalJobResult& result = outcome.last;
   if (result.summary) {
     const auto& summary = *result.summary;
-    const double accuracy = summary.value("testAccuracy", 0.0) * 100.0;
+    const double accuracy = launch::numberOr(summary, "testAccuracy", NAN) * 100.0;
     std::printf("summary: %s  test accuracy %.2f%%  test loss %.4f  steps %lld  wall %.1f s  train %.1f s  %.0f samples/s"
                 "  restarts %lld (%lld preemptions)  steps lost %lld\n",
-                spec.jobKey().c_str(), accuracy, summary.value("testLoss", 0.0),
-                static_cast<long long>(summary.value("steps", int64_t{0})), outcome.wallSeconds,
-                summary.value("trainSeconds", 0.0), summary.value("samplesPerSecond", 0.0),
+                spec.jobKey().c_str(), accuracy, launch::numberOr(summary, "testLoss", NAN),
+                static_cast<long long>(launch::integerOr(summary, "steps", 0)), outcome.wallSeconds,
+                launch::numberOr(summary, "trainSeconds", NAN), launch::numberOr(summary, "samplesPerSecond", NAN),
                 static_cast<long long>(outcome.restarts + outcome.preemptions),
                 static_cast<long long>(outcome.preemptions), static_cast<long long>(outcome.stepsLost));
     std::fflush(stdout);

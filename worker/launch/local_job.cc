@@ -27,7 +27,11 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 volatile sig_atomic_t interruptSignal = 0;
-void onInterrupt(int signal) { interruptSignal = signal; }
+volatile sig_atomic_t interruptCount = 0;  // a second Ctrl-C kills at once instead of waiting out the grace
+void onInterrupt(int signal) {
+  interruptSignal = signal;
+  interruptCount = interruptCount + 1;
+}
 
 // A free TCP port on loopback (bound then released; the worker binds it again moments later).
 int freePort() {
@@ -70,14 +74,14 @@ class ProgressDisplay {
 
   void update(const nlohmann::json& progress) {
     if (quiet_) return;
-    const int64_t step = progress.value("step", int64_t{0});
-    const int64_t total = std::max<int64_t>(1, progress.value("totalSteps", int64_t{1}));
+    const int64_t step = integerOr(progress, "step", 0);
+    const int64_t total = std::max<int64_t>(1, integerOr(progress, "totalSteps", 1));
     char line[256];
     std::snprintf(line, sizeof(line), "epoch %lld/%lld  step %lld/%lld  loss %.4f  %.0f samples/s  ETA %s",
-                  static_cast<long long>(progress.value("epoch", int64_t{0})),
-                  static_cast<long long>(progress.value("epochs", int64_t{0})), static_cast<long long>(step),
-                  static_cast<long long>(total), progress.value("loss", 0.0), progress.value("samplesPerSecond", 0.0),
-                  formatDuration(progress.value("etaSeconds", 0.0)).c_str());
+                  static_cast<long long>(integerOr(progress, "epoch", 0)),
+                  static_cast<long long>(integerOr(progress, "epochs", 0)), static_cast<long long>(step),
+                  static_cast<long long>(total), numberOr(progress, "loss", NAN), numberOr(progress, "samplesPerSecond", 0.0),
+                  formatDuration(numberOr(progress, "etaSeconds", NAN)).c_str());
     current_ = line;
     if (terminal_) {
       // At most ten redraws a second: fast steps would otherwise flood the terminal.
@@ -132,6 +136,10 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   setpgid(0, 0);
   signal(SIGINT, SIG_DFL);
   signal(SIGTERM, SIG_DFL);
+  // Not tandem's terminal: a worker in a background process group that read it would be stopped
+  // (SIGTTIN) and hang the job. A custom command that reads stdin sees end of file instead.
+  const int devNull = open("/dev/null", O_RDONLY);
+  if (devNull >= 0) dup2(devNull, STDIN_FILENO);
   dup2(stdoutPipe[1], STDOUT_FILENO);
   dup2(stderrPipe[1], STDERR_FILENO);
   close(stdoutPipe[0]);
@@ -159,7 +167,46 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   _exit(kExitInternal);
 }
 
+// Pipes for the worker's output, then the process. On failure nothing is left open.
+Status startWorker(const LocalJobOptions& options, int rank, const std::map<std::string, std::string>& environment,
+                   Worker& worker) {
+  int stdoutPipe[2], stderrPipe[2];
+  if (pipe2(stdoutPipe, O_CLOEXEC) != 0) return Status(StatusCode::kResourceUnavailable, std::string("pipe: ") + std::strerror(errno));
+  if (pipe2(stderrPipe, O_CLOEXEC) != 0) {
+    const int saved = errno;
+    close(stdoutPipe[0]);
+    close(stdoutPipe[1]);
+    return Status(StatusCode::kResourceUnavailable, std::string("pipe: ") + std::strerror(saved));
+  }
+  const pid_t pid = spawnWorker(options, rank, environment, stdoutPipe, stderrPipe);
+  const int forkError = errno;
+  close(stdoutPipe[1]);
+  close(stderrPipe[1]);
+  if (pid < 0) {
+    close(stdoutPipe[0]);
+    close(stderrPipe[0]);
+    return Status(StatusCode::kResourceUnavailable, std::string("fork: ") + std::strerror(forkError));
+  }
+  setpgid(pid, pid);  // also here: a signal to the group may come before the child's own call
+  worker.pid = pid;
+  worker.stdoutFd = stdoutPipe[0];
+  worker.stderrFd = stderrPipe[0];
+  return Status::Ok();
+}
+
 }  // namespace
+
+double numberOr(const nlohmann::json& object, const char* key, double fallback) {
+  if (!object.is_object()) return fallback;
+  const auto found = object.find(key);
+  return found != object.end() && found->is_number() ? found->get<double>() : fallback;
+}
+
+int64_t integerOr(const nlohmann::json& object, const char* key, int64_t fallback) {
+  if (!object.is_object()) return fallback;
+  const auto found = object.find(key);
+  return found != object.end() && found->is_number_integer() ? found->get<int64_t>() : fallback;
+}
 
 std::string describeExit(int waitStatus) {
   if (WIFEXITED(waitStatus)) return "exited with code " + std::to_string(WEXITSTATUS(waitStatus));
@@ -185,6 +232,11 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
   interruptSignal = 0;
+  interruptCount = 0;
+  auto restoreSignals = [] {
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+  };
 
   std::vector<Worker> group(workers);
   for (int rank = 0; rank < workers; ++rank) {
@@ -219,19 +271,25 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     if (!options.coreSets.empty() && (!options.quiet || options.generation == 0))
       std::cerr << "tandem: rank " << rank << " bound to CPUs " << describeCpuList(options.coreSets[rank].cpus)
                 << std::endl;
-    int stdoutPipe[2], stderrPipe[2];
-    if (pipe2(stdoutPipe, O_CLOEXEC) != 0 || pipe2(stderrPipe, O_CLOEXEC) != 0) {
-      result.exitCode = kExitInternal;
-      result.failure = std::string("cannot create pipes: ") + std::strerror(errno);
+    group[rank].rank = rank;
+    if (Status started = startWorker(options, rank, environment, group[rank]); !started.ok()) {
+      // Out of processes or descriptors (ulimit): this machine's limit, retryable. The ranks already
+      // started are ended and reaped, so nothing is left behind.
+      result.exitCode = kExitResourceUnavailable;
+      result.failedRank = rank;
+      result.failure = "cannot start worker rank " + std::to_string(rank) + ": " + started.message();
+      std::cerr << "tandem: " << result.failure << std::endl;
+      for (Worker& worker : group) {
+        if (worker.pid <= 0) continue;
+        kill(-worker.pid, SIGKILL);
+        waitpid(worker.pid, &worker.waitStatus, 0);
+        for (int fd : {worker.stdoutFd, worker.stderrFd})
+          if (fd >= 0) close(fd);
+      }
+      restoreSignals();
+      result.wallSeconds = std::chrono::duration<double>(Clock::now() - start).count();
       return result;
     }
-    group[rank].rank = rank;
-    group[rank].pid = spawnWorker(options, rank, environment, stdoutPipe, stderrPipe);
-    setpgid(group[rank].pid, group[rank].pid);  // also here: a signal to the group may come before the child's own call
-    close(stdoutPipe[1]);
-    close(stderrPipe[1]);
-    group[rank].stdoutFd = stdoutPipe[0];
-    group[rank].stderrFd = stderrPipe[0];
   }
 
   ProgressDisplay display(options.quiet);
@@ -242,7 +300,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
       nlohmann::json payload = nlohmann::json::parse(space == std::string::npos ? "{}" : line.substr(space + 1), nullptr, false);
       if (!payload.is_discarded() && worker.rank == 0) {
         if (kind == "progress") {
-          result.lastStep = payload.value("step", result.lastStep);
+          result.lastStep = integerOr(payload, "step", result.lastStep);
           if (options.previousFailure && !result.recoverySeconds) {
             result.recoverySeconds = std::chrono::duration<double>(Clock::now() - *options.previousFailure).count();
             display.beforeOutput();
@@ -256,7 +314,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
           return display.update(payload);
         }
         if (kind == "resume") {
-          result.resumedFromStep = payload.value("step", int64_t{0});
+          result.resumedFromStep = integerOr(payload, "step", 0);
           display.beforeOutput();
           std::cerr << "tandem: generation " << options.generation << " resumed from step " << result.resumedFromStep
                     << std::endl;
@@ -303,6 +361,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     return WIFEXITED(worker.waitStatus) && WEXITSTATUS(worker.waitStatus) == kExitPeerLost;
   };
   bool killed = false;
+  sig_atomic_t interruptsHandled = 0;  // the interrupt that began the stop, if one did
   std::optional<Clock::time_point> leftoversDeadline;  // set once every worker exited with output still open
   auto beginStop = [&] {
     if (stopDeadline) return;
@@ -324,7 +383,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
         owners.emplace_back(&worker, false);
       }
     }
-    if (!fds.empty()) poll(fds.data(), fds.size(), 100);
+    poll(fds.data(), fds.size(), 100);  // with no pipe left open (workers that closed their output), a sleep
     for (size_t i = 0; i < fds.size(); ++i) {
       if ((fds[i].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
       Worker& worker = *owners[i].first;
@@ -361,9 +420,16 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     }
     if (interruptSignal != 0 && !stopDeadline) {
       result.interrupted = true;
+      interruptsHandled = interruptCount;
       display.beforeOutput();
-      std::cerr << "\ntandem: " << strsignal(interruptSignal) << ": stopping all workers" << std::endl;
+      std::cerr << "\ntandem: " << strsignal(interruptSignal) << ": stopping all workers (again to kill them now)"
+                << std::endl;
       beginStop();
+    }
+    if (stopDeadline && !killed && interruptCount > interruptsHandled) {
+      display.beforeOutput();
+      std::cerr << "\ntandem: interrupted again: killing all workers" << std::endl;
+      stopDeadline = Clock::now();
     }
     if (stopDeadline && !killed && Clock::now() >= *stopDeadline) {
       for (auto& worker : group)
@@ -396,8 +462,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     }
   }
   display.finish();
-  signal(SIGINT, SIG_DFL);
-  signal(SIGTERM, SIG_DFL);
+  restoreSignals();
   if (result.interrupted && result.exitCode == 0) result.exitCode = 128 + interruptSignal;
   result.wallSeconds = std::chrono::duration<double>(Clock::now() - start).count();
   return result;

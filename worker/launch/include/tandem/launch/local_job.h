@@ -44,6 +44,11 @@ struct LocalJobResult {
   std::optional<double> recoverySeconds;  // previousFailure to this generation's first step
 };
 
+// A number from a worker's @progress or @summary line, or `fallback` when it is missing or not a number
+// (a NaN loss travels as null; a custom command may print anything).
+double numberOr(const nlohmann::json& object, const char* key, double fallback);
+int64_t integerOr(const nlohmann::json& object, const char* key, int64_t fallback);
+
 // Blocks until every worker has exited.
 LocalJobResult runLocalJob(const LocalJobOptions& options);
 
