@@ -74,6 +74,21 @@ class ManifestErrors(TempDirTest):
         self.assertIn("valid DistributedTrainingJob default/itest", result.stdout)
 
 
+class Divergence(TempDirTest):
+    def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_the_learning_rate(self):
+        # SGD at lr 1e30 overflows the parameters in its first update: step 2's loss is NaN on every rank
+        # (the loss is summed across them), so every rank stops there, before a NaN checkpoint. Permanent.
+        config = self.write("job.yaml", manifest(workers=2, data_kind="synthetic", samples=1024, epochs=5,
+                                                 global_batch=64, optimizer="sgd", lr="1.0e+30",
+                                                 extra_spec="  runPolicy: {restartPolicy: ExitCode}\n"))
+        result = tandem("run", config, "--quiet", timeout=120)
+        self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, result.stderr[-2000:])
+        for rank in (0, 1):
+            self.assertRegex(result.stderr, f"rank={rank} step=2 INVALID_ARGUMENT: step 2: the training loss is NaN: "
+                                            r"training diverged \(spec.optimizer.lr 1e\+30")
+        self.assertIn("restartPolicy ExitCode: exit code 2 is permanent (1-127), not restarting", result.stderr)
+
+
 class DatasetErrors(TempDirTest):
     def test_missing_dataset_directory(self):
         path = self.write("job.yaml", manifest(data_path="/nonexistent/fashion-mnist"))

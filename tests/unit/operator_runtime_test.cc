@@ -911,6 +911,23 @@ TEST(ApiConvert, JobsParseWithServerMetadataAndStatus) {
   json invalid = object;
   invalid["spec"]["workers"] = 0;
   EXPECT_FALSE(jobFromJson(invalid).specErrors.empty());
+
+  // A valid custom-resource name that cannot name the job's Service (a dot, a leading digit) is an
+  // invalid spec, not a job stuck at Created behind a refused CreateService.
+  for (const char* name : {"gpt.v2", "7b-run"}) {
+    json badName = object;
+    badName["metadata"]["name"] = name;
+    const auto errors = jobFromJson(badName).specErrors;
+    ASSERT_FALSE(errors.empty()) << name;
+    EXPECT_EQ(errors.front().path, "metadata.name") << errors.front().toString();
+  }
+  // A template that is a scalar where Tandem reads a mapping is reported, not thrown (which crashed the
+  // operator on every reconcile of the job).
+  json badTemplate = object;
+  badTemplate["spec"]["template"] = json::parse(R"({"spec": {"containers": ["busybox"]}})");
+  const auto errors = jobFromJson(badTemplate).specErrors;
+  ASSERT_FALSE(errors.empty());
+  EXPECT_EQ(errors.front().path, "spec.template.spec.containers[0]") << errors.front().toString();
 }
 
 // ---------------------------------------------------------------------------------------------- queue

@@ -651,6 +651,15 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     }
     const double loss = metrics[0] / static_cast<double>(globalBatch);
     const double lr = optim::learningRate(schedule, step);
+    // Every rank has the same loss (it was summed): all stop here, before a NaN reaches the parameters,
+    // a checkpoint or hours of compute. A restart would replay the same steps, so it is permanent.
+    if (!std::isfinite(loss)) {
+      std::ostringstream message;
+      message << "step " << step + 1 << ": the training loss is " << (std::isnan(loss) ? "NaN" : "infinite")
+              << ": training diverged (spec.optimizer.lr "
+              << spec.optimizer.lr << ", " << lr << " at this step; lower it, add warm-up, or check the data)";
+      return TANDEM_ERROR(StatusCode::kInvalidArgument, message.str());
+    }
     optimizer.step(network->parameters(), network->gradients(), lr);
     summary.finalLoss = loss;
     summary.steps = step + 1;

@@ -3,6 +3,8 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -24,6 +26,22 @@ std::string describeNode(const YAML::Node& node) {
 
 // A quoted scalar ("4") is a string in YAML (and to the Kubernetes API server), never a number.
 bool isQuoted(const YAML::Node& node) { return node.IsScalar() && node.Tag() == "!"; }
+
+// node[key] for a mapping (undefined when absent); for anything else present, an error at `path`
+// naming what was expected, and undefined: subscripting a scalar would throw.
+YAML::Node childOf(const YAML::Node& node, const char* key, const std::string& path, const std::string& expected,
+                   std::vector<FieldError>& errors) {
+  if (!node.IsMap()) return YAML::Node(YAML::NodeType::Undefined);
+  YAML::Node child = node[key];
+  // An absent key gives a node that is not even valid to ask its type.
+  if (!child.IsDefined() || child.IsNull()) return YAML::Node(YAML::NodeType::Undefined);
+  const bool wanted = expected.rfind("a list", 0) == 0 ? child.IsSequence() : child.IsMap();
+  if (!wanted) {
+    errors.push_back({path, "expected " + expected + ", got " + describeNode(child)});
+    return YAML::Node(YAML::NodeType::Undefined);
+  }
+  return child;
+}
 
 // A mapping key as text. Keys are normally scalars, but YAML allows a list or mapping as a key, and
 // as<std::string>() would throw on those; parseManifest promises never to throw.
@@ -75,20 +93,27 @@ class MapReader {
       errors_.push_back({pathOf(key), std::to_string(out) + " is below the minimum " + std::to_string(minimum)});
   }
 
-  void number(const std::string& key, double& out, double minimum, bool exclusive) {
+  // A finite number >= minimum (> when exclusive), and below `below` when given.
+  void number(const std::string& key, double& out, double minimum, bool exclusive,
+              std::optional<double> below = std::nullopt) {
     YAML::Node value = take(key);
     if (!checkPresence(key, value, false)) return;
     if (!value.IsScalar() || isQuoted(value)) return typeError(key, "a number", value);
+    double parsed = 0;
     try {
-      out = value.as<double>();
+      parsed = value.as<double>();
     } catch (const YAML::Exception&) {
       return typeError(key, "a number", value);
     }
-    if (exclusive ? !(out > minimum) : !(out >= minimum)) {
-      std::ostringstream message;
+    std::ostringstream message;
+    if (!std::isfinite(parsed))
+      message << value.Scalar() << " is not a finite number";
+    else if (exclusive ? !(parsed > minimum) : !(parsed >= minimum))
       message << value.Scalar() << " must be " << (exclusive ? "greater than " : "at least ") << minimum;
-      errors_.push_back({pathOf(key), message.str()});
-    }
+    else if (below && !(parsed < *below))
+      message << value.Scalar() << " must be below " << *below;
+    if (!message.str().empty()) return errors_.push_back({pathOf(key), message.str()});
+    out = parsed;
   }
 
   void boolean(const std::string& key, bool& out) {
@@ -208,10 +233,12 @@ void readSpec(MapReader& spec, JobSpec& job, std::vector<FieldError>& errors) {
   optimizer.text("kind", job.optimizer.kind, {"adamw", "sgd"});
   optimizer.number("lr", job.optimizer.lr, 0.0, true);
   optimizer.number("weightDecay", job.optimizer.weightDecay, 0.0, false);
-  optimizer.number("momentum", job.optimizer.momentum, 0.0, false);
+  // At 1 or above these never decay: momentum grows without bound, and AdamW's bias correction 1 - beta^t
+  // is 0, so the first step divides by zero.
+  optimizer.number("momentum", job.optimizer.momentum, 0.0, false, 1.0);
   optimizer.boolean("nesterov", job.optimizer.nesterov);
-  optimizer.number("beta1", job.optimizer.beta1, 0.0, false);
-  optimizer.number("beta2", job.optimizer.beta2, 0.0, false);
+  optimizer.number("beta1", job.optimizer.beta1, 0.0, false, 1.0);
+  optimizer.number("beta2", job.optimizer.beta2, 0.0, false, 1.0);
   optimizer.number("eps", job.optimizer.eps, 0.0, true);
   optimizer.integer("warmupSteps", job.optimizer.warmupSteps, 0);
   optimizer.text("schedule", job.optimizer.schedule, {"constant", "linear", "cosine"});
@@ -249,12 +276,24 @@ void readSpec(MapReader& spec, JobSpec& job, std::vector<FieldError>& errors) {
       errors.push_back({"spec.template", "expected a mapping (a PodTemplateSpec), got " + describeNode(templateNode)});
     } else {
       job.templateYaml = YAML::Dump(templateNode);
-      YAML::Node containers = templateNode["spec"]["containers"];
-      job.hasCustomCommand = containers.IsSequence() && containers.size() > 0 &&
-                             containers[0]["command"].IsSequence() && containers[0]["command"].size() > 0;
+      // Only the shape Tandem reads is checked (the rest is the API server's business), without
+      // subscripting a scalar, which would throw.
+      const YAML::Node podSpec = childOf(templateNode, "spec", "spec.template.spec", "a mapping (a PodSpec)", errors);
+      const YAML::Node containers = childOf(podSpec, "containers", "spec.template.spec.containers", "a list", errors);
+      YAML::Node first(YAML::NodeType::Undefined);
+      if (containers.IsSequence() && containers.size() > 0) {
+        first = containers[0];
+        if (!first.IsMap()) {
+          errors.push_back({"spec.template.spec.containers[0]", "expected a mapping (a Container), got " + describeNode(first)});
+          first = YAML::Node(YAML::NodeType::Undefined);
+        }
+      }
+      const YAML::Node command = childOf(first, "command", "spec.template.spec.containers[0].command", "a list", errors);
+      childOf(first, "args", "spec.template.spec.containers[0].args", "a list", errors);
+      job.hasCustomCommand = command.IsSequence() && command.size() > 0;
       if (job.hasCustomCommand) {
         for (const char* list : {"command", "args"}) {
-          const YAML::Node items = containers[0][list];
+          const YAML::Node items = first[list];
           if (!items.IsSequence()) continue;
           for (size_t i = 0; i < items.size(); ++i) {
             if (!items[i].IsScalar()) {
@@ -291,6 +330,10 @@ int64_t JobSpec::splittableLayers() const {
 
 std::vector<FieldError> validateCombinations(const JobSpec& job) {
   std::vector<FieldError> errors;
+  if (job.workers > kMaxWorkers) {
+    errors.push_back({"spec.workers", std::to_string(job.workers) + " is above the maximum " + std::to_string(kMaxWorkers)});
+    return errors;
+  }
   const int64_t stages = job.parallelism.pipelineStages;
   if (job.workers % stages != 0) {
     errors.push_back({"spec.parallelism.pipelineStages",
@@ -298,7 +341,13 @@ std::vector<FieldError> validateCombinations(const JobSpec& job) {
     return errors;
   }
   const int64_t dataParallel = job.workers / stages;
-  const int64_t perStep = dataParallel * job.parallelism.microBatches;
+  int64_t perStep = 0;
+  if (__builtin_mul_overflow(dataParallel, job.parallelism.microBatches, &perStep)) {
+    errors.push_back({"spec.parallelism.microBatches", std::to_string(job.parallelism.microBatches) +
+                                                           " is too large: x the data-parallel degree (" +
+                                                           std::to_string(dataParallel) + ") it exceeds any batch"});
+    return errors;
+  }
   // In custom mode the user's command owns batching: Tandem's training fields do not apply.
   if (job.model.present && job.training.globalBatchSize % perStep != 0) {
     std::string divisor = job.parallelism.microBatches == 1 && stages == 1
@@ -333,7 +382,33 @@ std::vector<FieldError> validateCombinations(const JobSpec& job) {
   return errors;
 }
 
-ParseResult parseManifest(const std::string& yamlText, const std::string& sourceName) {
+namespace {
+
+// Kubernetes' DNS-1035 label (a Service name, which the job's name becomes): lower-case letters, digits
+// and '-', starting with a letter, ending with a letter or digit, at most 63 characters. The worker
+// pods' hostnames (<name>-worker-<rank>) must fit in 63 as well; the operator checks that with the
+// worker count it runs.
+bool isDnsLabel(const std::string& text, bool letterFirst) {
+  if (text.empty() || text.size() > 63) return false;
+  for (char c : text)
+    if (!(std::islower(static_cast<unsigned char>(c)) || std::isdigit(static_cast<unsigned char>(c)) || c == '-'))
+      return false;
+  if (letterFirst && !std::islower(static_cast<unsigned char>(text.front()))) return false;
+  return text.front() != '-' && text.back() != '-';
+}
+
+void checkNames(const JobSpec& job, std::vector<FieldError>& errors) {
+  const bool nameReported =
+      std::any_of(errors.begin(), errors.end(), [](const FieldError& error) { return error.path == "metadata.name"; });
+  if (!nameReported && !isDnsLabel(job.name, true))
+    errors.push_back({"metadata.name", "\"" + job.name + "\" must be at most 63 lower-case letters, digits and '-', "
+                                       "starting with a letter and ending with a letter or digit (a DNS-1035 label)"});
+  if (!job.nameSpace.empty() && !isDnsLabel(job.nameSpace, false))
+    errors.push_back({"metadata.namespace", "\"" + job.nameSpace + "\" must be at most 63 lower-case letters, digits "
+                                            "and '-', starting and ending with a letter or digit (a DNS-1123 label)"});
+}
+
+ParseResult parseManifestUnguarded(const std::string& yamlText, const std::string& sourceName) {
   ParseResult result;
   YAML::Node root;
   try {
@@ -375,9 +450,24 @@ ParseResult parseManifest(const std::string& yamlText, const std::string& source
   readSpec(spec, job, errors);
   spec.finish();
   top.finish();
+  checkNames(job, errors);
   if (!errors.empty()) return result;
   for (auto& error : validateCombinations(job)) errors.push_back(std::move(error));
   return result;
+}
+
+}  // namespace
+
+ParseResult parseManifest(const std::string& yamlText, const std::string& sourceName) {
+  // Every shape is meant to be reported as a field error; this is the backstop that keeps one that was
+  // missed from killing `tandem validate` or the operator.
+  try {
+    return parseManifestUnguarded(yamlText, sourceName);
+  } catch (const std::exception& error) {
+    ParseResult result;
+    result.errors.push_back({sourceName, std::string("cannot read the manifest: ") + error.what()});
+    return result;
+  }
 }
 
 ParseResult loadManifest(const std::string& path) {

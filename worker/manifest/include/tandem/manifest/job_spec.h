@@ -124,6 +124,9 @@ ParseResult parseManifest(const std::string& yamlText, const std::string& source
 // Reads and parses a file; an unreadable file is one error naming it.
 ParseResult loadManifest(const std::string& path);
 
+// Ranks are ints everywhere (and a million workers is far beyond any cluster).
+constexpr int64_t kMaxWorkers = 1 << 20;
+
 // Cross-field checks (divisibility, layer counts, supported combinations), given workers.
 // parseManifest already runs these; call again after overriding spec.workers.
 std::vector<FieldError> validateCombinations(const JobSpec& spec);
