@@ -207,6 +207,27 @@ class PipelineFaultTolerance(TempDirTest):
         for stage in range(4):
             self.assertTrue(os.listdir(os.path.join(self.tmp, "ckpt", "pipe", f"stage-{stage}")))
 
+    def test_stages_keep_the_same_checkpoints_while_one_stage_writes_slowly(self):
+        # Stage 1's disk takes 400 ms per checkpoint, far longer than the 5 steps between checkpoints. A stage
+        # skips a checkpoint while its last is in flight; the other must skip it too, or the two would hold
+        # different steps and pruning (keep 1, which a pipeline raises to 2) could leave none in common.
+        extra = f"  checkpoint: {{dir: {self.tmp}/ckpt, everySteps: 5, keep: 1}}\n"
+        result = tandem("run", self.write("slow.yaml", pipeline_job(2, 2, 2, extra=extra)), "--max-steps", "60",
+                        "--quiet", timeout=300,
+                        env={"TANDEM_FAULT_CHECKPOINT_DELAY_MS": "400", "TANDEM_FAULT_CHECKPOINT_DELAY_STAGE": "1"})
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("spec.checkpoint.keep 1: each pipeline stage keeps 2", result.stderr)
+        self.assertRegex(result.stderr, r"rank=0 step=\d+ skipping the checkpoint of step \d+: another stage's previous "
+                                        r"checkpoint is still being written")
+        written = [set(re.findall(rf"rank={rank} step=\d+ checkpoint (step-\d+) written", result.stderr)) for rank in (0, 1)]
+        self.assertEqual(written[0], written[1], "the stages wrote different steps")
+        held = [sorted(name for name in os.listdir(os.path.join(self.tmp, "ckpt", "pipe", f"stage-{stage}"))
+                       if name.startswith("step-")) for stage in (0, 1)]
+        print("checkpoints held by stage 0 and stage 1:", held)
+        self.assertEqual(held[0], held[1])
+        self.assertEqual(len(held[0]), 2)
+        self.assertEqual(held[0][-1], "step-00000060")
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -94,9 +94,12 @@ StatusOr<std::string> readWholeFile(const std::string& path) {
 std::string shardName(int stage) { return "stage-" + std::to_string(stage) + ".bin"; }
 
 // Test-only fault injection: a pause between writing the shard and publishing the checkpoint, so a
-// test can kill the writer mid-checkpoint deterministically.
-void faultInjectionPause() {
-  if (const char* delay = std::getenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS"))
+// test can kill the writer mid-checkpoint deterministically; TANDEM_FAULT_CHECKPOINT_DELAY_STAGE limits
+// it to one pipeline stage's writer (one slow disk).
+void faultInjectionPause(int stage) {
+  const char* delay = std::getenv("TANDEM_FAULT_CHECKPOINT_DELAY_MS");
+  const char* onlyStage = std::getenv("TANDEM_FAULT_CHECKPOINT_DELAY_STAGE");
+  if (delay != nullptr && (onlyStage == nullptr || std::atoi(onlyStage) == stage))
     std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(delay)));
 }
 
@@ -141,7 +144,7 @@ StatusOr<int64_t> CheckpointStore::write(const CheckpointState& state) {
     TANDEM_RETURN_IF_ERROR(writeFileDurably(temporary + "/" + shardName(state.stage),
                                             {{state.parameters.data(), parameterBytes},
                                              {state.optimizerState.data(), optimizerBytes}}));
-    faultInjectionPause();
+    faultInjectionPause(state.stage);
     nlohmann::json manifest = {
         {"formatVersion", kFormatVersion},
         {"job", state.job},

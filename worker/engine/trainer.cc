@@ -406,13 +406,24 @@ std::string checkpointRoot(const manifest::JobSpec& spec, const Topology& topolo
   return root;
 }
 
+// How many checkpoints a stage keeps. With a pipeline each stage prunes its own directory: a write that
+// lands on some stages only (a full disk, no time left after a stop) must not leave the stages without a
+// step in common, so each keeps at least two even when spec.checkpoint.keep is 1.
+int64_t checkpointsKept(const manifest::JobSpec& spec, const Topology& topology) {
+  return topology.stages > 1 ? std::max<int64_t>(spec.checkpoint.keep, 2) : spec.checkpoint.keep;
+}
+
+checkpoint::CheckpointStore checkpointStore(const manifest::JobSpec& spec, const Topology& topology) {
+  return checkpoint::CheckpointStore(checkpointRoot(spec, topology), checkpointsKept(spec, topology));
+}
+
 // The stages' checkpoint writers (replica 0 of each stage: ranks 0..stages-1) list the steps they hold
 // that verify; rank 0 picks the newest step every stage holds and broadcasts it; each writer loads its
 // shard and hands it to its stage's replicas. Returns the step to resume after (0: fresh start).
 StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Topology& topology,
                                         const std::string& modelDescription, const std::string& trainingConfig,
                                         model::Sequential& network, optim::Optimizer& optimizer) {
-  const checkpoint::CheckpointStore store(checkpointRoot(options.spec, topology), options.spec.checkpoint.keep);
+  const checkpoint::CheckpointStore store = checkpointStore(options.spec, topology);
   std::vector<int64_t> validSteps;
   std::map<int64_t, checkpoint::CheckpointState> loaded;
   if (topology.writesCheckpoints()) {
@@ -584,8 +595,11 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   std::atomic<int64_t> checkpointsWritten{0};
   std::unique_ptr<checkpoint::AsyncCheckpointer> checkpointer;
   if (checkpointing && topology.writesCheckpoints()) {
+    if (isLeader && checkpointsKept(spec, topology) != spec.checkpoint.keep)
+      log::info() << "spec.checkpoint.keep " << spec.checkpoint.keep << ": each pipeline stage keeps "
+                  << checkpointsKept(spec, topology) << ", so that the stages always hold a step in common";
     checkpointer = std::make_unique<checkpoint::AsyncCheckpointer>(
-        checkpoint::CheckpointStore(checkpointRoot(spec, topology), spec.checkpoint.keep),
+        checkpointStore(spec, topology),
         std::chrono::milliseconds(static_cast<int64_t>(std::min(options.checkpointTimeoutSeconds, 1e9) * 1000)),
         firstStep, [&](const checkpoint::AsyncCheckpointer::Result& result) {
           if (result.status.ok()) {
@@ -634,12 +648,17 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     const double exposedBefore = allReduce.exposedSeconds();
     const int64_t bytesBefore = allReduce.bytesReduced();
     TANDEM_ASSIGN_OR_RETURN(const double lossSum, stageStep.run(batches.shard(step), stopVote, stepStart));
-    float metrics[2] = {static_cast<float>(lossSum), stopVote ? 1.0f : 0.0f};
+    const bool checkpointDue = spec.checkpoint.everySteps > 0 && (step + 1) % spec.checkpoint.everySteps == 0;
+    // The third slot: stages whose previous checkpoint is still being written. With a pipeline, each
+    // stage's writer keeps its own shards; they skip a checkpoint together, or one would hold a step
+    // the others lack, and pruning could leave them no step in common to resume from.
+    float metrics[3] = {static_cast<float>(lossSum), stopVote ? 1.0f : 0.0f,
+                        checkpointDue && checkpointer && checkpointer->stepInFlight() ? 1.0f : 0.0f};
     if (!metricsInGradients && topology.world != nullptr) {
       // The pipeline's flush: when this all-reduce returns, every stage has run all its microbatches. A
       // stage's wait here for the slower ones is bubble, as in the theory's (P-1)/(M+P-1).
       const auto flushStart = Clock::now();
-      TANDEM_RETURN_IF_ERROR(topology.world->allReduce(metrics, 2).withContext("step " + std::to_string(step + 1)));
+      TANDEM_RETURN_IF_ERROR(topology.world->allReduce(metrics, 3).withContext("step " + std::to_string(step + 1)));
       summary.idleSeconds += secondsSince(flushStart);  // !metricsInGradients: a pipeline
     }
     // Outside the pipeline's timing, like the optimizer step: the flush is over.
@@ -720,11 +739,15 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     if (checkpointer) {
       // A write hung on dead storage ends training here instead of in a collective's timeout elsewhere.
       TANDEM_RETURN_IF_ERROR(checkpointer->checkWriter());
-      if (spec.checkpoint.everySteps > 0 && (step + 1) % spec.checkpoint.everySteps == 0) {
+      if (checkpointDue) {
+        // Waiting would stall this rank and every peer in the next collective: skip this one (every
+        // stage, when any stage's writer is busy: metrics[2] was summed over the world).
         if (const auto inFlight = checkpointer->stepInFlight()) {
-          // Waiting would stall this rank and every peer in the next collective: skip this one.
           log::warning() << "skipping the checkpoint of step " << step + 1 << ": "
                          << checkpoint::stepDirectoryName(*inFlight) << " is still being written";
+        } else if (metrics[2] > 0.0f) {
+          log::warning() << "skipping the checkpoint of step " << step + 1
+                         << ": another stage's previous checkpoint is still being written (stages keep the same steps)";
         } else {
           TANDEM_RETURN_IF_ERROR(snapshot(step + 1, Clock::now()));
         }
