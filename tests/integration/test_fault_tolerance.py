@@ -185,8 +185,8 @@ class FaultTolerance(TempDirTest):
         os.replace(os.path.join(self.tmp, "first-half.loss"), os.path.join(self.tmp, "second-half.loss"))
         return self.run_job("second-half", job(ckpt))
 
-    def flip_byte(self, root):
-        shard = os.path.join(root, "step-00000150", "stage-0.bin")
+    def flip_byte(self, root, step=150):
+        shard = os.path.join(root, f"step-{step:08d}", "stage-0.bin")
         with open(shard, "r+b") as f:
             f.seek(1000)
             byte = f.read(1)
@@ -199,6 +199,14 @@ class FaultTolerance(TempDirTest):
         self.assertIn("skipping checkpoint step-00000150", process.stderr_text)
         self.assertIn("SHA-256 does not match", process.stderr_text)
         self.assertIn("resumed from step 125", process.stderr_text)
+
+    def test_only_the_newest_checkpoint_is_read_when_it_verifies(self):
+        # Resume reads newest first and stops at the first that verifies: a damaged older one (kept, keep 3)
+        # is never read, so never reported, and costs no time while the other ranks wait to hear the step.
+        process, params, loss = self.resume_after(lambda root: self.flip_byte(root, step=100))
+        self.assert_same_as_uninterrupted(process, params, loss)
+        self.assertIn("resumed from step 150", process.stderr_text)
+        self.assertNotIn("skipping checkpoint", process.stderr_text)
 
     def test_truncated_newest_checkpoint_falls_back(self):
         def truncate(root):

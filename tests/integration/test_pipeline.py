@@ -207,6 +207,24 @@ class PipelineFaultTolerance(TempDirTest):
         for stage in range(4):
             self.assertTrue(os.listdir(os.path.join(self.tmp, "ckpt", "pipe", f"stage-{stage}")))
 
+    def test_a_shard_one_stage_cannot_read_sends_every_stage_to_an_older_step(self):
+        extra = f"  checkpoint: {{dir: {self.tmp}/ckpt, everySteps: 20, keep: 3}}\n"
+        config = self.write("fallback.yaml", pipeline_job(2, 2, 2, extra=extra))
+        first = tandem("run", config, "--max-steps", "60", "--quiet")
+        self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+        shard = os.path.join(self.tmp, "ckpt", "pipe", "stage-1", "step-00000060", "stage-1.bin")
+        with open(shard, "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0x01]))
+        # Stage 0's step 60 verifies, stage 1's does not: both resume from 40, the newest both can read.
+        second = tandem("run", config, "--max-steps", "80", "--quiet")
+        self.assertEqual(second.returncode, 0, second.stderr[-3000:])
+        self.assertRegex(second.stderr, r"rank=1 skipping checkpoint step-00000060: .*SHA-256 does not match")
+        self.assertIn("the newest checkpoint every stage holds and can read is step-00000040", second.stderr)
+        self.assertIn("resumed from step 40", second.stderr)
+
     def test_stages_keep_the_same_checkpoints_while_one_stage_writes_slowly(self):
         # Stage 1's disk takes 400 ms per checkpoint, far longer than the 5 steps between checkpoints. A stage
         # skips a checkpoint while its last is in flight; the other must skip it too, or the two would hold

@@ -417,59 +417,100 @@ checkpoint::CheckpointStore checkpointStore(const manifest::JobSpec& spec, const
   return checkpoint::CheckpointStore(checkpointRoot(spec, topology), checkpointsKept(spec, topology));
 }
 
-// The stages' checkpoint writers (replica 0 of each stage: ranks 0..stages-1) list the steps they hold
-// that verify; rank 0 picks the newest step every stage holds and broadcasts it; each writer loads its
-// shard and hands it to its stage's replicas. Returns the step to resume after (0: fresh start).
+// This writer's shard of `step`, checked against this job: nullopt when it does not verify (logged:
+// an older one may), an error when it belongs to another model or optimizer (no older one would do).
+StatusOr<std::optional<checkpoint::CheckpointState>> readShard(const checkpoint::CheckpointStore& store, int64_t step,
+                                                                const Topology& topology,
+                                                                const std::string& modelDescription,
+                                                                model::Sequential& network, optim::Optimizer& optimizer) {
+  auto state = store.read(step, topology.stage);
+  if (!state.ok()) {
+    log::warning() << "skipping checkpoint " << checkpoint::stepDirectoryName(step) << ": " << state.status().message();
+    return std::optional<checkpoint::CheckpointState>();
+  }
+  if (state->modelDescription != modelDescription)
+    return TANDEM_ERROR(StatusCode::kFailedPrecondition,
+                        "checkpoint " + store.root() + "/" + checkpoint::stepDirectoryName(step) + " holds model \"" +
+                            state->modelDescription + "\" but this job trains \"" + modelDescription +
+                            "\": refusing to resume (use another checkpoint.dir or job name to start over)");
+  if (state->parameters.size() != static_cast<size_t>(network.parameterCount()) ||
+      state->optimizerState.size() != static_cast<size_t>(optimizer.stateSize()))
+    return TANDEM_ERROR(StatusCode::kFailedPrecondition,
+                        store.root() + "/" + checkpoint::stepDirectoryName(step) +
+                            ": optimizer state of another size (was the optimizer kind changed?)");
+  return std::optional<checkpoint::CheckpointState>(std::move(state).value());
+}
+
+// The steps every stage's writer lists, newest first: rank 0 gathers the writers' lists over replica 0's
+// pipeline (which holds exactly the writers) and sends back what they have in common.
+StatusOr<std::vector<int64_t>> stepsAllStagesList(const Topology& topology, const std::vector<int64_t>& mine) {
+  std::vector<int64_t> common = mine;
+  int64_t count = static_cast<int64_t>(mine.size());
+  if (topology.stage > 0) {
+    TANDEM_RETURN_IF_ERROR(topology.pipeline->send(&count, sizeof(count), 0, 0));
+    if (count > 0) TANDEM_RETURN_IF_ERROR(topology.pipeline->send(mine.data(), count * 8, 0, 1));
+    TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(&count, sizeof(count), 0, 2));
+    common.resize(static_cast<size_t>(count));
+    if (count > 0) TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(common.data(), count * 8, 0, 3));
+    return common;
+  }
+  for (int stage = 1; stage < topology.stages; ++stage) {
+    TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(&count, sizeof(count), stage, 0));
+    std::vector<int64_t> theirs(static_cast<size_t>(count));
+    if (count > 0) TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(theirs.data(), count * 8, stage, 1));
+    std::vector<int64_t> both;
+    for (int64_t step : common)
+      if (std::find(theirs.begin(), theirs.end(), step) != theirs.end()) both.push_back(step);
+    common = std::move(both);
+  }
+  count = static_cast<int64_t>(common.size());
+  for (int stage = 1; stage < topology.stages; ++stage) {
+    TANDEM_RETURN_IF_ERROR(topology.pipeline->send(&count, sizeof(count), stage, 2));
+    if (count > 0) TANDEM_RETURN_IF_ERROR(topology.pipeline->send(common.data(), count * 8, stage, 3));
+  }
+  return common;
+}
+
+// The newest checkpoint that verifies on every stage, read newest first: usually one read per writer,
+// whatever spec.checkpoint.keep is, and one state in memory. The writers (replica 0 of each stage:
+// ranks 0..stages-1) agree on it, rank 0 tells the world, and each writer hands its shard to its
+// stage's replicas. Returns the step to resume after (0: fresh start).
 StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Topology& topology,
                                         const std::string& modelDescription, const std::string& trainingConfig,
                                         model::Sequential& network, optim::Optimizer& optimizer) {
   const checkpoint::CheckpointStore store = checkpointStore(options.spec, topology);
-  std::vector<int64_t> validSteps;
-  std::map<int64_t, checkpoint::CheckpointState> loaded;
+  int64_t chosen = 0;
+  std::optional<checkpoint::CheckpointState> loaded;
   if (topology.writesCheckpoints()) {
-    for (int64_t step : store.listSteps()) {
-      auto state = store.read(step, topology.stage);
-      if (!state.ok()) {
-        log::warning() << "skipping checkpoint " << checkpoint::stepDirectoryName(step) << ": " << state.status().message();
+    const std::vector<int64_t> listed = store.listSteps();
+    std::vector<int64_t> candidates = listed;
+    if (topology.stages > 1) {
+      TANDEM_ASSIGN_OR_RETURN(candidates, stepsAllStagesList(topology, listed));
+    }
+    for (int64_t step : candidates) {
+      auto shard = readShard(store, step, topology, modelDescription, network, optimizer);
+      if (topology.stages > 1) {
+        // Every writer's verdict on this step: 0 verified, 1 unreadable here, 1000 another job's.
+        float verdict = !shard.ok() ? 1000.0f : (*shard ? 0.0f : 1.0f);
+        TANDEM_RETURN_IF_ERROR(topology.pipeline->allReduce(&verdict, 1).withContext("agreeing on a checkpoint"));
+        if (!shard.ok()) return shard.status();
+        if (verdict >= 1000.0f)
+          return TANDEM_ERROR(StatusCode::kFailedPrecondition,
+                              "another stage's shard of " + checkpoint::stepDirectoryName(step) +
+                                  " belongs to another model or optimizer (its log says which): refusing to resume");
+        if (verdict > 0.0f) continue;  // some stage cannot read it: an older one
+      } else if (!shard.ok()) {
+        return shard.status();
+      } else if (!*shard) {
         continue;
       }
-      if (state->modelDescription != modelDescription)
-        return TANDEM_ERROR(StatusCode::kFailedPrecondition,
-                            "checkpoint " + store.root() + "/" + checkpoint::stepDirectoryName(step) + " holds model \"" +
-                                state->modelDescription + "\" but this job trains \"" + modelDescription +
-                                "\": refusing to resume (use another checkpoint.dir or job name to start over)");
-      if (state->parameters.size() != static_cast<size_t>(network.parameterCount()) ||
-          state->optimizerState.size() != static_cast<size_t>(optimizer.stateSize()))
-        return TANDEM_ERROR(StatusCode::kFailedPrecondition,
-                            store.root() + "/" + checkpoint::stepDirectoryName(step) +
-                                ": optimizer state of another size (was the optimizer kind changed?)");
-      validSteps.push_back(step);
-      loaded.emplace(step, std::move(state).value());
+      loaded = std::move(*shard);
+      chosen = step;
+      break;
     }
-  }
-  int64_t chosen = validSteps.empty() ? 0 : validSteps.front();
-  if (topology.stages > 1 && topology.replica == 0) {
-    // Replica 0's pipeline holds exactly the writers; its rank 0 is the world's rank 0.
-    if (topology.stage > 0) {
-      int64_t count = static_cast<int64_t>(validSteps.size());
-      TANDEM_RETURN_IF_ERROR(topology.pipeline->send(&count, sizeof(count), 0, 0));
-      if (count > 0) TANDEM_RETURN_IF_ERROR(topology.pipeline->send(validSteps.data(), count * 8, 0, 1));
-    } else {
-      std::set<int64_t> common(validSteps.begin(), validSteps.end());
-      for (int stage = 1; stage < topology.stages; ++stage) {
-        int64_t count = 0;
-        TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(&count, sizeof(count), stage, 0));
-        std::vector<int64_t> theirs(count);
-        if (count > 0) TANDEM_RETURN_IF_ERROR(topology.pipeline->recv(theirs.data(), count * 8, stage, 1));
-        std::set<int64_t> both;
-        for (int64_t step : theirs)
-          if (common.count(step)) both.insert(step);
-        common = both;
-      }
-      chosen = common.empty() ? 0 : *common.rbegin();
-      if (!validSteps.empty() && chosen != validSteps.front())
-        log::warning() << "the newest checkpoint all " << topology.stages << " stages hold is step " << chosen;
-    }
+    if (topology.stage == 0 && !listed.empty() && chosen != listed.front())
+      log::warning() << "the newest checkpoint " << (topology.stages > 1 ? "every stage holds and can read" : "that verifies")
+                     << " is " << (chosen > 0 ? checkpoint::stepDirectoryName(chosen) : std::string("none"));
   }
   if (topology.world != nullptr)
     TANDEM_RETURN_IF_ERROR(topology.world->broadcast(&chosen, sizeof(chosen), 0).withContext("sharing the checkpoint step"));
@@ -477,11 +518,7 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
 
   int64_t optimizerSteps = 0;
   if (topology.writesCheckpoints()) {
-    auto found = loaded.find(chosen);
-    if (found == loaded.end())
-      return TANDEM_ERROR(StatusCode::kInternal, "stage " + std::to_string(topology.stage) + " lacks the agreed checkpoint " +
-                                                     checkpoint::stepDirectoryName(chosen));
-    const checkpoint::CheckpointState& state = found->second;
+    const checkpoint::CheckpointState& state = *loaded;
     if (state.trainingConfig != trainingConfig)
       log::warning() << "resuming " << checkpoint::stepDirectoryName(chosen)
                      << " with a changed training configuration (allowed: learning rate, steps, ...). Checkpoint:\n"
