@@ -162,6 +162,15 @@ class RendezvousErrors(TempDirTest):
         self.assertLess(elapsed, 10, "the worker must give up at its deadline, not hang")
         self.assertFalse(started_training(result.stdout + result.stderr))
 
+    def test_a_rank_outside_the_world_is_refused_before_it_joins(self):
+        config = self.write("job.yaml", manifest(workers=2, data_kind="synthetic", samples=1024))
+        for rank in ("2", "4294967296"):  # the second is 0 when narrowed to 32 bits
+            result = run([WORKER, "--config", config, "--rendezvous-timeout", "2"], timeout=30,
+                         env=self.worker_env(rank, free_port()))
+            self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, result.stderr)
+            self.assertIn(f"TANDEM_RANK {rank} is outside 0..", result.stderr)
+            self.assertNotIn("joining rendezvous", result.stderr)
+
     def test_rank_0_whose_rendezvous_port_is_taken_names_it_and_exits_as_the_cause(self):
         config = self.write("job.yaml", manifest(workers=2, data_kind="synthetic", samples=1024))
         with socket.socket() as taken:

@@ -2,6 +2,7 @@
 // and truncation detection, fallback to older checkpoints, model mismatch, failed and replacing writes, stale
 // temporary debris) and AsyncCheckpointer (ordered background writes, keep, failure reporting, drain).
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <stdlib.h>
 #include <sys/resource.h>
 
@@ -402,6 +403,20 @@ TEST_F(CorruptionTest, ManifestMissingFieldsIsDataLoss) {
   auto read = store_.read(12);
   ASSERT_FALSE(read.ok());
   EXPECT_EQ(read.status().code(), StatusCode::kDataLoss);
+}
+
+TEST_F(CorruptionTest, SectionCountsThatWrapAroundAreDataLossNotACrash) {
+  // 2^62 + 192 floats are 2^64 + 768 bytes: in 64 bits exactly the shard's size. Read must neither
+  // accept that nor try to allocate 2^62 floats (which threw out of read()).
+  nlohmann::json manifest = nlohmann::json::parse(readText(stepFile("manifest.json")));
+  ASSERT_EQ(manifest["shards"][0]["parameters"], 64);
+  manifest["shards"][0]["parameters"] = uint64_t{1} << 62;
+  manifest["shards"][0]["optimizerState"] = 192;
+  writeText(stepFile("manifest.json"), manifest.dump());
+  auto read = store_.read(12);
+  ASSERT_FALSE(read.ok());
+  EXPECT_EQ(read.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(read.status().message().find("section sizes do not add up"), std::string::npos) << read.status().message();
 }
 
 TEST_F(CorruptionTest, ManifestOfAnotherStepIsDataLoss) {

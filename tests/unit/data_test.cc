@@ -122,6 +122,17 @@ TEST(ReadIdx, TruncatedPayloadNamesTheFile) {
   EXPECT_NE(array.status().message().find("truncated"), std::string::npos) << array.status().message();
 }
 
+TEST(ReadIdx, DimensionsWhoseProductWrapsAroundAreDataLoss) {
+  TempDir dir;
+  const std::string path = dir.file("wrapped-idx3-ubyte");
+  // 2^16 x 2^24 x 2^24 = 2^64 values: 0 in 64 bits, which an empty payload would "satisfy".
+  writePlain(path, idxBytes({1u << 16, 1u << 24, 1u << 24}, {}));
+  auto array = readIdx(path);
+  ASSERT_FALSE(array.ok());
+  EXPECT_EQ(array.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(array.status().message().find("beyond 64 bits"), std::string::npos) << array.status().message();
+}
+
 TEST(ReadIdx, TruncatedGzipPayloadNamesTheFile) {
   TempDir dir;
   const std::string path = dir.file("short.gz");

@@ -272,6 +272,28 @@ TEST_F(RendezvousTest, BarrierReleasesWhenEveryRankArrives) {
   EXPECT_GE(secondsSince(start), 0.25);  // rank 0 waited for rank 1
 }
 
+TEST_F(RendezvousTest, ABarrierNameCanBeUsedAgain) {
+  startServer(2);
+  for (int round = 0; round < 2; ++round) {
+    auto rank0 = std::async(std::launch::async, [this] { return client()->barrier(0, "epoch", 5s); });
+    const Status rank1 = client()->barrier(1, "epoch", 5s);
+    EXPECT_TRUE(rank1.ok()) << round << ": " << rank1.toString();
+    EXPECT_TRUE(rank0.get().ok()) << round;
+  }
+  // A third round with one rank is not passed by the earlier rounds' arrivals.
+  EXPECT_EQ(client()->barrier(0, "epoch", 500ms).code(), StatusCode::kDeadlineExceeded);
+}
+
+TEST_F(RendezvousTest, ABarrierEndedByShutdownIsNotPassed) {
+  startServer(2);
+  auto waiting = std::async(std::launch::async, [this] { return client()->barrier(0, "x", 10s); });
+  std::this_thread::sleep_for(300ms);
+  server_->shutdown();
+  const Status status = waiting.get();
+  EXPECT_FALSE(status.ok());
+  EXPECT_EQ(status.code(), StatusCode::kUnavailable) << status.toString();
+}
+
 TEST_F(RendezvousTest, BarrierWithAMissingRankTimesOut) {
   startServer(2);
   const Status status = client()->barrier(0, "lonely", 1s);

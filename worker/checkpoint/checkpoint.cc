@@ -252,7 +252,9 @@ StatusOr<CheckpointState> CheckpointStore::read(int64_t step, int stage) const {
       return TANDEM_ERROR(StatusCode::kDataLoss, shardPath + ": SHA-256 does not match the manifest (corrupt)");
     const size_t parameters = shard->at("parameters").get<size_t>();
     const size_t optimizer = shard->at("optimizerState").get<size_t>();
-    if ((parameters + optimizer) * sizeof(float) != bytes.size())
+    // Compared without multiplying: a damaged count must not wrap around into a match (or a huge resize).
+    const size_t floats = bytes.size() / sizeof(float);
+    if (bytes.size() % sizeof(float) != 0 || parameters > floats || optimizer != floats - parameters)
       return TANDEM_ERROR(StatusCode::kDataLoss, shardPath + ": section sizes do not add up");
     state.parameters.resize(parameters);
     state.optimizerState.resize(optimizer);

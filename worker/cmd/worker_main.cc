@@ -169,6 +169,9 @@ StatusOr<Identity> readIdentity(manifest::JobSpec& spec) {
   Identity identity;
   if (auto rank = environment("TANDEM_RANK")) {
     TANDEM_ASSIGN_OR_RETURN(int64_t value, parseInteger("TANDEM_RANK", *rank));
+    if (value < 0 || value >= manifest::kMaxWorkers)  // before narrowing: 2^32 must not read as rank 0
+      return TANDEM_ERROR(StatusCode::kInvalidArgument, "TANDEM_RANK " + *rank + " is outside 0.." +
+                                                            std::to_string(manifest::kMaxWorkers - 1));
     identity.rank = static_cast<int>(value);
   }
   identity.worldSize = static_cast<int>(spec.workers);

@@ -96,7 +96,9 @@ StatusOr<IdxArray> readIdx(const std::string& path) {
   size_t expected = 1;
   for (int i = 0; i < rank; ++i) {
     array.dims.push_back(bigEndian32(bytes.data() + 4 + 4 * i));
-    expected *= static_cast<size_t>(array.dims.back());
+    // Four 32-bit dimensions can overflow 64 bits, and a wrapped product could pass the size check.
+    if (__builtin_mul_overflow(expected, static_cast<size_t>(array.dims.back()), &expected))
+      return TANDEM_ERROR(StatusCode::kDataLoss, path + ": the IDX header's dimensions multiply beyond 64 bits (corrupt)");
   }
   if (bytes.size() - headerSize < expected)
     return TANDEM_ERROR(StatusCode::kDataLoss, path + ": truncated: the header promises " + std::to_string(expected) +

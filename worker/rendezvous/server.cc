@@ -98,14 +98,22 @@ class RendezvousService final : public tandem::v1::Rendezvous::Service {
     if (auto refused = checkMember(context, request->token(), request->generation(), request->rank()); !refused.ok())
       return refused;
     std::unique_lock<std::mutex> lock(mutex_);
-    auto& arrived = barriers_[request->name()];
-    arrived.insert(request->rank());
-    changed_.notify_all();
-    if (!waitForCall(lock, changed_, context,
-                     [&] { return stopped_ || static_cast<int>(arrived.size()) == options_.worldSize; }))
+    // A name can be used again: each completion opens the next round, and a rank waits for its own.
+    BarrierState& barrier = barriers_[request->name()];
+    const int64_t round = barrier.completed;
+    barrier.arrived.insert(request->rank());
+    if (static_cast<int>(barrier.arrived.size()) == options_.worldSize) {
+      ++barrier.completed;
+      barrier.arrived.clear();
+      changed_.notify_all();
+    }
+    if (!waitForCall(lock, changed_, context, [&] { return stopped_ || barrier.completed > round; }))
       return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
-                          "barrier " + request->name() + ": only " + std::to_string(arrived.size()) + " of " +
+                          "barrier " + request->name() + ": only " + std::to_string(barrier.arrived.size()) + " of " +
                               std::to_string(options_.worldSize) + " ranks arrived");
+    // Shutting down is not everyone having arrived.
+    if (barrier.completed == round)
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "rendezvous server is shutting down");
     return grpc::Status::OK;
   }
 
@@ -169,7 +177,11 @@ class RendezvousService final : public tandem::v1::Rendezvous::Service {
   int joined_ = 0;
   std::vector<std::string> addresses_;
   std::map<int, std::chrono::steady_clock::time_point> heartbeats_;
-  std::map<std::string, std::set<int>> barriers_;
+  struct BarrierState {
+    std::set<int> arrived;  // this round's ranks
+    int64_t completed = 0;  // rounds every rank arrived at
+  };
+  std::map<std::string, BarrierState> barriers_;
   std::map<std::string, std::string> store_;
 };
 
