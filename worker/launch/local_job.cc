@@ -120,6 +120,8 @@ class ProgressDisplay {
 
 // How long a worker that only lost a peer (exit 129) waits to be named, in case the peer's own death shows up.
 constexpr std::chrono::milliseconds kCauseWait{300};
+// How long the rest of a group whose worker failed gets between SIGTERM and SIGKILL.
+constexpr std::chrono::milliseconds kFailedGroupGrace{5000};
 // How long processes a worker left behind may go on holding its output once every worker has exited.
 constexpr std::chrono::milliseconds kLeftoversGrace{2000};
 
@@ -363,9 +365,9 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   bool killed = false;
   sig_atomic_t interruptsHandled = 0;  // the interrupt that began the stop, if one did
   std::optional<Clock::time_point> leftoversDeadline;  // set once every worker exited with output still open
-  auto beginStop = [&] {
+  auto beginStop = [&](std::chrono::milliseconds grace) {
     if (stopDeadline) return;
-    stopDeadline = Clock::now() + options.stopGrace;
+    stopDeadline = Clock::now() + grace;
     for (auto& worker : group)
       if (!worker.exited) kill(-worker.pid, SIGTERM);
   };
@@ -416,7 +418,9 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
       result.failureDetected = suspectSince;
       display.beforeOutput();
       std::cerr << "tandem: " << result.failure << "; stopping the other workers" << std::endl;
-      beginStop();
+      // Their peer is gone, so no collective (nor a stop checkpoint, which needs one) can succeed:
+      // a short wait, then SIGKILL for one that hangs.
+      beginStop(std::min(options.stopGrace, kFailedGroupGrace));
     }
     if (interruptSignal != 0 && !stopDeadline) {
       result.interrupted = true;
@@ -424,7 +428,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
       display.beforeOutput();
       std::cerr << "\ntandem: " << strsignal(interruptSignal) << ": stopping all workers (again to kill them now)"
                 << std::endl;
-      beginStop();
+      beginStop(options.stopGrace);  // the workers' grace period: they finish the step and checkpoint
     }
     if (stopDeadline && !killed && interruptCount > interruptsHandled) {
       display.beforeOutput();

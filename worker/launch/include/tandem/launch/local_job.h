@@ -21,7 +21,9 @@ struct LocalJobOptions {
   std::string configPath;            // absolute path handed to workers as TANDEM_CONFIG
   std::string workerBinary;          // tandem-worker
   std::vector<std::string> workerArguments;  // extra flags for every worker
-  std::chrono::milliseconds stopGrace{5000};  // SIGTERM, then SIGKILL after this
+  // On Ctrl-C or SIGTERM: SIGTERM to the workers, then SIGKILL after this (their grace period and a
+  // margin). The rest of a group whose worker failed gets at most 5 s: no collective can succeed there.
+  std::chrono::milliseconds stopGrace{5000};
   bool quiet = false;                // no progress display (logs still flow)
   bool customCommand = false;        // workerBinary is the user's command (custom mode): no metrics port
   int64_t generation = 0;            // TANDEM_GENERATION: the job's restart count
