@@ -201,6 +201,8 @@ ObservedPod podFromJson(const json& pod) {
         if (state.contains("exitCode") && state["exitCode"].is_number_integer()) out.exitCode = state["exitCode"].get<int>();
         if (state.contains("signal") && state["signal"].is_number_integer() && state["signal"].get<int>() != 0)
           out.signal = state["signal"].get<int>();
+        if (state.contains("finishedAt") && state["finishedAt"].is_string())
+          out.finishedAt = parseTime(state["finishedAt"].get<std::string>());
       }
       break;
     }

@@ -143,6 +143,7 @@ class JobReconciler {
     if (status_.phase == JobPhase::kSuspended) resume();
     if (deadlinePassed()) return finished();
     if (std::optional<Failure> failure = rootFailure()) {
+      if (waitForSilentPeerCause(*failure)) return finish();
       handleFailure(*failure);
       return isFinished(status_.phase) ? finished() : finish();
     }
@@ -371,6 +372,29 @@ class JobReconciler {
       if (failure && (!root || causePriority(*failure) < causePriority(*root))) root = failure;
     }
     return root;
+  }
+
+  // True while a "lost a peer" failure waits for its cause (ReconcileOptions::silentPeerWait): some
+  // current worker still looks Running, and the first such exit is recent.
+  bool waitForSilentPeerCause(Failure& failure) {
+    if (!failure.lostAPeer) return false;
+    std::optional<Clock::time_point> first;
+    std::optional<int64_t> silent;
+    for (int64_t rank = 0; rank < workers(); ++rank) {
+      const ObservedPod* pod = current_[rank];
+      if (pod == nullptr) continue;
+      if (pod->phase == PodPhase::kRunning && !pod->terminating()) silent = silent.value_or(rank);
+      if (lostAPeer(*pod) && pod->finishedAt && (!first || *pod->finishedAt < *first)) first = pod->finishedAt;
+    }
+    if (!silent || !first) return false;
+    const Clock::time_point until = *first + options_.silentPeerWait;
+    if (now_ < until) {
+      requeueIn(until - now_);
+      return true;
+    }
+    failure.detail += "; worker " + std::to_string(*silent) + " still looks Running but stopped answering its peers (no "
+                      "other cause showed within " + std::to_string(options_.silentPeerWait.count()) + " s)";
+    return false;
   }
 
   void handleFailure(const Failure& failure) {

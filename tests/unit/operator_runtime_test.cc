@@ -858,7 +858,8 @@ TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
                "conditions": [{"type": "Ready", "status": "False"},
                               {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}],
                "containerStatuses": [{"name": "sidecar", "state": {"terminated": {"exitCode": 0}}},
-                                     {"name": "worker", "state": {"terminated": {"exitCode": 137, "signal": 9}}}]}})");
+                                     {"name": "worker", "state": {"terminated": {"exitCode": 137, "signal": 9,
+                                                                                  "finishedAt": "2026-11-27T04:05:00Z"}}}]}})");
   const ObservedPod observed = podFromJson(pod);
   EXPECT_EQ(observed.name, "j-worker-1");
   EXPECT_EQ(observed.labels.at("tandem.dev/rank"), "1");
@@ -867,6 +868,7 @@ TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
   EXPECT_FALSE(observed.ready);
   EXPECT_EQ(observed.exitCode, 137);  // the worker container's, not the sidecar's
   EXPECT_EQ(observed.signal, 9);
+  EXPECT_EQ(observed.finishedAt, parseTime("2026-11-27T04:05:00Z"));
   EXPECT_EQ(observed.disruptionReason, "PreemptionByScheduler");
   EXPECT_TRUE(observed.nodeUnreachable);
   EXPECT_TRUE(observed.terminating());

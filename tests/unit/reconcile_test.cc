@@ -712,6 +712,51 @@ TEST(Reconcile, RootCauseExplainsThePeersFailures) {
   }
 }
 
+TEST(Reconcile, PeersOfASilentWorkerWaitForItsCauseBeforeACountedRestart) {
+  // A node dies silently: its pod still looks Running while the others exit 129 ("lost a peer") at
+  // kT0 + 100 s; Kubernetes marks the node unreachable only ~40 s later.
+  auto world = [] {
+    World world = runningWorld(JobOptions{});
+    for (int64_t rank : {0, 1, 3}) {
+      exitWith(livePod(world, rank), 129);
+      livePod(world, rank).finishedAt = kT0 + seconds(100 + rank);
+    }
+    return world;
+  };
+  {  // Soon after: no restart yet, and a reconcile comes back when the wait ends.
+    World waiting = world();
+    const Plan result = plan(waiting, kT0 + seconds(130));
+    EXPECT_EQ(result.status.phase, JobPhase::kRunning) << describe(result);
+    EXPECT_EQ(result.status.restarts, 0);
+    EXPECT_TRUE(result.all<DeleteGeneration>().empty()) << describe(result);
+    ASSERT_TRUE(result.requeueAfter.has_value());
+    EXPECT_EQ(*result.requeueAfter, seconds(60));  // 100 s + 90 s - 130 s
+  }
+  {  // The node is then reported unreachable: a disruption, not counted against backoffLimit.
+    World lost = world();
+    livePod(lost, 2).nodeUnreachable = true;
+    const Plan result = plan(lost, kT0 + seconds(145));
+    EXPECT_EQ(result.status.phase, JobPhase::kRestarting) << describe(result);
+    EXPECT_EQ(result.status.restarts, 0);
+    EXPECT_EQ(result.status.preemptions, 1);
+    EXPECT_EQ(result.status.condition(ConditionType::kRestarting)->reason, reasons::kNodeLost);
+  }
+  {  // No cause within the wait: a counted failure that says which worker went silent.
+    World hung = world();
+    const Plan result = plan(hung, kT0 + seconds(191));
+    EXPECT_EQ(result.status.phase, JobPhase::kRestarting) << describe(result);
+    EXPECT_EQ(result.status.restarts, 1);
+    const std::string& message = result.status.condition(ConditionType::kRestarting)->message;
+    EXPECT_NE(message.find("worker 2 still looks Running but stopped answering its peers"), std::string::npos) << message;
+  }
+  {  // Nobody left running: the 129s are all there is, and nothing is waited for.
+    World alone = world();
+    exitWith(livePod(alone, 2), 129);
+    const Plan result = plan(alone, kT0 + seconds(105));
+    EXPECT_EQ(result.status.phase, JobPhase::kRestarting) << describe(result);
+  }
+}
+
 TEST(Reconcile, ClassifiesPodFailures) {
   struct Case {
     const char* name;

@@ -24,6 +24,7 @@ struct ObservedPod {
   // The worker container's state.terminated, when it has terminated.
   std::optional<int> exitCode;
   std::optional<int> signal;
+  std::optional<Clock::time_point> finishedAt;  // when the worker container terminated
   std::string reason;            // status.reason: Evicted, NodeLost, Preempting, UnexpectedAdmissionError, ...
   std::string disruptionReason;  // reason of a DisruptionTarget=True condition: PreemptionByScheduler,
                                  // DeletionByTaintManager, EvictionByEvictionAPI, DeletionByPodGC, TerminationByKubelet

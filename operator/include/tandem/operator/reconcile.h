@@ -54,6 +54,11 @@ struct ReconcileOptions {
   std::string defaultWorkerImage = "tandem-worker:0.1.0";
   // A pod terminating on an unreachable node this long after its deletionTimestamp is force-deleted.
   std::chrono::seconds forceDeleteAfter{60};
+  // When the only failures are "lost a peer" exits (129) while another worker still looks Running, that
+  // worker went silent: its node may be dying, which Kubernetes reports only after the node monitor's
+  // grace period (40-50 s). The restart waits this long after the first such exit for that cause (a
+  // disruption, not counted against backoffLimit) or another to show, then counts it as a failure.
+  std::chrono::seconds silentPeerWait{90};
 };
 
 // Condition and Event reasons.
