@@ -136,6 +136,15 @@ void Informer::upsertIfNewer(json object) {
   storeLocked(key, std::move(object));
 }
 
+namespace {
+// Same uid, or a uid missing on either side (nothing to tell them apart by).
+bool sameObject(const json& cached, const json& other) {
+  const std::string a = cached.value("/metadata/uid"_json_pointer, std::string());
+  const std::string b = other.value("/metadata/uid"_json_pointer, std::string());
+  return a.empty() || b.empty() || a == b;
+}
+}  // namespace
+
 void Informer::apply(const std::string& type, json object) {
   if (type == "BOOKMARK") {  // only a newer resourceVersion to resume from
     std::lock_guard<std::mutex> lock(cacheMutex_);
@@ -148,7 +157,9 @@ void Informer::apply(const std::string& type, json object) {
     std::lock_guard<std::mutex> lock(cacheMutex_);
     resourceVersion_ = object.value("/metadata/resourceVersion"_json_pointer, resourceVersion_);
     if (type == "DELETED") {
-      if (auto it = cache_.find(key); it != cache_.end()) {
+      // Only the object deleted: a force delete then a create of the same name can put the new pod in the
+      // cache (from the create's response) before the old one's DELETED event arrives.
+      if (auto it = cache_.find(key); it != cache_.end() && sameObject(it->second, object)) {
         indexLocked(key, it->second, /*add=*/false);
         cache_.erase(it);
       }

@@ -517,6 +517,45 @@ TEST(Informer, ListsWatchesAndNeverRevivesAnObjectTheWatchDeleted) {
   EXPECT_EQ(seen, (std::vector<std::string>{"+a", "-a"}));
 }
 
+TEST(Informer, TheDeletionOfAnObjectLeavesANewerOneOfTheSameNameCached) {
+  LocalServer local;
+  std::atomic<int> watches{0};
+  std::atomic<bool> replaced{false};
+  local.server().Get("/api/v1/pods", [&](const httplib::Request& request, httplib::Response& response) {
+    if (request.get_param_value("watch") != "1") {
+      response.set_content(R"({"kind":"PodList","metadata":{"resourceVersion":"5"},
+        "items":[{"metadata":{"name":"a","namespace":"ns","uid":"old","resourceVersion":"5"}}]})", "application/json");
+      return;
+    }
+    if (++watches == 1) {
+      // The old pod's DELETED event comes after the new pod (same name) was cached from its create.
+      for (int i = 0; i < 500 && !replaced; ++i) std::this_thread::sleep_for(10ms);
+      response.set_content(
+          R"({"type":"DELETED","object":{"metadata":{"name":"a","namespace":"ns","uid":"old","resourceVersion":"7"}}})" "\n",
+          "application/json");
+      return;
+    }
+    std::this_thread::sleep_for(100ms);
+    response.set_content("", "application/json");
+  });
+  kube::KubeClient client(local.config(), fastRetries());
+  std::atomic<int> deletions{0};
+  operator_core::Informer informer(client, {"pods", "/api/v1/pods", "", 10, operator_core::trimMetadata, false, {}},
+                                   [&](const json&, bool deleted) { deletions += deleted ? 1 : 0; });
+  informer.start();
+  ASSERT_TRUE(informer.waitForSync(5s));
+  informer.upsertIfNewer(json::parse(R"({"metadata":{"name":"a","namespace":"ns","uid":"new","resourceVersion":"8"}})"));
+  replaced = true;
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (deletions == 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(5ms);
+  EXPECT_EQ(deletions, 1);
+  const auto cached = informer.get("ns/a");
+  ASSERT_TRUE(cached.has_value()) << "the new pod was dropped with the old one";
+  EXPECT_EQ(cached->at("metadata").value("uid", ""), "new");
+  client.cancel();
+  informer.stop();
+}
+
 TEST(Informer, IndexesFollowListsUpdatesAndDeletions) {
   LocalServer local;
   std::atomic<int> watches{0};
