@@ -222,10 +222,13 @@ class JobReconciler {
   }
 
   // A pod still terminating on an unreachable node after forceDeleteAfter will never be confirmed gone by
-  // its kubelet; until it is, its name (and rank 0's DNS name) cannot be reused.
+  // its kubelet; until it is, its name (and rank 0's DNS name) cannot be reused. Without the nodes
+  // informer (a namespaced install may not read Nodes) the taint manager's eviction says the same: it
+  // evicts only from nodes tainted unreachable or not ready.
   void forceDeleteStuckPods() {
     for (const ObservedPod& pod : observed_.pods) {
-      if (!pod.terminating() || !pod.nodeUnreachable) continue;
+      const bool nodeGone = pod.nodeUnreachable || pod.disruptionReason == "DeletionByTaintManager";
+      if (!pod.terminating() || !nodeGone) continue;
       const Clock::duration stuck = now_ - *pod.deletionTimestamp;
       if (stuck < options_.forceDeleteAfter) {
         requeueIn(options_.forceDeleteAfter - stuck);

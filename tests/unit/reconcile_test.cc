@@ -963,6 +963,7 @@ TEST(Reconcile, PodStuckTerminatingOnUnreachableNodeIsForceDeletedAfterTheBound)
     bool unreachable;
     bool forced;
     std::optional<Clock::duration> requeue;
+    std::string disruptionReason = "";
   };
   const std::vector<Case> cases{
       {"before the bound", 30, true, false, seconds(30)},
@@ -971,6 +972,11 @@ TEST(Reconcile, PodStuckTerminatingOnUnreachableNodeIsForceDeletedAfterTheBound)
       {"long after the bound", 600, true, true, std::nullopt},
       {"grace period not over yet", -20, true, false, seconds(80)},
       {"reachable node: the kubelet will finish", 600, false, false, std::nullopt},
+      // A namespaced install reads no Nodes; the taint manager's eviction tells it the node is gone.
+      {"evicted by the taint manager, node unknown: before the bound", 30, false, false, seconds(30),
+       "DeletionByTaintManager"},
+      {"evicted by the taint manager, node unknown: at the bound", 60, false, true, std::nullopt,
+       "DeletionByTaintManager"},
   };
   for (const Case& testCase : cases) {
     SCOPED_TRACE(testCase.name);
@@ -988,6 +994,7 @@ TEST(Reconcile, PodStuckTerminatingOnUnreachableNodeIsForceDeletedAfterTheBound)
     stuck.phase = PodPhase::kRunning;
     stuck.nodeName = "node-b";
     stuck.nodeUnreachable = testCase.unreachable;
+    stuck.disruptionReason = testCase.disruptionReason;
     stuck.deletionTimestamp = failedAt;
     world.observed.pods.push_back(stuck);
 
