@@ -57,8 +57,9 @@ class PlainManifests(kube_fixture.KubeTestCase):
                 self.assertTrue(can(verb, resource), f"{verb} {resource}")
         for verb in ("get", "list", "watch", "delete"):
             self.assertTrue(can(verb, "distributedtrainingjobs.tandem.dev"))
-        self.assertTrue(can("patch", "distributedtrainingjobs.tandem.dev", subresource="status"))
         self.assertTrue(can("update", "distributedtrainingjobs.tandem.dev", subresource="status"))
+        # Setting blockOwnerDeletion on a child, where owner-reference permissions are enforced.
+        self.assertTrue(can("update", "distributedtrainingjobs.tandem.dev", subresource="finalizers"))
         self.assertTrue(can("create", "events"))
         for verb in ("get", "list", "watch"):
             self.assertTrue(can(verb, "nodes"), f"{verb} nodes")
@@ -69,6 +70,7 @@ class PlainManifests(kube_fixture.KubeTestCase):
         self.assertFalse(can("create", "distributedtrainingjobs.tandem.dev"))
         self.assertFalse(can("update", "distributedtrainingjobs.tandem.dev"))
         self.assertFalse(can("patch", "pods", subresource="status"))
+        self.assertFalse(can("patch", "distributedtrainingjobs.tandem.dev", subresource="status"))  # the operator PUTs it
         self.assertFalse(can("update", "leases.coordination.k8s.io", "team-a"))
         self.assertFalse(can("update", "nodes"))
         self.assertFalse(can("delete", "nodes"))

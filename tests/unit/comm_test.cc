@@ -15,6 +15,7 @@
 
 #include "gloo_ranks.h"
 #include "tandem/comm/communicator.h"
+#include "tandem/common/exit_codes.h"
 
 namespace tandem::comm {
 namespace {
@@ -193,6 +194,21 @@ TEST(GlooTimeout, ConnectingWithoutPeersFailsWithDeadlineExceeded) {
   ASSERT_FALSE(communicator.ok());
   EXPECT_EQ(communicator.status().code(), StatusCode::kDeadlineExceeded) << communicator.status().toString();
   EXPECT_LT(elapsed, 5.0);
+}
+
+TEST(GlooConnect, AnAddressThisMachineDoesNotHaveIsARetryableFailureOfThisWorker) {
+  // 192.0.2.1 (TEST-NET-1) is nobody's: binding to it fails. That is this worker's network (a stale pod
+  // IP, an interface not up yet), not a bug: retryable, and this worker is the cause.
+  auto store = makeMemoryStore();
+  GlooOptions options;
+  options.rank = 0;
+  options.size = 2;
+  options.hostAddress = "192.0.2.1";
+  options.timeout = 500ms;
+  auto communicator = createGlooCommunicator(options, store);
+  ASSERT_FALSE(communicator.ok());
+  EXPECT_EQ(communicator.status().code(), StatusCode::kResourceUnavailable) << communicator.status().toString();
+  EXPECT_GE(exitCodeFor(communicator.status()), 128);
 }
 
 TEST(GlooSingleRank, OperationsAreIdentity) {

@@ -23,6 +23,7 @@
 #include <map>
 #include <future>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include "tandem/comm/communicator.h"
@@ -57,6 +58,8 @@ Status guarded(const std::string& what, const std::function<void()>& call) {
     return TANDEM_ERROR(StatusCode::kAborted, what + " failed: " + error.what());
   } catch (const gloo::EnforceNotMet& error) {
     return TANDEM_ERROR(StatusCode::kInternal, what + " failed: " + error.what());
+  } catch (const std::system_error& error) {  // no thread or descriptor to be had: this machine, for now
+    return TANDEM_ERROR(StatusCode::kResourceUnavailable, what + " failed: " + error.what());
   } catch (const std::exception& error) {
     return TANDEM_ERROR(StatusCode::kInternal, what + " failed: " + error.what());
   }
@@ -392,6 +395,10 @@ StatusOr<std::unique_ptr<Communicator>> createGlooCommunicator(const GlooOptions
     GlooStoreAdapter adapter(store, options.keyPrefix, options.timeout);
     context->connectFullMesh(adapter, device);
   });
+  // Setting up the mesh, Gloo's checks fail on this worker's network (an address it cannot bind, a name it
+  // cannot resolve), not on a bug: retryable, with this worker named as the cause.
+  if (status.code() == StatusCode::kInternal)
+    return Status(StatusCode::kResourceUnavailable, status.message() + " (this worker's network)", __FILE__, __LINE__);
   if (!status.ok()) return status;
   return std::unique_ptr<Communicator>(std::make_unique<GlooCommunicator>(std::move(context), options, store));
 }

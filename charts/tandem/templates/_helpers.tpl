@@ -70,7 +70,13 @@ them), used by the ClusterRole or, with watchNamespace, by a Role in that namesp
   verbs: [get, list, watch, delete]
 - apiGroups: [tandem.dev]
   resources: [distributedtrainingjobs/status]
-  verbs: [get, update, patch]
+  verbs: [update]
+# Children carry ownerReferences with blockOwnerDeletion: clusters that enforce owner-reference
+# permissions (the OwnerReferencesPermissionEnforcement admission plugin, on by default in OpenShift)
+# allow setting it only to who may update the owner's finalizers.
+- apiGroups: [tandem.dev]
+  resources: [distributedtrainingjobs/finalizers]
+  verbs: [update]
 # The children of a job: created whole, never edited in place, deleted on restart and clean-up.
 - apiGroups: [""]
   resources: [pods, services, configmaps, secrets]
