@@ -5,6 +5,7 @@ and the rendezvous (unreachable, wrong token, another config hash)."""
 import gzip
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -161,6 +162,22 @@ class RendezvousErrors(TempDirTest):
         self.assertIn("within 2.0s", result.stderr)
         self.assertLess(elapsed, 10, "the worker must give up at its deadline, not hang")
         self.assertFalse(started_training(result.stdout + result.stderr))
+
+    def test_sigterm_while_waiting_for_peers_at_the_rendezvous_stops_at_once(self):
+        # Rank 0 of 2 waits for a rank 1 that never comes; a stop (preemption, Ctrl-C) must not wait out
+        # the 60 s rendezvous deadline.
+        config = self.write("job.yaml", manifest(workers=2, data_kind="synthetic", samples=1024))
+        env = dict(os.environ, **self.worker_env(0, free_port()))
+        process = subprocess.Popen([WORKER, "--config", config, "--rendezvous-timeout", "60"], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        time.sleep(1.5)
+        process.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        _, err = process.communicate(timeout=30)
+        self.assertLess(time.monotonic() - stopped, 5, "the stop waited for the rendezvous deadline")
+        self.assertEqual(process.returncode, 143, err)
+        self.assertIn("stopping: stopped while waiting at the rendezvous", err)
 
     def test_a_rank_outside_the_world_is_refused_before_it_joins(self):
         config = self.write("job.yaml", manifest(workers=2, data_kind="synthetic", samples=1024))

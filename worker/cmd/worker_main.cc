@@ -295,7 +295,11 @@ int run(int argc, char** argv) {
                                  identity->podAddress, configHash};
     log::info() << "joining rendezvous at " << identity->endpoint << " (generation " << identity->generation << ", "
                 << identity->worldSize << " ranks, deadline " << arguments->rendezvousTimeoutSeconds << "s)";
-    auto joined = rendezvousClient->join(join, rendezvousTimeout);
+    auto joined = rendezvousClient->join(join, rendezvousTimeout, &stopSignal);
+    if (!joined.ok() && joined.status().code() == StatusCode::kCancelled) {
+      log::warning() << "stopping: " << joined.status().message();
+      return 128 + stopSignal.load();
+    }
     if (!joined.ok()) return fail(joined.status());
 
     comm::GlooOptions glooOptions;

@@ -1,7 +1,10 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
+#include <thread>
 
 #include "tandem/rendezvous/rendezvous.h"
 #include "tandem/v1/rendezvous.grpc.pb.h"
@@ -82,7 +85,8 @@ RendezvousClient::RendezvousClient(std::string endpoint, std::string token, int6
 
 RendezvousClient::~RendezvousClient() = default;
 
-StatusOr<JoinResult> RendezvousClient::join(const JoinRequest& request, std::chrono::milliseconds timeout) {
+StatusOr<JoinResult> RendezvousClient::join(const JoinRequest& request, std::chrono::milliseconds timeout,
+                                            const std::atomic<int>* stop) {
   tandem::v1::JoinRequest message;
   message.set_job(request.job);
   message.set_generation(request.generation);
@@ -94,7 +98,29 @@ StatusOr<JoinResult> RendezvousClient::join(const JoinRequest& request, std::chr
   tandem::v1::JoinResponse response;
   grpc::ClientContext context;
   impl_->prepare(context, timeout);
-  TANDEM_RETURN_IF_ERROR(impl_->convert(impl_->stub->Join(&context, message, &response), endpoint_, "Join", timeout));
+  // A stop request cancels the call from a watcher: the call itself can only wait out its deadline.
+  std::mutex doneMutex;
+  std::condition_variable doneChanged;
+  bool done = false;
+  std::thread watcher;
+  if (stop != nullptr)
+    watcher = std::thread([&] {
+      std::unique_lock<std::mutex> lock(doneMutex);
+      while (!done && stop->load() == 0) doneChanged.wait_for(lock, std::chrono::milliseconds(50));
+      if (!done) context.TryCancel();
+    });
+  const grpc::Status called = impl_->stub->Join(&context, message, &response);
+  if (watcher.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(doneMutex);
+      done = true;
+    }
+    doneChanged.notify_all();
+    watcher.join();
+  }
+  if (stop != nullptr && stop->load() != 0 && !called.ok())
+    return TANDEM_ERROR(StatusCode::kCancelled, "stopped while waiting at the rendezvous " + endpoint_);
+  TANDEM_RETURN_IF_ERROR(impl_->convert(called, endpoint_, "Join", timeout));
   JoinResult result;
   for (const auto& peer : response.peers()) result.peerAddresses.push_back(peer.address());
   result.ncclUniqueId = response.nccl_unique_id();

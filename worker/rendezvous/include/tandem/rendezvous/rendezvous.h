@@ -3,6 +3,7 @@
 // deadline: nothing here waits forever. The token is compared, never logged.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -57,8 +58,10 @@ class RendezvousClient {
   // Waits for the server to come up and for all ranks to join, both within `timeout`.
   // Errors: UNAVAILABLE/DEADLINE_EXCEEDED "cannot reach the rendezvous at ... within Ns" when the server
   // never answered; PERMISSION_DENIED on a wrong token; FAILED_PRECONDITION on another generation or
-  // config; DEADLINE_EXCEEDED naming the missing ranks when some ranks never came.
-  StatusOr<JoinResult> join(const JoinRequest& request, std::chrono::milliseconds timeout);
+  // config; DEADLINE_EXCEEDED naming the missing ranks when some ranks never came; CANCELLED soon after
+  // *stop turns non-zero (a SIGTERM while waiting for peers that may never come).
+  StatusOr<JoinResult> join(const JoinRequest& request, std::chrono::milliseconds timeout,
+                            const std::atomic<int>* stop = nullptr);
   Status barrier(int rank, const std::string& name, std::chrono::milliseconds timeout);
   // Returns the ranks the server has not heard from within its heartbeat timeout.
   StatusOr<std::vector<int>> heartbeat(int rank, int64_t step, std::chrono::milliseconds timeout);
