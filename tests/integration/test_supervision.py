@@ -165,6 +165,13 @@ class Launcher(TempDirTest):
         self.assertIn("loss nan", result.stdout)
         self.assertRegex(result.stdout, r"summary: default/custom  test accuracy nan%  test loss nan  steps 2 ")
 
+    def test_worker_flags_that_a_custom_command_ignores_are_named(self):
+        result = subprocess.run([TANDEM, "run", self.write("custom.yaml", custom_manifest("pass")), "--max-steps", "5",
+                                 "--grace-seconds", "10"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("tandem: --max-steps has no effect in custom mode", result.stderr)
+        self.assertNotIn("--grace-seconds has no effect", result.stderr)  # it sets tandem's own wait
+
     def test_a_worker_that_cannot_be_started_ends_the_run_and_its_started_peers(self):
         # Too few file descriptors for every worker's output pipes: this machine's limit, retryable (150).
         limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))

@@ -240,6 +240,9 @@ INSTANTIATE_TEST_SUITE_P(
         ErrorCase{"NameStartingWithADigit", replace(kMinimal, "name: small", "name: 7b-run"), "metadata.name",
                   "starting with a letter"},
         ErrorCase{"NameEmpty", replace(kMinimal, "name: small", "name: \"\""), "metadata.name", "DNS-1035"},
+        ErrorCase{"FewerSyntheticSamplesThanABatch",
+                  replace(kMinimal, "data: {kind: synthetic}", "data: {kind: synthetic, samples: 32}"),
+                  "spec.data.samples", "32 synthetic samples are fewer than one global batch"},
         ErrorCase{"NamespaceUpperCase", replace(kMinimal, "name: small", "name: small\n  namespace: ML"),
                   "metadata.namespace", "DNS-1123 label"}),
     [](const auto& info) { return info.param.name; });

@@ -206,9 +206,15 @@ int run(const std::vector<std::string>& arguments) {
   if (!spec.model.present && spec.hasCustomCommand) {
     // Custom mode (DESIGN.md §2): the template's command runs unchanged, with the same environment.
     options.workerBinary = spec.customCommand.front();
+    std::cerr << "tandem: custom mode: running " << options.workerBinary << " in every worker\n";
+    // The worker flags are tandem-worker's; the user's command takes its own arguments from the template.
+    // (--grace-seconds still sets how long tandem waits for the workers to stop.)
+    for (size_t i = 0; i + 1 < options.workerArguments.size(); i += 2)
+      if (options.workerArguments[i] != "--grace-seconds")
+        std::cerr << "tandem: " << options.workerArguments[i]
+                  << " has no effect in custom mode (the template's command runs as it is)\n";
     options.workerArguments.assign(spec.customCommand.begin() + 1, spec.customCommand.end());
     options.customCommand = true;
-    std::cerr << "tandem: custom mode: running " << options.workerBinary << " in every worker\n";
   }
   std::cerr << "tandem: running " << spec.jobKey() << " with " << spec.workers << " local worker"
             << (spec.workers == 1 ? "" : "s") << "\n";

@@ -357,6 +357,11 @@ std::vector<FieldError> validateCombinations(const JobSpec& job) {
     errors.push_back({"spec.training.globalBatchSize",
                       std::to_string(job.training.globalBatchSize) + " is not divisible by " + divisor});
   }
+  if (job.model.present && job.data.kind == "synthetic" && job.data.samples < job.training.globalBatchSize) {
+    errors.push_back({"spec.data.samples", std::to_string(job.data.samples) + " synthetic samples are fewer than one "
+                                           "global batch (spec.training.globalBatchSize " +
+                                               std::to_string(job.training.globalBatchSize) + ")"});
+  }
   if (job.model.present && stages > job.splittableLayers()) {
     errors.push_back({"spec.parallelism.pipelineStages",
                       std::to_string(stages) + " stages but the " + job.model.kind + " model has only " +
