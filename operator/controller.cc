@@ -352,6 +352,17 @@ Status Controller::createGang(const JobObject& job, const std::vector<const Crea
 }
 
 Status Controller::execute(const JobObject& job, const json& jobJson, const Plan& plan) {
+  bool statusWritten = false;
+  Status status = executeActions(job, jobJson, plan, statusWritten);
+  if (!status.ok() && statusWritten) {
+    // The phase change is recorded; its Event must be too, though an action after it failed.
+    for (const EmitEvent* event : plan.all<EmitEvent>())
+      if (event->ofStatus) emitEvent(job, *event);
+  }
+  return status;
+}
+
+Status Controller::executeActions(const JobObject& job, const json& jobJson, const Plan& plan, bool& statusWritten) {
   const auto& actions = plan.actions;
   for (size_t i = 0; i < actions.size(); ++i) {
     const Action& action = actions[i];
@@ -361,6 +372,7 @@ Status Controller::execute(const JobObject& job, const json& jobJson, const Plan
       auto written = client_.update(resources::kJobs.objectPath(job.nameSpace, job.name) + "/status", object);
       if (!written.ok()) return written.status();  // 409: decided on a stale copy; the next pass decides again
       jobs_->upsertIfNewer(std::move(written).value());
+      statusWritten = true;
       const int64_t restarted = (update->status.restarts + update->status.preemptions) -
                                 (job.status.restarts + job.status.preemptions);
       if (restarted > 0) metrics_.addJobRestarts(static_cast<double>(restarted));

@@ -214,6 +214,7 @@ class JobReconciler {
     for (ConditionType other : {ConditionType::kRunning, ConditionType::kRestarting, ConditionType::kSuspended})
       if (other != type && status_.hasTrueCondition(other)) setCondition(other, false, reason, message);
     event(eventType, reason, message);
+    events_.back().ofStatus = true;
   }
 
   void fail(const std::string& reason, const std::string& message) {

@@ -332,6 +332,8 @@ class OperatorEndToEnd(OperatorTestCase):
         self.assertIn("no-pods", failed[0]["message"])
         self.assertGreaterEqual(failed[0]["lastTimestamp"], failed[0]["firstTimestamp"])  # RFC 3339, whole seconds
         self.assertEqual(self.pods(ns, "refused"), [])
+        # The phase went to Created in the pass whose pod creation was refused: its Event was still sent.
+        self.assertIn("JobCreated", self.event_reasons(ns, "refused"))
 
         status, body = self.kube.request("DELETE", f"/api/v1/namespaces/{ns}/resourcequotas/no-pods")
         self.assertEqual(status, 200, body)

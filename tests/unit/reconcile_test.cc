@@ -338,6 +338,10 @@ TEST(Reconcile, FreshJobCreatesServiceSecretConfigMapAndEveryWorker) {
   EXPECT_EQ(status.condition(ConditionType::kCreated)->reason, reasons::kJobCreated);
   EXPECT_EQ(status.condition(ConditionType::kCreated)->lastTransitionTime, kT0);
   EXPECT_EQ(eventReasons(result), (std::vector<std::string>{reasons::kCreatedWorkers, reasons::kJobCreated}));
+  // JobCreated mirrors the status this plan writes: due even if the pod creations after it fail.
+  // CreatedWorkers describes those creations: not.
+  EXPECT_FALSE(result.all<EmitEvent>()[0]->ofStatus);
+  EXPECT_TRUE(result.all<EmitEvent>()[1]->ofStatus);
   EXPECT_FALSE(result.requeueAfter);  // no deadline, no TTL
 
   expectIdempotent(world, result, kT0);
@@ -557,7 +561,8 @@ std::vector<FailureCase> failureCases() {
   auto nodeUnreachable = [](ObservedPod& pod) { pod.nodeUnreachable = true; };
   auto taintManager = [](ObservedPod& pod) {
     pod.disruptionReason = "DeletionByTaintManager";
-    pod.deletionTimestamp = kT0 + seconds(100);
+    // 20 s before `now`: within the force-delete bound (long after it, the pod is also force-deleted).
+    pod.deletionTimestamp = kT0 + seconds(280);
   };
   auto deletedByUser = [](ObservedPod& pod) { pod.deletionTimestamp = kT0 + seconds(100); };
 

@@ -61,6 +61,8 @@ class Controller {
   void enqueueAllJobs();
   Observed observe(const JobObject& job) const;
   Status execute(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan);
+  // The plan's actions in order, stopping at the first failure; statusWritten: its UpdateStatus landed.
+  Status executeActions(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan, bool& statusWritten);
   Status createChild(const kube::Resource& resource, const JobObject& job, const nlohmann::json& object,
                      Informer* cache);
   Status createGang(const JobObject& job, const std::vector<const CreatePod*>& gang);

@@ -73,6 +73,9 @@ struct EmitEvent {
   EventType type = EventType::kNormal;
   std::string reason;
   std::string message;
+  // It mirrors a phase change of this plan's status: once that status is written the Event is due even
+  // if a later action fails (the next pass sees no change and would never send it).
+  bool ofStatus = false;
 };
 
 // Writes `status` through the status subresource.
