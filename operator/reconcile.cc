@@ -224,19 +224,23 @@ class JobReconciler {
 
   // A pod still terminating on an unreachable node after forceDeleteAfter will never be confirmed gone by
   // its kubelet; until it is, its name (and rank 0's DNS name) cannot be reused. Without the nodes
-  // informer (a namespaced install may not read Nodes) the taint manager's eviction says the same: it
-  // evicts only from nodes tainted unreachable or not ready.
+  // informer (a namespaced install may not read Nodes) the taint manager's eviction is the only hint, and
+  // a weaker one (it also evicts for a maintenance taint, from a node whose kubelet is alive and may
+  // still be stopping a stuck container): such a pod gets five times the bound.
   void forceDeleteStuckPods() {
     for (const ObservedPod& pod : observed_.pods) {
-      const bool nodeGone = pod.nodeUnreachable || pod.disruptionReason == "DeletionByTaintManager";
-      if (!pod.terminating() || !nodeGone) continue;
+      const bool evictedByTaint = pod.disruptionReason == "DeletionByTaintManager";
+      if (!pod.terminating() || !(pod.nodeUnreachable || evictedByTaint)) continue;
+      const Clock::duration bound = pod.nodeUnreachable ? Clock::duration(options_.forceDeleteAfter)
+                                                        : Clock::duration(options_.forceDeleteAfter * 5);
       const Clock::duration stuck = now_ - *pod.deletionTimestamp;
-      if (stuck < options_.forceDeleteAfter) {
-        requeueIn(options_.forceDeleteAfter - stuck);
+      if (stuck < bound) {
+        requeueIn(bound - stuck);
         continue;
       }
-      const std::string why = "terminating for " + secondsText(stuck) + " on unreachable node " + pod.nodeName +
-                              " (bound " + secondsText(options_.forceDeleteAfter) + ")";
+      const std::string why = "terminating for " + secondsText(stuck) +
+                              (pod.nodeUnreachable ? " on unreachable node " : " after the taint manager evicted it from node ") +
+                              pod.nodeName + " (bound " + secondsText(bound) + ")";
       deleting_.insert(pod.name);
       forceDeleted_.insert(pod.name);
       deletions_.push_back(DeletePod{pod.name, 0, true, why});
@@ -387,7 +391,8 @@ class JobReconciler {
     for (int64_t rank = 0; rank < workers(); ++rank) {
       const ObservedPod* pod = current_[rank];
       if (pod == nullptr) continue;
-      if (pod->phase == PodPhase::kRunning && !pod->terminating()) silent = silent.value_or(rank);
+      // Running with its worker container not yet exited (a sidecar keeps an exited worker's pod Running).
+      if (pod->phase == PodPhase::kRunning && !pod->terminating() && !pod->exitCode) silent = silent.value_or(rank);
       if (lostAPeer(*pod) && pod->finishedAt && (!first || *pod->finishedAt < *first)) first = pod->finishedAt;
     }
     if (!silent || !first) return false;

@@ -55,14 +55,14 @@ class TempDirTest(unittest.TestCase):
         return path
 
 
-def custom_manifest(script, workers=2):
-    """Custom mode: every worker runs `python3 -c script`; restartPolicy Never."""
+def custom_manifest(script, workers=2, restart_policy="Never"):
+    """Custom mode: every worker runs `python3 -c script`."""
     return f"""apiVersion: tandem.dev/v1alpha1
 kind: DistributedTrainingJob
 metadata: {{name: custom}}
 spec:
   workers: {workers}
-  runPolicy: {{restartPolicy: Never}}
+  runPolicy: {{restartPolicy: {restart_policy}}}
   template:
     spec:
       containers:

@@ -233,6 +233,9 @@ class FaultTolerance(TempDirTest):
         self.assertNotEqual(process.returncode, 0)
         self.assertIn('holds model "mlp 784-256-128-10 relu" but this job trains "mlp 784-64-10 relu"',
                       process.stderr_text)
+        # The other ranks hear of the refusal from rank 0 at once, instead of timing out waiting for a step.
+        self.assertIn("rank=1 FAILED_PRECONDITION: the checkpoint writers refused to resume", process.stderr_text)
+        self.assertNotIn("did not answer in time", process.stderr_text)
 
     def test_unwritable_checkpoint_directory_keeps_training(self):
         blocker = self.write("not-a-directory", "a file where the checkpoint directory should be")

@@ -123,6 +123,27 @@ class Launcher(TempDirTest):
         self.assertIn("interrupted again: killing all workers", err)
         self.assertNotIn("CHECKPOINTED", out)
 
+    def test_ctrl_c_while_a_failed_group_stops_means_no_restart(self):
+        # Rank 1 fails (retryable) at 1 s; rank 0 takes 3 s to stop after SIGTERM. A Ctrl-C in that window is
+        # the user's: under OnFailure tandem must not start another generation.
+        script = ("import os, signal, sys, time\n"
+                  "def stop(*_):\n"
+                  "    time.sleep(3); sys.exit(143)\n"
+                  "signal.signal(signal.SIGTERM, stop)\n"
+                  "time.sleep(1)\n"
+                  "if os.environ['RANK'] == '1': os._exit(150)\n"
+                  "time.sleep(60)\n")
+        process = subprocess.Popen([TANDEM, "run", self.write("custom.yaml", custom_manifest(script, restart_policy="OnFailure"))],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        time.sleep(2.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+        self.assertIn("worker rank 1 exited with code 150; stopping the other workers", err)
+        self.assertIn("the workers are already stopping; no restart", err)
+        self.assertNotIn("restarting as generation 1", err)
+        self.assertEqual(process.returncode, 150, err[-2000:])
+
     def test_workers_do_not_read_tandems_input(self):
         # tandem's stdin stays open and silent (as a terminal would): a worker reading it sees end of file.
         script = "import sys; print('INPUT', repr(sys.stdin.read()), flush=True)"

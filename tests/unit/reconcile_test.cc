@@ -697,20 +697,23 @@ TEST(Reconcile, RootCauseExplainsThePeersFailures) {
               pod.signal = 9;
             }, "worker 2 (pod fmnist-worker-2) was killed by signal 9"}}) {
     World world = runningWorld(JobOptions{});
-    exitWith(livePod(world, 0), 129);
+    for (int64_t rank : {0, 3}) {  // as a kubelet reports them: with the time they exited
+      exitWith(livePod(world, rank), 129);
+      livePod(world, rank).finishedAt = kT0 + seconds(99);
+    }
     fail(livePod(world, 2));
-    exitWith(livePod(world, 3), 129);
     const Plan result = plan(world, kT0 + seconds(100));
     ASSERT_EQ(result.status.phase, JobPhase::kRestarting) << describe(result);
     const std::string& message = result.status.condition(ConditionType::kRestarting)->message;
     EXPECT_NE(message.find(expected), std::string::npos) << message;
     EXPECT_EQ(message.find("code 129"), std::string::npos) << message;
   }
-  // With no better cause, the peer-lost exit is named, and said to be one.
+  // With no better cause (after the wait for one), the peer-lost exit is named, and said to be one.
   {
     World world = runningWorld(JobOptions{});
     exitWith(livePod(world, 1), 129);
-    const Plan result = plan(world, kT0 + seconds(100));
+    livePod(world, 1).finishedAt = kT0 + seconds(100);
+    const Plan result = plan(world, kT0 + seconds(191));
     const std::string& message = result.status.condition(ConditionType::kRestarting)->message;
     EXPECT_NE(message.find("worker 1 (pod fmnist-worker-1) exited with code 129 (lost a peer; retryable)"), std::string::npos)
         << message;
@@ -718,6 +721,16 @@ TEST(Reconcile, RootCauseExplainsThePeersFailures) {
 }
 
 TEST(Reconcile, PeersOfASilentWorkerWaitForItsCauseBeforeACountedRestart) {
+  {  // A pod kept Running by a sidecar after its worker exited is not a silent worker: no wait.
+    World world = runningWorld(JobOptions{});
+    for (int64_t rank = 0; rank < 4; ++rank) {
+      exitWith(livePod(world, rank), 129);
+      livePod(world, rank).finishedAt = kT0 + seconds(100);
+    }
+    livePod(world, 2).phase = PodPhase::kRunning;
+    const Plan result = plan(world, kT0 + seconds(105));
+    EXPECT_EQ(result.status.phase, JobPhase::kRestarting) << describe(result);
+  }
   // A node dies silently: its pod still looks Running while the others exit 129 ("lost a peer") at
   // kT0 + 100 s; Kubernetes marks the node unreachable only ~40 s later.
   auto world = [] {
@@ -978,9 +991,10 @@ TEST(Reconcile, PodStuckTerminatingOnUnreachableNodeIsForceDeletedAfterTheBound)
       {"grace period not over yet", -20, true, false, seconds(80)},
       {"reachable node: the kubelet will finish", 600, false, false, std::nullopt},
       // A namespaced install reads no Nodes; the taint manager's eviction tells it the node is gone.
-      {"evicted by the taint manager, node unknown: before the bound", 30, false, false, seconds(30),
+      // (a weaker hint: a maintenance taint evicts too, from a live kubelet), so five times the bound.
+      {"evicted by the taint manager, node unknown: past the bound", 60, false, false, seconds(240),
        "DeletionByTaintManager"},
-      {"evicted by the taint manager, node unknown: at the bound", 60, false, true, std::nullopt,
+      {"evicted by the taint manager, node unknown: at five times the bound", 300, false, true, std::nullopt,
        "DeletionByTaintManager"},
   };
   for (const Case& testCase : cases) {

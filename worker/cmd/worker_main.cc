@@ -296,7 +296,7 @@ int run(int argc, char** argv) {
     log::info() << "joining rendezvous at " << identity->endpoint << " (generation " << identity->generation << ", "
                 << identity->worldSize << " ranks, deadline " << arguments->rendezvousTimeoutSeconds << "s)";
     auto joined = rendezvousClient->join(join, rendezvousTimeout, &stopSignal);
-    if (!joined.ok() && joined.status().code() == StatusCode::kCancelled) {
+    if (!joined.ok() && joined.status().code() == StatusCode::kCancelled && stopSignal.load() != 0) {
       log::warning() << "stopping: " << joined.status().message();
       return 128 + stopSignal.load();
     }

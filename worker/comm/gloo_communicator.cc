@@ -385,20 +385,24 @@ std::shared_ptr<KeyValueStore> makeMemoryStore() { return std::make_shared<Memor
 
 StatusOr<std::unique_ptr<Communicator>> createGlooCommunicator(const GlooOptions& options,
                                                                 std::shared_ptr<KeyValueStore> store) {
-  std::shared_ptr<gloo::rendezvous::Context> context;
-  Status status = guarded("connecting the Gloo full mesh of " + std::to_string(options.size) + " ranks", [&] {
+  std::shared_ptr<gloo::transport::Device> device;
+  Status status = guarded("listening on " + options.hostAddress, [&] {
     gloo::transport::tcp::attr attributes;
     attributes.hostname = options.hostAddress;
-    auto device = gloo::transport::tcp::CreateDevice(attributes);
+    device = gloo::transport::tcp::CreateDevice(attributes);
+  });
+  // Gloo's checks fail here on this worker's network (an address it cannot bind, a name it cannot
+  // resolve), not on a bug: retryable, with this worker named as the cause.
+  if (status.code() == StatusCode::kInternal)
+    return Status(StatusCode::kResourceUnavailable, status.message() + " (this worker's network)", __FILE__, __LINE__);
+  if (!status.ok()) return status;
+  std::shared_ptr<gloo::rendezvous::Context> context;
+  status = guarded("connecting the Gloo full mesh of " + std::to_string(options.size) + " ranks", [&] {
     context = std::make_shared<gloo::rendezvous::Context>(options.rank, options.size);
     context->setTimeout(options.timeout);
     GlooStoreAdapter adapter(store, options.keyPrefix, options.timeout);
     context->connectFullMesh(adapter, device);
   });
-  // Setting up the mesh, Gloo's checks fail on this worker's network (an address it cannot bind, a name it
-  // cannot resolve), not on a bug: retryable, with this worker named as the cause.
-  if (status.code() == StatusCode::kInternal)
-    return Status(StatusCode::kResourceUnavailable, status.message() + " (this worker's network)", __FILE__, __LINE__);
   if (!status.ok()) return status;
   return std::unique_ptr<Communicator>(std::make_unique<GlooCommunicator>(std::move(context), options, store));
 }

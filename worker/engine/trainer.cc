@@ -479,7 +479,9 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
                                         const std::string& modelDescription, const std::string& trainingConfig,
                                         model::Sequential& network, optim::Optimizer& optimizer) {
   const checkpoint::CheckpointStore store = checkpointStore(options.spec, topology);
+  constexpr int64_t kRefused = -1;  // told to the other replicas instead of a step: none may resume
   int64_t chosen = 0;
+  Status refusal;
   std::optional<checkpoint::CheckpointState> loaded;
   if (topology.writesCheckpoints()) {
     const std::vector<int64_t> listed = store.listSteps();
@@ -493,14 +495,18 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
         // Every writer's verdict on this step: 0 verified, 1 unreadable here, 1000 another job's.
         float verdict = !shard.ok() ? 1000.0f : (*shard ? 0.0f : 1.0f);
         TANDEM_RETURN_IF_ERROR(topology.pipeline->allReduce(&verdict, 1).withContext("agreeing on a checkpoint"));
-        if (!shard.ok()) return shard.status();
-        if (verdict >= 1000.0f)
-          return TANDEM_ERROR(StatusCode::kFailedPrecondition,
-                              "another stage's shard of " + checkpoint::stepDirectoryName(step) +
-                                  " belongs to another model or optimizer (its log says which): refusing to resume");
+        if (verdict >= 1000.0f) {
+          refusal = !shard.ok() ? shard.status()
+                                : TANDEM_ERROR(StatusCode::kFailedPrecondition,
+                                               "another stage's shard of " + checkpoint::stepDirectoryName(step) +
+                                                   " belongs to another model or optimizer (its log says which): "
+                                                   "refusing to resume");
+          break;
+        }
         if (verdict > 0.0f) continue;  // some stage cannot read it: an older one
       } else if (!shard.ok()) {
-        return shard.status();
+        refusal = shard.status();
+        break;
       } else if (!*shard) {
         continue;
       }
@@ -508,12 +514,18 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
       chosen = step;
       break;
     }
-    if (topology.stage == 0 && !listed.empty() && chosen != listed.front())
+    if (!refusal.ok()) chosen = kRefused;
+    if (topology.stage == 0 && refusal.ok() && !listed.empty() && chosen != listed.front())
       log::warning() << "the newest checkpoint " << (topology.stages > 1 ? "every stage holds and can read" : "that verifies")
                      << " is " << (chosen > 0 ? checkpoint::stepDirectoryName(chosen) : std::string("none"));
   }
+  // Also when refusing: the other replicas wait in this broadcast, and would otherwise time out.
   if (topology.world != nullptr)
     TANDEM_RETURN_IF_ERROR(topology.world->broadcast(&chosen, sizeof(chosen), 0).withContext("sharing the checkpoint step"));
+  if (chosen == kRefused)
+    return !refusal.ok() ? refusal
+                         : TANDEM_ERROR(StatusCode::kFailedPrecondition,
+                                        "the checkpoint writers refused to resume (rank 0's log says why)");
   if (chosen == 0) return int64_t{0};
 
   int64_t optimizerSteps = 0;
@@ -777,8 +789,9 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       // A write hung on dead storage ends training here instead of in a collective's timeout elsewhere.
       TANDEM_RETURN_IF_ERROR(checkpointer->checkWriter());
       if (checkpointDue) {
-        // Waiting would stall this rank and every peer in the next collective: skip this one (every
-        // stage, when any stage's writer is busy: metrics[2] was summed over the world).
+        // Waiting would stall this rank and every peer in the next collective: skip this one (with a
+        // pipeline, every stage when any stage's writer is busy: metrics[2] was summed over the world;
+        // without one there is a single writer and only its own write counts).
         if (const auto inFlight = checkpointer->stepInFlight()) {
           log::warning() << "skipping the checkpoint of step " << step + 1 << ": "
                          << checkpoint::stepDirectoryName(*inFlight) << " is still being written";

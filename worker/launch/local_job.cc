@@ -140,7 +140,7 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   signal(SIGTERM, SIG_DFL);
   // Not tandem's terminal: a worker in a background process group that read it would be stopped
   // (SIGTTIN) and hang the job. A custom command that reads stdin sees end of file instead.
-  const int devNull = open("/dev/null", O_RDONLY);
+  const int devNull = open("/dev/null", O_RDONLY | O_CLOEXEC);  // the dup2'd copy stays open, not this one
   if (devNull >= 0) dup2(devNull, STDIN_FILENO);
   dup2(stdoutPipe[1], STDOUT_FILENO);
   dup2(stderrPipe[1], STDERR_FILENO);
@@ -422,12 +422,14 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
       // a short wait, then SIGKILL for one that hangs.
       beginStop(std::min(options.stopGrace, kFailedGroupGrace));
     }
-    if (interruptSignal != 0 && !stopDeadline) {
+    if (interruptSignal != 0 && !result.interrupted) {
+      // Also while a failed group is already stopping: no restart after it, the user asked to stop.
       result.interrupted = true;
       interruptsHandled = interruptCount;
       display.beforeOutput();
-      std::cerr << "\ntandem: " << strsignal(interruptSignal) << ": stopping all workers (again to kill them now)"
-                << std::endl;
+      std::cerr << "\ntandem: " << strsignal(interruptSignal)
+                << (stopDeadline ? ": the workers are already stopping; no restart" : ": stopping all workers")
+                << " (again to kill them now)" << std::endl;
       beginStop(options.stopGrace);  // the workers' grace period: they finish the step and checkpoint
     }
     if (stopDeadline && !killed && interruptCount > interruptsHandled) {
