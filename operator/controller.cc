@@ -8,6 +8,7 @@
 #include "tandem/common/random.h"
 #include "tandem/operator/api_convert.h"
 #include "tandem/operator/naming.h"
+#include "tandem/operator/objects.h"
 
 namespace tandem::operator_core {
 
@@ -40,12 +41,19 @@ void trimPod(json& pod) {
   pod = std::move(kept);
 }
 
-// Services, Secrets, ConfigMaps: only their metadata matters (and a Secret's token never stays in memory).
+// Services: only their metadata matters.
 void trimToMetadata(json& object) {
   trimMetadata(object);
   json metadata = std::move(object["metadata"]);
   metadata.erase("annotations");
   object = {{"metadata", std::move(metadata)}};
+}
+
+// ConfigMaps: their metadata and the manifest the workers train by (keepRunningSpec reads it).
+void trimConfigMap(json& object) {
+  json data = object.value("data", json::object());
+  trimToMetadata(object);
+  if (data.contains(kConfigKey)) object["data"] = {{kConfigKey, std::move(data[kConfigKey])}};
 }
 
 // Nodes: their name, Ready condition and taints (all that nodeUnreachable reads).
@@ -127,7 +135,7 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
                      }},
                     {kPodsByNode, [](const json& pod) { return pod.value("/spec/nodeName"_json_pointer, std::string()); }}});
   services_ = informer("services", resources::kServices, kJobLabel, trimToMetadata, child);
-  configMaps_ = informer("configmaps", resources::kConfigMaps, kJobLabel, trimToMetadata, child);
+  configMaps_ = informer("configmaps", resources::kConfigMaps, kJobLabel, trimConfigMap, child);
   // A node becoming unreachable changes the decision for every job with a pod there.
   nodes_ = informer(
       "nodes", resources::kNodes, "", trimNode,
@@ -288,7 +296,18 @@ Observed Controller::observe(const JobObject& job) const {
 Status Controller::reconcileKey(const std::string& key) {
   const auto object = jobs_->get(key);
   if (!object) return Status::Ok();  // deleted: owner references let the garbage collector remove the rest
-  const JobObject job = jobFromJson(*object);
+  // Once started, a job trains by the spec in its ConfigMap; only runPolicy edits apply.
+  json effective = *object;
+  std::string ignoredEdits;
+  const std::string uid = object->value("/metadata/uid"_json_pointer, std::string());
+  if (auto configMap = configMaps_->get(jobKey(object->value("/metadata/namespace"_json_pointer, std::string()),
+                                               configMapName(object->value("/metadata/name"_json_pointer, std::string())))))
+    if (childFromJson(*configMap).controllerUid == uid) ignoredEdits = keepRunningSpec(effective, *configMap);
+  const JobObject job = jobFromJson(effective);
+  if (!ignoredEdits.empty())
+    emitEvent(job, EmitEvent{EventType::kWarning, reasons::kSpecChangeIgnored,
+                             "edits of " + ignoredEdits + " do not apply to a job that has started (only spec.runPolicy "
+                             "does): delete and re-create the job to apply them"});
   ReconcileOptions options = options_.reconcile;
   options.rendezvousToken = secureRandomHex(32);  // used only when the Secret is missing
   const Plan plan = reconcile(job, observe(job), Clock::now(), options);

@@ -5,6 +5,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <regex>
+#include <set>
 
 #include "tandem/operator/naming.h"
 
@@ -235,6 +236,31 @@ StatusOr<json> buildConfigMap(const JobObject& job) {
               {"kind", "ConfigMap"},
               {"metadata", objectMeta(job, configMapName(job.name))},
               {"data", {{kConfigKey, document.dump(2) + "\n"}}}};
+}
+
+std::string keepRunningSpec(json& jobObject, const json& configMap) {
+  const json::json_pointer textAt("/data/" + std::string(kConfigKey));
+  if (!configMap.contains(textAt) || !configMap.at(textAt).is_string() || !jobObject.contains("spec") ||
+      !jobObject["spec"].is_object())
+    return "";
+  StatusOr<json> running = parseObjectText(configMap.at(textAt).get<std::string>());
+  if (!running.ok() || !running->is_object() || !running->contains("spec") || !(*running)["spec"].is_object()) return "";
+  json runningSpec = (*running)["spec"];
+  const json& liveSpec = jobObject["spec"];
+  std::set<std::string> changed;  // in name order
+  for (const json* side : {static_cast<const json*>(&runningSpec), &liveSpec})
+    for (const auto& [key, value] : side->items())
+      if (key != "runPolicy" && (!runningSpec.contains(key) || !liveSpec.contains(key) || runningSpec[key] != liveSpec[key]))
+        changed.insert(key);
+  if (changed.empty()) return "";
+  std::string ignored;
+  for (const std::string& key : changed) ignored += (ignored.empty() ? "spec." : ", spec.") + key;
+  if (liveSpec.contains("runPolicy"))
+    runningSpec["runPolicy"] = liveSpec["runPolicy"];
+  else
+    runningSpec.erase("runPolicy");
+  jobObject["spec"] = std::move(runningSpec);
+  return ignored;
 }
 
 bool isCustomMode(const JobObject& job, const json& podTemplate) {

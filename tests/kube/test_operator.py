@@ -220,6 +220,28 @@ class OperatorEndToEnd(OperatorTestCase):
         self.assertTrue(resumed and resumed[0] >= 400, log[-3000:])
         self.assertEqual(progress_steps(log)[-1], 6 * (60000 // 256))
 
+    def test_spec_edits_of_a_started_job_are_ignored_except_run_policy(self):
+        ns = self.namespace("edit")
+        self.create_job(ns, synthetic_job("edited", workers=2, epochs=1000))
+        self.wait_phase(ns, "edited", "Running", 120, self.operator)
+        uids = sorted(p["metadata"]["uid"] for p in self.pods(ns, "edited"))
+        # What `kubectl apply` of an edited file does: twice the workers, another learning rate.
+        edit = {"spec": {"workers": 4, "optimizer": {"kind": "adamw", "lr": 0.5}}}
+        self.kube.kubectl("patch", "distributedtrainingjobs.tandem.dev", "edited", "-n", ns, "--type=merge",
+                          "-p", json.dumps(edit), check=True)
+
+        def ignored():
+            return [e for e in self.events(ns, "edited") if e["reason"] == "SpecChangeIgnored"]
+        event = self.wait_for(ignored, 60, "a SpecChangeIgnored Event", interval=0.5)[0]
+        self.assertEqual(event["type"], "Warning")
+        self.assertIn("edits of spec.optimizer, spec.workers do not apply to a job that has started", event["message"])
+        self.assertEqual(sorted(p["metadata"]["uid"] for p in self.pods(ns, "edited")), uids, "the gang was left alone")
+        self.assertEqual(self.job(ns, "edited")["status"]["phase"], "Running")
+        # runPolicy does apply: suspending stops the gang.
+        self.kube.kubectl("patch", "distributedtrainingjobs.tandem.dev", "edited", "-n", ns, "--type=merge",
+                          "-p", json.dumps({"spec": {"runPolicy": {"suspend": True}}}), check=True)
+        self.wait_phase(ns, "edited", "Suspended", 60, self.operator)
+
     def test_deleting_the_job_removes_everything_it_owned(self):
         ns = self.namespace("delete")
         self.create_job(ns, synthetic_job("doomed", workers=2, epochs=1000))

@@ -775,6 +775,44 @@ TEST(Reconcile, PeersOfASilentWorkerWaitForItsCauseBeforeACountedRestart) {
   }
 }
 
+TEST(RunningSpec, OnlyRunPolicyEditsReachAJobThatHasStarted) {
+  // The ConfigMap the job started with, and the live object after a `kubectl apply` of an edited file.
+  const World world = makeWorld();
+  StatusOr<json> configMap = buildConfigMap(world.job);
+  ASSERT_TRUE(configMap.ok()) << configMap.status().toString();
+  StatusOr<json> started = parseObjectText(world.job.manifestText);
+  ASSERT_TRUE(started.ok());
+  json live = *started;
+  live["spec"]["workers"] = 2;
+  live["spec"]["optimizer"] = {{"lr", 0.1}};           // a field the started spec did not have
+  live["spec"]["runPolicy"]["suspend"] = true;         // applies
+  live["spec"]["runPolicy"]["backoffLimit"] = 7;       // applies
+  EXPECT_EQ(keepRunningSpec(live, *configMap), "spec.optimizer, spec.workers");
+  EXPECT_EQ(live["spec"]["workers"], 4);
+  EXPECT_FALSE(live["spec"].contains("optimizer"));
+  EXPECT_EQ(live["spec"]["runPolicy"]["suspend"], true);
+  EXPECT_EQ(live["spec"]["runPolicy"]["backoffLimit"], 7);
+  EXPECT_EQ(live["spec"]["model"], (*started)["spec"]["model"]);
+
+  // A field dropped by the edit is ignored too; an unedited job is left as it is.
+  json dropped = *started;
+  dropped["spec"].erase("checkpoint");
+  EXPECT_EQ(keepRunningSpec(dropped, *configMap), "spec.checkpoint");
+  EXPECT_EQ(dropped["spec"]["checkpoint"], (*started)["spec"]["checkpoint"]);
+  json same = *started;
+  same["spec"]["runPolicy"]["suspend"] = true;
+  EXPECT_EQ(keepRunningSpec(same, *configMap), "");
+  EXPECT_EQ(same["spec"]["runPolicy"]["suspend"], true);
+
+  // A ConfigMap that cannot be read: the live spec stands.
+  json unreadable = *configMap;
+  unreadable["data"][kConfigKey] = "{not json: [";
+  json edited = *started;
+  edited["spec"]["workers"] = 2;
+  EXPECT_EQ(keepRunningSpec(edited, unreadable), "");
+  EXPECT_EQ(edited["spec"]["workers"], 2);
+}
+
 TEST(Reconcile, ClassifiesPodFailures) {
   struct Case {
     const char* name;

@@ -33,6 +33,15 @@ nlohmann::json buildSecret(const JobObject& job, const std::string& token);
 // text under "job.yaml", which the worker's parseManifest reads from TANDEM_CONFIG.
 StatusOr<nlohmann::json> buildConfigMap(const JobObject& job);
 
+// A job's spec is fixed once its ConfigMap exists (the workers train by it): an edit of the live object
+// (`kubectl apply` of a changed file) would otherwise reach only the pods of the next generation, with
+// the old manifest and a new template or world size. Only spec.runPolicy (suspend, deadlines, TTL,
+// backoffLimit) applies to a job that has started. Given the live job object and its ConfigMap (as the
+// cache holds it: data included), puts the running spec, with the live runPolicy, into `jobObject` and
+// returns the spec fields whose edits are ignored ("spec.optimizer, spec.workers"); "" when none are,
+// or when the ConfigMap cannot be read (then the live spec stands).
+std::string keepRunningSpec(nlohmann::json& jobObject, const nlohmann::json& configMap);
+
 // Custom mode (DESIGN.md §2): no spec.model and the template's first container has a command.
 bool isCustomMode(const JobObject& job, const nlohmann::json& podTemplate);
 
