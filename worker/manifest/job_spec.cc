@@ -166,11 +166,17 @@ class MapReader {
   // Declares a key whose content is free-form (metadata.labels, spec.template).
   YAML::Node anything(const std::string& key) { return take(key); }
 
-  // Reports every key that no reader declared.
+  // Reports every key that no reader declared, and every key given twice (yaml-cpp keeps both and
+  // lookups see the first; kubectl refuses such a file).
   void finish() {
     if (!present()) return;
+    std::set<std::string> seen;
     for (const auto& entry : node_) {
       const std::string key = keyText(entry.first);
+      if (!seen.insert(key).second) {
+        errors_.push_back({pathOf(key), "given more than once"});
+        continue;
+      }
       if (std::find(known_.begin(), known_.end(), key) == known_.end())
         errors_.push_back({pathOf(key), "unknown field (known fields: " + joinWords(known_) + ")"});
     }
