@@ -41,7 +41,7 @@ void trimPod(json& pod) {
   pod = std::move(kept);
 }
 
-// Services: only their metadata matters.
+// Services, Secrets: only their metadata matters (and a Secret's token never stays in memory).
 void trimToMetadata(json& object) {
   trimMetadata(object);
   json metadata = std::move(object["metadata"]);
@@ -120,8 +120,7 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
                           options_.watchTimeoutSeconds, std::move(trim), optional, std::move(indexers)},
         std::move(handler));
   };
-  jobs_ = informer("distributedtrainingjobs", resources::kJobs, "", trimMetadata, [this](const json& job, bool deleted) {
-    if (deleted) noteSecret(job.value("/metadata/uid"_json_pointer, std::string()), false);  // gone with its owner
+  jobs_ = informer("distributedtrainingjobs", resources::kJobs, "", trimMetadata, [this](const json& job, bool) {
     queue_.add(Informer::keyOf(job));
     refreshJobCounts();
   });
@@ -135,6 +134,7 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
                      }},
                     {kPodsByNode, [](const json& pod) { return pod.value("/spec/nodeName"_json_pointer, std::string()); }}});
   services_ = informer("services", resources::kServices, kJobLabel, trimToMetadata, child);
+  secrets_ = informer("secrets", resources::kSecrets, kJobLabel, trimToMetadata, child);
   configMaps_ = informer("configmaps", resources::kConfigMaps, kJobLabel, trimConfigMap, child);
   // A node becoming unreachable changes the decision for every job with a pod there.
   nodes_ = informer(
@@ -147,7 +147,7 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
 }
 
 std::vector<Informer*> Controller::informers() const {
-  return {jobs_.get(), pods_.get(), services_.get(), configMaps_.get(), nodes_.get()};
+  return {jobs_.get(), pods_.get(), services_.get(), secrets_.get(), configMaps_.get(), nodes_.get()};
 }
 
 Controller::~Controller() { stop(); }
@@ -279,15 +279,8 @@ Observed Controller::observe(const JobObject& job) const {
   }
   if (auto service = services_->get(jobKey(job.nameSpace, serviceName(job.name))))
     observed.services.push_back(ObservedService{childFromJson(*service)});
-  {
-    std::lock_guard<std::mutex> lock(secretsMutex_);
-    if (secretsPresent_.count(job.uid)) {
-      ObservedSecret secret;
-      secret.name = secretName(job.name);
-      secret.controllerUid = job.uid;
-      observed.secrets.push_back(std::move(secret));
-    }
-  }
+  if (auto secret = secrets_->get(jobKey(job.nameSpace, secretName(job.name))))
+    observed.secrets.push_back(ObservedSecret{childFromJson(*secret)});
   if (auto configMap = configMaps_->get(jobKey(job.nameSpace, configMapName(job.name))))
     observed.configMaps.push_back(ObservedConfigMap{childFromJson(*configMap)});
   return observed;
@@ -349,15 +342,6 @@ Status Controller::deletePod(const JobObject& job, const std::string& name, std:
 
 void Controller::emitEvent(const JobObject& job, const EmitEvent& event) { events_.record(job, event); }
 
-void Controller::noteSecret(const std::string& jobUid, bool present) {
-  if (jobUid.empty()) return;
-  std::lock_guard<std::mutex> lock(secretsMutex_);
-  if (present)
-    secretsPresent_.insert(jobUid);
-  else
-    secretsPresent_.erase(jobUid);
-}
-
 void Controller::reportRefusedCreate(const JobObject& job, const std::string& what, const Status& status) {
   if (!isRefusal(status)) return;  // unavailable, conflicts: transient, retried without telling the user
   emitEvent(job, EmitEvent{EventType::kWarning, reasons::kFailedCreate, "creating " + what + ": " + status.message()});
@@ -414,8 +398,7 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
     } else if (const auto* service = std::get_if<CreateService>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kServices, job, service->object, services_.get()));
     } else if (const auto* secret = std::get_if<CreateSecret>(&action)) {
-      TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr));
-      noteSecret(job.uid, true);  // created, or already there
+      TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, secrets_.get()));
     } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
     } else if (std::holds_alternative<CreatePod>(action)) {
@@ -436,7 +419,6 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
                                                                            : resources::kConfigMaps;
       auto deleted = client_.remove(resource.objectPath(job.nameSpace, child->name));
       if (!deleted.ok() && !kube::isNotFound(deleted.status())) return deleted.status();
-      if (child->kind == ChildKind::kSecret) noteSecret(job.uid, false);
     } else if (std::holds_alternative<DeleteJob>(action)) {
       kube::DeleteOptions options;
       options.propagationPolicy = "Background";

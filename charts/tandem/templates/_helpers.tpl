@@ -79,13 +79,8 @@ them), used by the ClusterRole or, with watchNamespace, by a Role in that namesp
   verbs: [update]
 # The children of a job: created whole, never edited in place, deleted on restart and clean-up.
 - apiGroups: [""]
-  resources: [pods, services, configmaps]
+  resources: [pods, services, configmaps, secrets]
   verbs: [get, list, watch, create, delete]
-# The rendezvous token's Secret: created and deleted, never read (reading would grant every Secret in
-# the cluster; the workers get the token through secretKeyRef).
-- apiGroups: [""]
-  resources: [secrets]
-  verbs: [create, delete]
 # Events mirror every status transition.
 - apiGroups: [""]
   resources: [events]

@@ -1,4 +1,4 @@
-// The operator's control loop: informers for jobs and their children (not Secrets: see secretsPresent_) feed job keys into a rate-limited
+// The operator's control loop: informers for jobs and their children feed job keys into a rate-limited
 // work queue; workers turn a key into (JobObject, Observed) from the caches, call the pure reconcile(),
 // and apply the Plan through the API server in order, stopping at the first failure (the key is retried
 // with backoff; the next reconcile plans again from what it then sees). Writes are idempotent: a create
@@ -10,8 +10,6 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
-#include <mutex>
-#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -68,7 +66,6 @@ class Controller {
   Status createChild(const kube::Resource& resource, const JobObject& job, const nlohmann::json& object,
                      Informer* cache);
   Status createGang(const JobObject& job, const std::vector<const CreatePod*>& gang);
-  void noteSecret(const std::string& jobUid, bool present);
   // A create the API server refused (quota, admission, validation): a Warning Event, since the job's
   // status cannot say why it makes no progress. Retries of the same refusal aggregate into one Event.
   void reportRefusedCreate(const JobObject& job, const std::string& what, const Status& status);
@@ -83,12 +80,8 @@ class Controller {
   std::unique_ptr<Informer> jobs_;
   std::unique_ptr<Informer> pods_;
   std::unique_ptr<Informer> services_;
+  std::unique_ptr<Informer> secrets_;
   std::unique_ptr<Informer> configMaps_;
-  // The rendezvous Secrets known to exist, by job uid: learned from their create (or its AlreadyExists),
-  // never by reading Secrets, which would take read access to every Secret in the cluster. After a
-  // restart of the operator, a job's first pass creates its Secret again and learns AlreadyExists.
-  std::set<std::string> secretsPresent_;
-  mutable std::mutex secretsMutex_;
   std::unique_ptr<Informer> nodes_;  // optional: where the pods run, to recognise unreachable nodes
   std::vector<Informer*> informers() const;
   std::vector<std::thread> workers_;
