@@ -297,10 +297,11 @@ Status Controller::reconcileKey(const std::string& key) {
                                                configMapName(object->value("/metadata/name"_json_pointer, std::string())))))
     if (childFromJson(*configMap).controllerUid == uid) ignoredEdits = keepRunningSpec(effective, *configMap);
   const JobObject job = jobFromJson(effective);
-  if (!ignoredEdits.empty())
+  if (!ignoredEdits.empty() && firstWarningOf(job)) {
     emitEvent(job, EmitEvent{EventType::kWarning, reasons::kSpecChangeIgnored,
                              "edits of " + ignoredEdits + " do not apply to a job that has started (only spec.runPolicy "
                              "does): delete and re-create the job to apply them"});
+  }
   ReconcileOptions options = options_.reconcile;
   options.rendezvousToken = secureRandomHex(32);  // used only when the Secret is missing
   const Plan plan = reconcile(job, observe(job), Clock::now(), options);
@@ -341,6 +342,12 @@ Status Controller::deletePod(const JobObject& job, const std::string& name, std:
 }
 
 void Controller::emitEvent(const JobObject& job, const EmitEvent& event) { events_.record(job, event); }
+
+bool Controller::firstWarningOf(const JobObject& job) {
+  std::lock_guard<std::mutex> lock(warnedMutex_);
+  if (warnedEdits_.size() >= 4096) warnedEdits_.clear();  // bounded: a repeat only costs one more Event
+  return warnedEdits_.insert(job.uid + "/" + std::to_string(job.generation)).second;
+}
 
 void Controller::reportRefusedCreate(const JobObject& job, const std::string& what, const Status& status) {
   if (!isRefusal(status)) return;  // unavailable, conflicts: transient, retried without telling the user

@@ -306,8 +306,32 @@ class JobReconciler {
         childCreations_.push_back(CreateSecret{secretName(job_.name), buildSecret(job_, options_.rendezvousToken)});
       }
     }
-    if (!hasChild(observed_.configMaps, configMapName(job_.name)))
+    // The ConfigMap fixes the spec the job trains by (keepRunningSpec): a job created suspended gets it
+    // when it is first let run, so that edits made while it waits (a queue's, say) still apply.
+    if (!hasChild(observed_.configMaps, configMapName(job_.name)) && !job_.spec.runPolicy.suspend)
       childCreations_.push_back(CreateConfigMap{configMapName(job_.name), configMap_});
+    // A same-named child of a deleted job (the garbage collector has not removed it yet) makes our create
+    // find it "already there": the workers would mount the old manifest or token. Wait for it to go.
+    for (const std::string& name : foreignChildren()) {
+      waitingForForeign_ = true;
+      event(EventType::kNormal, reasons::kWaitingForPreviousJob,
+            name + " still belongs to a previous job of this name: creating workers once it is deleted");
+      requeueIn(std::chrono::seconds(5));
+    }
+  }
+
+  // Our children's names held by an object another owner controls.
+  std::vector<std::string> foreignChildren() const {
+    std::vector<std::string> names;
+    auto check = [&](const auto& children, const std::string& name, const char* kind) {
+      for (const auto& child : children)
+        if (child.name == name && !child.controllerUid.empty() && child.controllerUid != job_.uid)
+          names.push_back(std::string(kind) + " " + name);
+    };
+    check(observed_.services, serviceName(job_.name), "Service");
+    check(observed_.secrets, secretName(job_.name), "Secret");
+    check(observed_.configMaps, configMapName(job_.name), "ConfigMap");
+    return names;
   }
 
   // Deletes the current gang and moves to the next generation: its pods become stale from here on.
@@ -445,7 +469,7 @@ class JobReconciler {
     // A force-deleted pod is gone as soon as its deletion returns, and the executor creates after deleting.
     const bool staleLeft = std::any_of(stale_.begin(), stale_.end(),
                                        [&](const ObservedPod* pod) { return !forceDeleted_.count(pod->name); });
-    if (!missing.empty() && !staleLeft && !missingToken_) {
+    if (!missing.empty() && !staleLeft && !missingToken_ && !waitingForForeign_) {
       std::vector<std::string> names;
       for (int64_t rank : missing) {
         const std::string name = workerPodName(job_.name, rank);
@@ -562,6 +586,7 @@ class JobReconciler {
   nlohmann::json podTemplate_ = nlohmann::json::object();
   nlohmann::json configMap_;
   bool missingToken_ = false;
+  bool waitingForForeign_ = false;  // a child's name is still held by a previous job's object
   int64_t plannedPods_ = 0;
 
   std::vector<Action> childCreations_, deletions_, podCreations_;

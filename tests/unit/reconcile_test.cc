@@ -1212,10 +1212,38 @@ TEST(Reconcile, JobCreatedSuspendedGetsItsChildrenButNoPods) {
   EXPECT_EQ(result.status.generation, 0);
   EXPECT_EQ(result.all<CreateService>().size(), 1u);
   EXPECT_EQ(result.all<CreateSecret>().size(), 1u);
-  EXPECT_EQ(result.all<CreateConfigMap>().size(), 1u);
+  // Not the ConfigMap: it fixes the spec the job trains by, and edits made while it waits still apply.
+  EXPECT_TRUE(result.all<CreateConfigMap>().empty());
   EXPECT_TRUE(result.all<CreatePod>().empty());
   EXPECT_FALSE(result.status.startTime);
   expectIdempotent(world, result, kT0);
+}
+
+TEST(Reconcile, ARecreatedJobWaitsForThePreviousJobsChildrenToGo) {
+  // Deleted and re-created under the same name: the old job's ConfigMap and Secret are still there, owned by
+  // the old uid, and a create of ours would find them "already there".
+  World world = makeWorld();
+  for (const char* name : {"fmnist-config", "fmnist-rendezvous"}) {
+    ObservedChild old;
+    old.name = name;
+    old.controllerUid = "uid-of-the-deleted-job";
+    if (std::string(name) == "fmnist-config")
+      world.observed.configMaps.push_back(ObservedConfigMap{old});
+    else
+      world.observed.secrets.push_back(ObservedSecret{old});
+  }
+  const Plan waiting = plan(world, kT0);
+  EXPECT_TRUE(waiting.all<CreatePod>().empty()) << describe(waiting);
+  const std::vector<std::string> reasons = eventReasons(waiting);
+  EXPECT_EQ(std::count(reasons.begin(), reasons.end(), reasons::kWaitingForPreviousJob), 2) << describe(waiting);
+  ASSERT_TRUE(waiting.requeueAfter.has_value());
+  EXPECT_LE(*waiting.requeueAfter, seconds(5));
+  // Once the garbage collector removed them: ours are created, and the gang with them.
+  world.observed.configMaps.clear();
+  world.observed.secrets.clear();
+  const Plan created = plan(world, kT0 + seconds(5));
+  EXPECT_EQ(created.all<CreateConfigMap>().size(), 1u);
+  EXPECT_EQ(created.all<CreatePod>().size(), 4u) << describe(created);
 }
 
 // ---------------------------------------------------------------------------------------------------------

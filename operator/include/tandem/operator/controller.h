@@ -10,6 +10,8 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -71,6 +73,8 @@ class Controller {
   void reportRefusedCreate(const JobObject& job, const std::string& what, const Status& status);
   Status deletePod(const JobObject& job, const std::string& name, std::optional<int64_t> grace);
   void emitEvent(const JobObject& job, const EmitEvent& event);
+  // True once per job uid and metadata.generation: one SpecChangeIgnored Event per edit, not per pass.
+  bool firstWarningOf(const JobObject& job);
 
   kube::KubeClient& client_;
   ControllerOptions options_;
@@ -83,6 +87,8 @@ class Controller {
   std::unique_ptr<Informer> secrets_;
   std::unique_ptr<Informer> configMaps_;
   std::unique_ptr<Informer> nodes_;  // optional: where the pods run, to recognise unreachable nodes
+  std::set<std::string> warnedEdits_;  // "<uid>/<generation>" whose ignored edit was reported
+  std::mutex warnedMutex_;
   std::vector<Informer*> informers() const;
   std::vector<std::thread> workers_;
   int runningWorkers_ = 0;  // worker threads not yet returned, under workersMutex_
