@@ -42,12 +42,18 @@ std::optional<ConditionType> conditionFromName(const std::string& name) {
   return std::nullopt;
 }
 
-std::string controllerUidOf(const json& object) {
+// The ownerReference with controller=true, or null.
+const json* controllerOf(const json& object) {
   const json::json_pointer path("/metadata/ownerReferences");
-  if (!object.contains(path) || !object.at(path).is_array()) return "";
+  if (!object.contains(path) || !object.at(path).is_array()) return nullptr;
   for (const json& owner : object.at(path))
-    if (owner.value("controller", false)) return owner.value("uid", "");
-  return "";
+    if (owner.is_object() && owner.value("controller", false)) return &owner;
+  return nullptr;
+}
+
+std::string controllerUidOf(const json& object) {
+  const json* owner = controllerOf(object);
+  return owner != nullptr ? owner->value("uid", "") : "";
 }
 
 }  // namespace
@@ -176,6 +182,7 @@ ObservedPod podFromJson(const json& pod) {
     for (const auto& [key, value] : pod["metadata"]["labels"].items())
       if (value.is_string()) out.labels[key] = value.get<std::string>();
   out.controllerUid = controllerUidOf(pod);
+  if (const json* owner = controllerOf(pod)) out.controllerKind = owner->value("kind", "");
   const std::string phase = stringAt(pod, "/status/phase");
   if (phase == "Running") out.phase = PodPhase::kRunning;
   else if (phase == "Succeeded") out.phase = PodPhase::kSucceeded;

@@ -160,6 +160,12 @@ class JobReconciler {
   void sortPods() {
     current_.assign(static_cast<size_t>(workers()), nullptr);
     for (const ObservedPod& pod : observed_.pods) {
+      // Another controller's pod that carries our label is not ours to delete (a job of our kind with
+      // another uid is a deleted namesake: its leftovers are stale).
+      if (!pod.controllerUid.empty() && pod.controllerUid != job_.uid && pod.controllerKind != kJobKind) {
+        foreign_.push_back(&pod);
+        continue;
+      }
       const bool ours = pod.controllerUid.empty() || pod.controllerUid == job_.uid;
       auto jobLabel = pod.labels.find(kJobLabel);
       const std::optional<int64_t> rank = numericLabel(pod, kRankLabel);
@@ -469,7 +475,18 @@ class JobReconciler {
     // A force-deleted pod is gone as soon as its deletion returns, and the executor creates after deleting.
     const bool staleLeft = std::any_of(stale_.begin(), stale_.end(),
                                        [&](const ObservedPod* pod) { return !forceDeleted_.count(pod->name); });
-    if (!missing.empty() && !staleLeft && !missingToken_ && !waitingForForeign_) {
+    // A worker's name held by another controller's pod: never deleted, so the gang waits, and says why.
+    bool nameTaken = false;
+    for (const ObservedPod* pod : foreign_)
+      for (int64_t rank : missing)
+        if (pod->name == workerPodName(job_.name, rank)) {
+          nameTaken = true;
+          event(EventType::kWarning, reasons::kWaitingForPreviousJob,
+                "pod " + pod->name + " is controlled by a " + (pod->controllerKind.empty() ? "controller" : pod->controllerKind) +
+                    ", not by this job: not touching it; creating the workers once it is gone");
+          requeueIn(std::chrono::seconds(30));
+        }
+    if (!missing.empty() && !staleLeft && !missingToken_ && !waitingForForeign_ && !nameTaken) {
       std::vector<std::string> names;
       for (int64_t rank : missing) {
         const std::string name = workerPodName(job_.name, rank);
@@ -581,6 +598,7 @@ class JobReconciler {
 
   std::vector<const ObservedPod*> current_;  // by rank; nullptr where the rank has no pod
   std::vector<const ObservedPod*> stale_;
+  std::vector<const ObservedPod*> foreign_;  // labelled ours but controlled by another kind: left alone
   std::set<std::string> deleting_;      // pods this plan deletes
   std::set<std::string> forceDeleted_;  // of which force-deleted: gone once the deletion returns
   nlohmann::json podTemplate_ = nlohmann::json::object();

@@ -890,7 +890,8 @@ TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
   using namespace operator_core;
   const json pod = json::parse(R"({
     "metadata": {"name": "j-worker-1", "labels": {"tandem.dev/job": "j", "tandem.dev/rank": "1"},
-                 "ownerReferences": [{"uid": "other", "controller": false}, {"uid": "job-uid", "controller": true}],
+                 "ownerReferences": [{"uid": "other", "kind": "ReplicaSet", "controller": false},
+                                     {"uid": "job-uid", "kind": "DistributedTrainingJob", "controller": true}],
                  "creationTimestamp": "2026-11-27T04:00:00Z", "deletionTimestamp": "2026-11-27T04:10:00Z"},
     "spec": {"nodeName": "n1", "containers": [{"name": "worker"}, {"name": "sidecar"}]},
     "status": {"phase": "Failed", "reason": "NodeLost",
@@ -903,6 +904,7 @@ TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
   EXPECT_EQ(observed.name, "j-worker-1");
   EXPECT_EQ(observed.labels.at("tandem.dev/rank"), "1");
   EXPECT_EQ(observed.controllerUid, "job-uid");
+  EXPECT_EQ(observed.controllerKind, "DistributedTrainingJob");
   EXPECT_EQ(observed.phase, PodPhase::kFailed);
   EXPECT_FALSE(observed.ready);
   EXPECT_EQ(observed.exitCode, 137);  // the worker container's, not the sidecar's

@@ -972,11 +972,13 @@ TEST(Reconcile, StalePodsAreDeletedBeforeTheGangIsCreated) {
   world.observed.services.push_back({{"fmnist", kUid, std::nullopt}});
   world.observed.secrets.push_back({{"fmnist-rendezvous", kUid, std::nullopt}});
   world.observed.configMaps.push_back({{"fmnist-config", kUid, std::nullopt}});
-  auto pod = [](std::string name, std::string rank, std::string generation, std::string uid) {
+  auto pod = [](std::string name, std::string rank, std::string generation, std::string uid,
+                std::string kind = kJobKind) {
     ObservedPod observed;
     observed.name = std::move(name);
     observed.labels = {{"tandem.dev/job", "fmnist"}, {"tandem.dev/rank", rank}, {"tandem.dev/generation", generation}};
     observed.controllerUid = std::move(uid);
+    observed.controllerKind = std::move(kind);
     observed.phase = PodPhase::kRunning;
     return observed;
   };
@@ -986,6 +988,7 @@ TEST(Reconcile, StalePodsAreDeletedBeforeTheGangIsCreated) {
       pod("fmnist-worker-7", "7", "2", kUid),              // rank >= workers
       pod("fmnist-worker-2", "2", "2", "uid-of-old-job"),  // a deleted job of the same name
       pod("fmnist-worker-x", "x", "2", kUid),              // unreadable rank
+      pod("fmnist-debug", "0", "2", "uid-of-a-replicaset", "ReplicaSet"),  // another controller's: left alone
   };
   const Clock::time_point now = kT0 + seconds(40);
   const Plan result = plan(world, now);
@@ -1217,6 +1220,28 @@ TEST(Reconcile, JobCreatedSuspendedGetsItsChildrenButNoPods) {
   EXPECT_TRUE(result.all<CreatePod>().empty());
   EXPECT_FALSE(result.status.startTime);
   expectIdempotent(world, result, kT0);
+}
+
+TEST(Reconcile, AWorkerNameHeldByAnotherControllersPodIsWaitedForNotDeleted) {
+  World world = makeWorld();
+  ObservedPod squatter;
+  squatter.name = "fmnist-worker-1";
+  squatter.labels = {{"tandem.dev/job", "fmnist"}};
+  squatter.controllerUid = "uid-of-a-statefulset";
+  squatter.controllerKind = "StatefulSet";
+  squatter.phase = PodPhase::kRunning;
+  world.observed.pods.push_back(squatter);
+  const Plan waiting = plan(world, kT0);
+  EXPECT_TRUE(waiting.all<DeletePod>().empty()) << describe(waiting);
+  EXPECT_TRUE(waiting.all<CreatePod>().empty()) << "a gang is created whole" << describe(waiting);
+  bool said = false;
+  for (const EmitEvent* event : waiting.all<EmitEvent>())
+    said |= event->type == EventType::kWarning &&
+            event->message.find("pod fmnist-worker-1 is controlled by a StatefulSet, not by this job") != std::string::npos;
+  EXPECT_TRUE(said) << describe(waiting);
+  ASSERT_TRUE(waiting.requeueAfter.has_value());
+  world.observed.pods.clear();  // its owner removed it
+  EXPECT_EQ(plan(world, kT0 + seconds(30)).all<CreatePod>().size(), 4u);
 }
 
 TEST(Reconcile, ARecreatedJobWaitsForThePreviousJobsChildrenToGo) {

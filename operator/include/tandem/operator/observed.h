@@ -19,6 +19,7 @@ struct ObservedPod {
   std::string name;
   std::map<std::string, std::string> labels;  // tandem.dev/job, tandem.dev/rank, tandem.dev/generation
   std::string controllerUid;  // uid of the ownerReference with controller=true; empty when none
+  std::string controllerKind;  // its kind (DistributedTrainingJob for ours and a deleted namesake's)
   PodPhase phase = PodPhase::kPending;
   bool ready = false;  // the pod's Ready condition
   // The worker container's state.terminated, when it has terminated.
