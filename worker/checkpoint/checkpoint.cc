@@ -266,20 +266,26 @@ StatusOr<CheckpointState> CheckpointStore::read(int64_t step, int stage) const {
   }
 }
 
+StatusOr<std::optional<CheckpointState>> CheckpointStore::readMatching(
+    int64_t step, int stage, const std::string& modelDescription, const std::function<void(const std::string&)>& warn) const {
+  auto state = read(step, stage);
+  if (!state.ok()) {
+    if (warn) warn("skipping checkpoint " + stepDirectoryName(step) + ": " + state.status().message());
+    return std::optional<CheckpointState>();
+  }
+  if (state->modelDescription != modelDescription)
+    return TANDEM_ERROR(StatusCode::kFailedPrecondition,
+                        "checkpoint " + root_ + "/" + stepDirectoryName(step) + " holds model \"" + state->modelDescription +
+                            "\" but this job trains \"" + modelDescription +
+                            "\": refusing to resume (use another checkpoint.dir or job name to start over)");
+  return std::optional<CheckpointState>(std::move(state).value());
+}
+
 StatusOr<std::optional<CheckpointState>> CheckpointStore::loadNewestValid(
     const std::string& modelDescription, int stage, const std::function<void(const std::string&)>& warn) const {
   for (int64_t step : listSteps()) {
-    auto state = read(step, stage);
-    if (!state.ok()) {
-      if (warn) warn("skipping checkpoint " + stepDirectoryName(step) + ": " + state.status().message());
-      continue;
-    }
-    if (state->modelDescription != modelDescription)
-      return TANDEM_ERROR(StatusCode::kFailedPrecondition,
-                          "checkpoint " + root_ + "/" + stepDirectoryName(step) + " holds model \"" + state->modelDescription +
-                              "\" but this job trains \"" + modelDescription +
-                              "\": refusing to resume (use another checkpoint.dir or job name to start over)");
-    return std::optional<CheckpointState>(std::move(state).value());
+    TANDEM_ASSIGN_OR_RETURN(std::optional<CheckpointState> state, readMatching(step, stage, modelDescription, warn));
+    if (state) return state;
   }
   return std::optional<CheckpointState>();
 }

@@ -420,25 +420,17 @@ checkpoint::CheckpointStore checkpointStore(const manifest::JobSpec& spec, const
 // This writer's shard of `step`, checked against this job: nullopt when it does not verify (logged:
 // an older one may), an error when it belongs to another model or optimizer (no older one would do).
 StatusOr<std::optional<checkpoint::CheckpointState>> readShard(const checkpoint::CheckpointStore& store, int64_t step,
-                                                                const Topology& topology,
-                                                                const std::string& modelDescription,
+                                                                int stage, const std::string& modelDescription,
                                                                 model::Sequential& network, optim::Optimizer& optimizer) {
-  auto state = store.read(step, topology.stage);
-  if (!state.ok()) {
-    log::warning() << "skipping checkpoint " << checkpoint::stepDirectoryName(step) << ": " << state.status().message();
-    return std::optional<checkpoint::CheckpointState>();
-  }
-  if (state->modelDescription != modelDescription)
-    return TANDEM_ERROR(StatusCode::kFailedPrecondition,
-                        "checkpoint " + store.root() + "/" + checkpoint::stepDirectoryName(step) + " holds model \"" +
-                            state->modelDescription + "\" but this job trains \"" + modelDescription +
-                            "\": refusing to resume (use another checkpoint.dir or job name to start over)");
-  if (state->parameters.size() != static_cast<size_t>(network.parameterCount()) ||
-      state->optimizerState.size() != static_cast<size_t>(optimizer.stateSize()))
+  TANDEM_ASSIGN_OR_RETURN(
+      std::optional<checkpoint::CheckpointState> state,
+      store.readMatching(step, stage, modelDescription, [](const std::string& why) { log::warning() << why; }));
+  if (state && (state->parameters.size() != static_cast<size_t>(network.parameterCount()) ||
+                state->optimizerState.size() != static_cast<size_t>(optimizer.stateSize())))
     return TANDEM_ERROR(StatusCode::kFailedPrecondition,
                         store.root() + "/" + checkpoint::stepDirectoryName(step) +
                             ": optimizer state of another size (was the optimizer kind changed?)");
-  return std::optional<checkpoint::CheckpointState>(std::move(state).value());
+  return state;
 }
 
 // The steps every stage's writer lists, newest first: rank 0 gathers the writers' lists over replica 0's
@@ -490,7 +482,7 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
       TANDEM_ASSIGN_OR_RETURN(candidates, stepsAllStagesList(topology, listed));
     }
     for (int64_t step : candidates) {
-      auto shard = readShard(store, step, topology, modelDescription, network, optimizer);
+      auto shard = readShard(store, step, topology.stage, modelDescription, network, optimizer);
       if (topology.stages > 1) {
         // Every writer's verdict on this step: 0 verified, 1 unreadable here, 1000 another job's.
         float verdict = !shard.ok() ? 1000.0f : (*shard ? 0.0f : 1.0f);

@@ -198,16 +198,22 @@ Status startWorker(const LocalJobOptions& options, int rank, const std::map<std:
 
 }  // namespace
 
-double numberOr(const nlohmann::json& object, const char* key, double fallback) {
-  if (!object.is_object()) return fallback;
+namespace {
+const nlohmann::json* fieldOf(const nlohmann::json& object, const char* key) {
+  if (!object.is_object()) return nullptr;
   const auto found = object.find(key);
-  return found != object.end() && found->is_number() ? found->get<double>() : fallback;
+  return found != object.end() ? &*found : nullptr;
+}
+}  // namespace
+
+double numberOr(const nlohmann::json& object, const char* key, double fallback) {
+  const nlohmann::json* field = fieldOf(object, key);
+  return field != nullptr && field->is_number() ? field->get<double>() : fallback;
 }
 
 int64_t integerOr(const nlohmann::json& object, const char* key, int64_t fallback) {
-  if (!object.is_object()) return fallback;
-  const auto found = object.find(key);
-  return found != object.end() && found->is_number_integer() ? found->get<int64_t>() : fallback;
+  const nlohmann::json* field = fieldOf(object, key);
+  return field != nullptr && field->is_number_integer() ? field->get<int64_t>() : fallback;
 }
 
 std::string describeExit(int waitStatus) {

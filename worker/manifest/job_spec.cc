@@ -27,16 +27,16 @@ std::string describeNode(const YAML::Node& node) {
 // A quoted scalar ("4") is a string in YAML (and to the Kubernetes API server), never a number.
 bool isQuoted(const YAML::Node& node) { return node.IsScalar() && node.Tag() == "!"; }
 
-// node[key] for a mapping (undefined when absent); for anything else present, an error at `path`
-// naming what was expected, and undefined: subscripting a scalar would throw.
-YAML::Node childOf(const YAML::Node& node, const char* key, const std::string& path, const std::string& expected,
-                   std::vector<FieldError>& errors) {
+// node[key] when `node` is a mapping and the child is of type `wanted` (undefined when absent); for a
+// child of another type, an error at `path` naming what was expected, and undefined: subscripting a
+// scalar would throw.
+YAML::Node childOf(const YAML::Node& node, const char* key, YAML::NodeType::value wanted, const std::string& path,
+                   const std::string& expected, std::vector<FieldError>& errors) {
   if (!node.IsMap()) return YAML::Node(YAML::NodeType::Undefined);
   YAML::Node child = node[key];
   // An absent key gives a node that is not even valid to ask its type.
   if (!child.IsDefined() || child.IsNull()) return YAML::Node(YAML::NodeType::Undefined);
-  const bool wanted = expected.rfind("a list", 0) == 0 ? child.IsSequence() : child.IsMap();
-  if (!wanted) {
+  if (child.Type() != wanted) {
     errors.push_back({path, "expected " + expected + ", got " + describeNode(child)});
     return YAML::Node(YAML::NodeType::Undefined);
   }
@@ -284,8 +284,10 @@ void readSpec(MapReader& spec, JobSpec& job, std::vector<FieldError>& errors) {
       job.templateYaml = YAML::Dump(templateNode);
       // Only the shape Tandem reads is checked (the rest is the API server's business), without
       // subscripting a scalar, which would throw.
-      const YAML::Node podSpec = childOf(templateNode, "spec", "spec.template.spec", "a mapping (a PodSpec)", errors);
-      const YAML::Node containers = childOf(podSpec, "containers", "spec.template.spec.containers", "a list", errors);
+      const YAML::Node podSpec =
+          childOf(templateNode, "spec", YAML::NodeType::Map, "spec.template.spec", "a mapping (a PodSpec)", errors);
+      const YAML::Node containers =
+          childOf(podSpec, "containers", YAML::NodeType::Sequence, "spec.template.spec.containers", "a list", errors);
       YAML::Node first(YAML::NodeType::Undefined);
       if (containers.IsSequence() && containers.size() > 0) {
         first = containers[0];
@@ -294,8 +296,9 @@ void readSpec(MapReader& spec, JobSpec& job, std::vector<FieldError>& errors) {
           first = YAML::Node(YAML::NodeType::Undefined);
         }
       }
-      const YAML::Node command = childOf(first, "command", "spec.template.spec.containers[0].command", "a list", errors);
-      childOf(first, "args", "spec.template.spec.containers[0].args", "a list", errors);
+      const YAML::Node command =
+          childOf(first, "command", YAML::NodeType::Sequence, "spec.template.spec.containers[0].command", "a list", errors);
+      childOf(first, "args", YAML::NodeType::Sequence, "spec.template.spec.containers[0].args", "a list", errors);
       job.hasCustomCommand = command.IsSequence() && command.size() > 0;
       if (job.hasCustomCommand) {
         for (const char* list : {"command", "args"}) {

@@ -54,6 +54,11 @@ class CheckpointStore {
   // Reads and verifies one checkpoint: manifest, sizes, SHA-256 of every shard.
   StatusOr<CheckpointState> read(int64_t step, int stage = 0) const;
 
+  // `step` when it verifies and holds `modelDescription`; nullopt (reported through `warn`) when it does
+  // not verify; FAILED_PRECONDITION naming both models when it holds another model.
+  StatusOr<std::optional<CheckpointState>> readMatching(int64_t step, int stage, const std::string& modelDescription,
+                                                        const std::function<void(const std::string&)>& warn) const;
+
   // The newest checkpoint that verifies, skipping (and reporting through `warn`) the ones that do
   // not; nullopt when there is none. A checkpoint whose model differs is not skipped: it is an error
   // (FAILED_PRECONDITION naming both models), since resuming would silently start over.
