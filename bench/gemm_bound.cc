@@ -1,7 +1,11 @@
 // gemm_bound: the physical limit of the CPU engine for an MLP step: only the step's GEMMs (forward,
 // weight gradients, input gradients except the first layer's), in a plain loop through OpenBLAS.
 //   gemm_bound [--threads N] [--batch B] [--layers 784,256,128,10] [--seconds S]
-// Prints one JSON line: {"threads":..,"core":..,"batch":..,"gflops":..,"samplesPerSecond":..}
+// Prints one JSON line: {"threads":..,"core":..,"batch":..,"gflops":..,"samplesPerSecond":..} and how
+// steady the CPU was: step times' 10th, 50th and 90th percentiles, and the slowest and fastest quarter
+// second's GFLOP/s. Several copies on cores of their own (taskset) show whether a machine's cores keep
+// an even pace side by side, as a pipeline's stages need.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -68,15 +72,31 @@ int main(int argc, char** argv) {
   for (int i = 0; i < 20; ++i) step();  // warm caches and OpenBLAS threads
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
-  int64_t steps = 0;
+  std::vector<double> stepEnds;  // seconds since start
   double elapsed = 0;
   do {
-    for (int i = 0; i < 10; ++i) step();
-    steps += 10;
+    step();
     elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    stepEnds.push_back(elapsed);
   } while (elapsed < seconds);
-  std::printf("{\"threads\":%d,\"core\":\"%s\",\"batch\":%lld,\"stepsTimed\":%lld,\"gflops\":%.2f,\"samplesPerSecond\":%.0f}\n",
-              threads, tandem::kernels::gemmCore().c_str(), static_cast<long long>(batch), static_cast<long long>(steps), flopsPerStep * steps / elapsed / 1e9,
-              batch * steps / elapsed);
+  const int64_t steps = static_cast<int64_t>(stepEnds.size());
+  std::vector<double> stepMs;
+  for (size_t i = 0; i < stepEnds.size(); ++i) stepMs.push_back(1000 * (stepEnds[i] - (i == 0 ? 0.0 : stepEnds[i - 1])));
+  std::sort(stepMs.begin(), stepMs.end());
+  auto percentile = [&](double p) { return stepMs[static_cast<size_t>(p * static_cast<double>(stepMs.size() - 1))]; };
+  // Steps ending in each whole quarter second.
+  constexpr double kWindow = 0.25;
+  std::vector<int64_t> perWindow(static_cast<size_t>(elapsed / kWindow), 0);
+  for (const double end : stepEnds)
+    if (static_cast<size_t>(end / kWindow) < perWindow.size()) ++perWindow[static_cast<size_t>(end / kWindow)];
+  const auto [fewest, most] = perWindow.empty() ? std::pair<int64_t, int64_t>{0, 0}
+                                                : std::pair<int64_t, int64_t>{*std::min_element(perWindow.begin(), perWindow.end()),
+                                                                              *std::max_element(perWindow.begin(), perWindow.end())};
+  std::printf("{\"threads\":%d,\"core\":\"%s\",\"batch\":%lld,\"stepsTimed\":%lld,\"gflops\":%.2f,\"samplesPerSecond\":%.0f,"
+              "\"stepMsP10\":%.3f,\"stepMsP50\":%.3f,\"stepMsP90\":%.3f,\"windowGflopsMin\":%.2f,\"windowGflopsMax\":%.2f}\n",
+              threads, tandem::kernels::gemmCore().c_str(), static_cast<long long>(batch), static_cast<long long>(steps),
+              flopsPerStep * static_cast<double>(steps) / elapsed / 1e9, static_cast<double>(batch * steps) / elapsed, percentile(0.1),
+              percentile(0.5), percentile(0.9), flopsPerStep * static_cast<double>(fewest) / kWindow / 1e9,
+              flopsPerStep * static_cast<double>(most) / kWindow / 1e9);
   return 0;
 }

@@ -7,15 +7,18 @@ gradient: the first layer (784 x 512 x 2) costs what a 512 x 512 layer costs, so
 middle layers the partitioner's contiguous stages hold equal work for P = 2 (8 + 8 layer-equivalents)
 and P = 4 (4 each), made of the same GEMM shapes, as the theory assumes (its formula is for equal
 stages; a stage that is slower than the others makes every other stage wait on it each microbatch).
-fashion-mnist or synthetic data, D=1. The microbatch size is fixed (64 samples), so the global batch is
-64 x M: per-microbatch work stays the same, as the theory assumes, and activation memory shows what a
-schedule keeps alive.
+fashion-mnist or synthetic data, D=1. The microbatch size is fixed (64 samples unless --micro-batch-size
+says otherwise), so the global batch is 64 x M: per-microbatch work stays the same, as the theory
+assumes, and activation memory shows what a schedule keeps alive. Larger microbatches make longer ops,
+next to which a hop's fixed cost (a message and the thread wake-ups around it) and a machine's timing
+jitter weigh less.
 Bubble ratio of a stage = time blocked on its neighbours / (that + its forward and backward compute);
 the table gives the mean over stages, and "stage imbalance" the slowest stage's compute over the
 mean stage's (1.00 = equal stages).
 
     python3 bench/pipeline_bench.py [--build build] [--steps 12] [--data fashion-mnist|synthetic]
                                     [--bind-cores] [--micro-batches 1,2,4,8,16] [--stages 2,4] [--logs DIR]
+                                    [--micro-batch-size 64]
 
 --logs DIR keeps every run's log (with TANDEM_LOG_LEVEL=debug in the environment, each stage's
 timeline of every step: where it waited on which neighbour).
@@ -39,16 +42,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-DATA = {
-    "fashion-mnist": "{kind: fashion-mnist, path: /usr/share/datasets/fashion-mnist}",
-    "synthetic": "{kind: synthetic, samples: 40000}",
-}
+def data_spec(data, samples_needed):
+    if data == "fashion-mnist":
+        return "{kind: fashion-mnist, path: /usr/share/datasets/fashion-mnist}"
+    # Enough samples that the run ends within its first epoch (no evaluation between steps).
+    return f"{{kind: synthetic, samples: {max(40000, samples_needed)}}}"
 
 
 HIDDEN = "[" + ", ".join(["512"] * 16) + "]"
 
 
-def job(stages, micro_batches, schedule, data):
+def job(stages, micro_batches, schedule, data, micro_batch_size, steps):
     return f"""apiVersion: tandem.dev/v1alpha1
 kind: DistributedTrainingJob
 metadata: {{name: bubble}}
@@ -56,16 +60,16 @@ spec:
   workers: {stages}
   parallelism: {{pipelineStages: {stages}, microBatches: {micro_batches}, schedule: {schedule}}}
   model: {{kind: mlp, mlp: {{hidden: {HIDDEN}, activation: relu}}}}
-  data: {DATA[data]}
+  data: {data_spec(data, micro_batch_size * micro_batches * (steps + 1))}
   optimizer: {{kind: adamw, lr: 1.0e-4}}
-  training: {{globalBatchSize: {64 * micro_batches}, epochs: 1, seed: 1}}
+  training: {{globalBatchSize: {micro_batch_size * micro_batches}, epochs: 1, seed: 1}}
 """
 
 
-def measure(tandem, workdir, stages, micro_batches, schedule, steps, data, bind_cores, logs):
+def measure(tandem, workdir, stages, micro_batches, schedule, steps, data, bind_cores, logs, micro_batch_size):
     path = os.path.join(workdir, "job.yaml")
     with open(path, "w") as f:
-        f.write(job(stages, micro_batches, schedule, data))
+        f.write(job(stages, micro_batches, schedule, data, micro_batch_size, steps))
     command = [tandem, "run", path, "--max-steps", str(steps), "--quiet"] + (["--bind-cores"] if bind_cores else [])
     result = subprocess.run(command, capture_output=True, text=True,
                             env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
@@ -90,11 +94,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--build", default=os.path.join(ROOT, "build"))
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--data", choices=sorted(DATA), default="fashion-mnist")
+    parser.add_argument("--data", choices=["fashion-mnist", "synthetic"], default="fashion-mnist")
     parser.add_argument("--bind-cores", action="store_true", help="each stage on cores of its own")
     parser.add_argument("--micro-batches", default="1,2,4,8,16", help="M values, comma-separated")
     parser.add_argument("--stages", default="2,4", help="P values, comma-separated")
     parser.add_argument("--logs", help="keep every run's log in this directory")
+    parser.add_argument("--micro-batch-size", type=int, default=64, help="samples per microbatch")
     args = parser.parse_args()
     if args.logs:
         os.makedirs(args.logs, exist_ok=True)
@@ -103,7 +108,8 @@ def main():
     tandem = os.path.join(args.build, "bin", "tandem")
     workdir = tempfile.mkdtemp(prefix="tandem-pipeline-bench-")
     print(f"# Pipeline benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
-          f"{args.steps} steps per point, 1 GEMM thread per stage, data {args.data}, "
+          f"{args.steps} steps per point, {args.micro_batch_size} samples per microbatch, 1 GEMM thread per stage, "
+          f"data {args.data}, "
           f"{'stages bound to cores of their own' if args.bind_cores else 'stages not bound to cores'}")
     print("\n## Bubble ratio (mean over stages) against theory (P-1)/(M+P-1)\n")
     print("| P | M | theory | GPipe | 1F1B | GPipe samples/s | 1F1B samples/s | stage imbalance GPipe / 1F1B |\n"
@@ -114,7 +120,7 @@ def main():
             row = {}
             for schedule in ("GPipe", "1F1B"):
                 stats, samples = measure(tandem, workdir, stages, micro, schedule, args.steps, args.data,
-                                         args.bind_cores, args.logs)
+                                         args.bind_cores, args.logs, args.micro_batch_size)
                 row[schedule] = (statistics.mean(s["bubble"] for s in stats.values()), samples, imbalance(stats))
                 memory[(stages, micro, schedule)] = stats
             theory = (stages - 1) / (micro + stages - 1)

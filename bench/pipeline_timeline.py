@@ -5,6 +5,10 @@ says how big each run's bubble was and what its ops looked like:
   start to the end of the pipeline's flush (when the last stage has logged its step), and its bubble is
   the part of that span it did not compute: the theory's (P-1)/(M+P-1) for equal, steady ops. (The
   engine counts the same since 2026-11-27; this recomputes it for logs of earlier runs as well.)
+- replayed: the bubble the very ops of each step (their order and measured durations) would leave if
+  messages took no time and the stages began the step together. It is the theory's figure for the ops
+  the machine really ran: bubble - replayed is what the engine itself added (messages, wake-ups, the
+  start of a step), replayed - theory what unequal and unsteady ops cost.
 - stage imbalance: the slowest stage's compute over the mean stage's;
 - forward / backward imbalance: the slowest stage's median forward (backward) over the fastest's. Stages
   balanced in total can still differ in each: GPipe, which runs all forwards and then all backwards, pays
@@ -51,12 +55,43 @@ def read_steps(path):
     return steps
 
 
+def replay(ops_by_stage):
+    """(idle, total) stage-milliseconds of one step replayed: ops_by_stage[stage] is that stage's
+    [(kind, microbatch, duration ms)] in the order it ran them. A forward waits for the previous stage's
+    forward of its microbatch, a backward for the next stage's backward; nothing else waits."""
+    stages = len(ops_by_stage)
+    ends = {}  # (stage, kind, microbatch): when it ends
+    clock = [0.0] * stages
+    position = [0] * stages
+    progressed = True
+    while progressed:
+        progressed = False
+        for stage in range(stages):
+            ops = ops_by_stage[stage]
+            while position[stage] < len(ops):
+                kind, micro_batch, duration = ops[position[stage]]
+                neighbour = stage - 1 if kind == "F" else stage + 1
+                start = clock[stage]
+                if 0 <= neighbour < stages:
+                    if (neighbour, kind, micro_batch) not in ends:
+                        break
+                    start = max(start, ends[(neighbour, kind, micro_batch)])
+                clock[stage] = ends[(stage, kind, micro_batch)] = start + duration
+                position[stage] += 1
+                progressed = True
+    if any(position[stage] < len(ops_by_stage[stage]) for stage in range(stages)):
+        raise ValueError("the stages' logged op orders wait on each other forever")
+    flush = max(clock)
+    busy = sum(duration for ops in ops_by_stage for _, _, duration in ops)
+    return stages * flush - busy, stages * flush
+
+
 def analyse(path, warmup_steps=1):
     steps = {step: by for step, by in read_steps(path).items() if step > warmup_steps}
     if not steps:
         return None
     stages = max(len(by) for by in steps.values())
-    idle = total = 0.0
+    idle = total = replayed_idle = replayed_total = 0.0
     compute = [0.0] * stages
     backward = {}
     by_stage = {}  # (stage, kind): durations
@@ -65,6 +100,9 @@ def analyse(path, warmup_steps=1):
         if len(by) != stages:
             continue
         counted += 1
+        step_idle, step_total = replay([by[stage][2] for stage in range(stages)])
+        replayed_idle += step_idle
+        replayed_total += step_total
         flush = max(end for _, end, _ in by.values())
         for stage, (start, _, durations) in by.items():
             busy = sum(d for _, _, d in durations)
@@ -84,6 +122,7 @@ def analyse(path, warmup_steps=1):
     return {"stages": stages, "micro_batches": micro_batches, "steps": counted,
             "forward_imbalance": across_stages("F"), "backward_imbalance": across_stages("B"),
             "theory": (stages - 1) / (micro_batches + stages - 1), "bubble": idle / total,
+            "replayed": replayed_idle / replayed_total,
             "imbalance": max(compute) / statistics.mean(compute), "spread": max(medians) / min(medians)}
 
 
@@ -102,16 +141,17 @@ def main():
         paths += glob.glob(os.path.join(argument, "*.log")) if os.path.isdir(argument) else [argument]
     if not paths:
         sys.exit(f"pipeline_timeline: no *.log in {' '.join(sys.argv[1:])}")
-    print("| run | P | M | steps | theory | bubble | over theory | stage imbalance | forward / backward imbalance | "
-          "backward spread |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | P | M | steps | theory | bubble | over theory | replayed | engine's part | stage imbalance | "
+          "forward / backward imbalance | backward spread |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(paths, key=run_order):
         result = analyse(path)
         if result is None:
-            print(f"| {os.path.basename(path)} | no timelines: run with TANDEM_LOG_LEVEL=debug | | | | | | | | |")
+            print(f"| {os.path.basename(path)} | no timelines: run with TANDEM_LOG_LEVEL=debug | | | | | | | | | | |")
             continue
         excess = 100 * (result["bubble"] - result["theory"])
         print(f"| {os.path.basename(path)} | {result['stages']} | {result['micro_batches']} | {result['steps']} | "
-              f"{result['theory']:.1%} | {result['bubble']:.1%} | {excess:+.1f} | {result['imbalance']:.2f} | "
+              f"{result['theory']:.1%} | {result['bubble']:.1%} | {excess:+.1f} | {result['replayed']:.1%} | "
+              f"{100 * (result['bubble'] - result['replayed']):+.1f} | {result['imbalance']:.2f} | "
               f"{result['forward_imbalance']:.2f} / {result['backward_imbalance']:.2f} | {result['spread']:.2f} |")
 
 

@@ -156,6 +156,49 @@ class StageTimeline(TempDirTest):
         self.assertIn('TANDEM_LOG_LEVEL: expected debug, info, warning or error, got "loud"', result.stderr)
 
 
+def schedule_order(schedule, stages, stage, micro_batches):
+    """A stage's ops in the order the engine runs them (parallel::pipelineSchedule)."""
+    forwards = [("F", m) for m in range(micro_batches)]
+    backwards = [("B", m) for m in range(micro_batches)]
+    if schedule == "GPipe":
+        return forwards + backwards
+    warmup = min(stages - stage - 1, micro_batches)
+    order = forwards[:warmup]
+    for m in range(micro_batches - warmup):
+        order += [forwards[warmup + m], backwards[m]]
+    return order + backwards[micro_batches - warmup:]
+
+
+class TimelineReplay(unittest.TestCase):
+    """bench/pipeline_timeline.py's replay: the bubble a step's ops would leave with instant messages. For
+    equal ops it is the theory's (P-1)/(M+P-1), for both schedules; a slow stage makes it larger."""
+
+    def replayed(self, schedule, stages, micro_batches, duration):
+        idle, total = pipeline_timeline.replay(
+            [[(kind, m, duration(stage, kind)) for kind, m in schedule_order(schedule, stages, stage, micro_batches)]
+             for stage in range(stages)])
+        return idle / total
+
+    def test_equal_ops_give_the_theory(self):
+        for schedule in ("GPipe", "1F1B"):
+            for stages in (2, 4):
+                for micro_batches in (1, 2, 4, 8, 16):
+                    bubble = self.replayed(schedule, stages, micro_batches, lambda stage, kind: 1.0 if kind == "F" else 2.0)
+                    self.assertAlmostEqual(bubble, (stages - 1) / (micro_batches + stages - 1), places=9,
+                                           msg=f"{schedule} P={stages} M={micro_batches}")
+
+    def test_a_slow_stage_leaves_more_bubble(self):
+        # P=2, M=4, GPipe, stage 1 twice as slow: the flush ends at 1 + 4*2 + 4*4 + 2 = 27 (stage 0's first
+        # forward, stage 1's forwards and backwards, stage 0's last backward); the stages computed 12 and
+        # 24. Bubble 1/3, where equal stages leave the theory's 1/5.
+        bubble = self.replayed("GPipe", 2, 4, lambda stage, kind: (1.0 if kind == "F" else 2.0) * (stage + 1))
+        self.assertAlmostEqual(bubble, (2 * 27 - 12 - 24) / (2 * 27), places=9)
+
+    def test_orders_that_wait_on_each_other_are_refused(self):
+        with self.assertRaises(ValueError):
+            pipeline_timeline.replay([[("B", 0, 1.0), ("F", 0, 1.0)], [("F", 0, 1.0), ("B", 0, 1.0)]])
+
+
 class PipelineFaultTolerance(TempDirTest):
     def run_to_end(self, name, text, interfere=None):
         config = self.write(f"{name}.yaml", text)

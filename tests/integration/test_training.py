@@ -287,5 +287,36 @@ class CustomMode(TempDirTest):
         self.assertNotIn("never", result.stdout)
 
 
+class ComputeThreadPlacement(TempDirTest):
+    """A worker that `tandem run --bind-cores` gave CPUs of its own keeps its compute thread apart."""
+
+    def test_a_bound_worker_gives_its_compute_thread_a_cpu_of_its_own(self):
+        # One worker bound to all of tandem's CPUs (at least two here): the thread that trains on the highest,
+        # the gradient-sum, checkpoint and transport threads on the others. TANDEM_PIN_COMPUTE_THREAD=0 keeps
+        # the scheduler's placement. (launch_unit_test's ThreadPlacement checks the threads' masks.)
+        cpus = sorted(os.sched_getaffinity(0))
+        self.assertGreaterEqual(len(cpus), 2, "needs two CPUs")
+        for pin in ("1", "0"):
+            env = {k: v for k, v in os.environ.items() if k != "TANDEM_PIN_COMPUTE_THREAD"}
+            if pin == "0":
+                env["TANDEM_PIN_COMPUTE_THREAD"] = "0"
+            result = subprocess.run([TANDEM, "run", EXAMPLE, "--workers", "1", "--max-steps", "2", "--bind-cores"],
+                                    capture_output=True, text=True, timeout=120, env=env)
+            self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+            placed = re.search(r"compute thread alone on CPU (\d+), the worker's other threads on CPUs ([\d,-]+)",
+                               result.stderr)
+            if pin == "0":
+                self.assertIsNone(placed, result.stderr[-2000:])
+                continue
+            self.assertIsNotNone(placed, result.stderr[-2000:])
+            self.assertEqual(int(placed.group(1)), cpus[-1])
+            others = set()
+            for part in placed.group(2).split(","):
+                first, _, last = part.partition("-")
+                others |= set(range(int(first), int(last or first) + 1))
+            self.assertTrue(others, placed.group(2))
+            self.assertLessEqual(others, set(cpus[:-1]))  # without the compute CPU (and its hyperthread sibling)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -1,8 +1,14 @@
 // launch/core_binding: how `tandem run --bind-cores` splits the machine's CPUs between local workers,
 // on made-up topologies (with and without hyperthreads) and on this machine's own.
 #include <gtest/gtest.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <set>
+#include <thread>
 
 #include "tandem/launch/core_binding.h"
 
@@ -90,6 +96,74 @@ TEST(CoreBinding, ThisMachineSplitsIntoDisjointSetsOfItsOwnCpus) {
     }
   }
   EXPECT_FALSE(planCoreBinding(*topology, workers + 1).ok());
+}
+
+TEST(ThreadPlacement, TheComputeThreadGetsTheHighestCpuAndTheOthersTheRestOffItsCore) {
+  const auto fourCores = planThreadPlacement(machine(4, false));
+  ASSERT_TRUE(fourCores.has_value());
+  EXPECT_EQ(fourCores->computeCpu, 3);
+  EXPECT_EQ(fourCores->otherCpus, (std::vector<int>{0, 1, 2}));
+  // A --bind-cores set of two cores with their hyperthreads: CPU 1, CPU 9's sibling, is left alone.
+  CpuTopology twoCoresSmt;
+  twoCoresSmt.cpus = {{0, 0}, {1, 1}, {8, 0}, {9, 1}};
+  const auto smt = planThreadPlacement(twoCoresSmt);
+  ASSERT_TRUE(smt.has_value());
+  EXPECT_EQ(smt->computeCpu, 9);
+  EXPECT_EQ(smt->otherCpus, (std::vector<int>{0, 8}));
+  // One core's two hyperthreads: the sibling is all there is for the other threads.
+  CpuTopology oneCoreSmt;
+  oneCoreSmt.cpus = {{5, 2}, {13, 2}};
+  const auto sibling = planThreadPlacement(oneCoreSmt);
+  ASSERT_TRUE(sibling.has_value());
+  EXPECT_EQ(sibling->computeCpu, 13);
+  EXPECT_EQ(sibling->otherCpus, (std::vector<int>{5}));
+  CpuTopology one;
+  one.cpus = {{3, 3}};
+  EXPECT_FALSE(planThreadPlacement(one).has_value());
+}
+
+std::set<int> affinityOf(pid_t tid) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::set<int> cpus;
+  if (sched_getaffinity(tid, sizeof(set), &set) != 0) return cpus;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+    if (CPU_ISSET(cpu, &set)) cpus.insert(cpu);
+  return cpus;
+}
+
+// In a child process, so that the test binary's own threads keep their CPUs: a thread started before
+// placeThreads ends up on the other CPUs, the calling thread on its CPU alone.
+TEST(ThreadPlacement, PlacesThisProcesssThreadsOnThisMachine) {
+  auto topology = readCpuTopology();
+  ASSERT_TRUE(topology.ok()) << topology.status().message();
+  if (topology->cpus.size() < 2) GTEST_SKIP() << "needs a machine with two CPUs";
+  const auto placement = planThreadPlacement(*topology);
+  ASSERT_TRUE(placement.has_value());
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    std::atomic<pid_t> helperTid{0};
+    std::atomic<bool> done{false};
+    std::thread helper([&] {
+      helperTid = static_cast<pid_t>(syscall(SYS_gettid));
+      while (!done) usleep(1000);
+    });
+    while (helperTid == 0) usleep(1000);
+    int code = 0;
+    if (!placeThreads(*placement).ok()) code = 1;
+    else if (affinityOf(0) != std::set<int>{placement->computeCpu}) code = 2;
+    else if (affinityOf(helperTid) != std::set<int>(placement->otherCpus.begin(), placement->otherCpus.end())) code = 3;
+    done = true;
+    helper.join();
+    _exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: placeThreads failed, 2: the calling thread is not on CPU "
+                                    << placement->computeCpu << " alone, 3: the other thread is not on CPUs "
+                                    << describeCpuList(placement->otherCpus);
 }
 
 }  // namespace

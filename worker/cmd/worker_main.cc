@@ -26,6 +26,7 @@
 #include "tandem/engine/trainer.h"
 #include "tandem/kernels/gemm.h"
 #include "tandem/kernels/gpu_info.h"
+#include "tandem/launch/core_binding.h"
 #include "tandem/manifest/job_spec.h"
 #include "tandem/metrics/worker_metrics.h"
 #include "tandem/rendezvous/heartbeat.h"
@@ -237,6 +238,26 @@ int fail(const Status& status) {
   return exitCodeFor(status);
 }
 
+// Not fatal: unplaced threads train as fast as before, only less evenly.
+void placeThreadsOnOwnCpus() {
+  StatusOr<launch::CpuTopology> topology = launch::readCpuTopology();
+  if (!topology.ok()) {
+    log::warning() << "threads not placed: " << topology.status().message();
+    return;
+  }
+  const std::optional<launch::ThreadPlacement> placement = launch::planThreadPlacement(*topology);
+  if (!placement) {
+    log::info() << "one CPU: the compute thread shares it with the worker's other threads";
+    return;
+  }
+  if (Status placed = launch::placeThreads(*placement); !placed.ok()) {
+    log::warning() << "threads not placed: " << placed.message();
+    return;
+  }
+  log::info() << "compute thread alone on CPU " << placement->computeCpu << ", the worker's other threads on CPUs "
+              << launch::describeCpuList(placement->otherCpus);
+}
+
 int run(int argc, char** argv) {
   auto arguments = parseArguments(argc, argv);
   if (!arguments.ok()) return fail(arguments.status());
@@ -379,6 +400,10 @@ int run(int argc, char** argv) {
       log::info() << "CUDA build: " << gpus << " GPU(s) visible, GPU 0 " << kernels::gpuDescription(0)
                   << "; spec.training.device auto trains on the cpu until the CUDA engine lands";
   }
+  // CPUs of its own (`tandem run --bind-cores` sets TANDEM_PIN_COMPUTE_THREAD=1): the compute thread
+  // gets one to itself once the trainer's threads are running.
+  if (const char* pin = std::getenv("TANDEM_PIN_COMPUTE_THREAD"); pin != nullptr && std::string(pin) == "1")
+    options.onThreadsStarted = placeThreadsOnOwnCpus;
   auto summary = engine::train(options, *dataset);
   if (!summary.ok()) {
     if (summary.status().code() == StatusCode::kCancelled) {

@@ -676,6 +676,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   };
 
   StageStep stageStep(*network, topology, data.train, operations, microBatchSize, globalBatch, allReduce, summary);
+  if (options.onThreadsStarted) options.onThreadsStarted();
   double evalSeconds = 0.0;
   std::optional<Clock::time_point> stopDeadline;
   const auto loopStart = Clock::now();

@@ -1,6 +1,13 @@
 #include "tandem/launch/core_binding.h"
 
+#include <dirent.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 
 #include <algorithm>
 #include <fstream>
@@ -31,7 +38,56 @@ std::vector<std::vector<int>> coresOf(const CpuTopology& topology) {
   return cores;
 }
 
+cpu_set_t cpuSetOf(const std::vector<int>& cpus) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (const int cpu : cpus) CPU_SET(cpu, &set);
+  return set;
+}
+
 }  // namespace
+
+std::optional<ThreadPlacement> planThreadPlacement(const CpuTopology& topology) {
+  if (topology.cpus.size() < 2) return std::nullopt;
+  const auto highest = std::max_element(topology.cpus.begin(), topology.cpus.end(),
+                                        [](const CpuTopology::Cpu& a, const CpuTopology::Cpu& b) { return a.id < b.id; });
+  ThreadPlacement placement;
+  placement.computeCpu = highest->id;
+  // Another core first: a hyperthread sibling shares the compute thread's caches and execution units.
+  for (const auto& cpu : topology.cpus)
+    if (cpu.coreKey != highest->coreKey) placement.otherCpus.push_back(cpu.id);
+  if (placement.otherCpus.empty())
+    for (const auto& cpu : topology.cpus)
+      if (cpu.id != highest->id) placement.otherCpus.push_back(cpu.id);
+  std::sort(placement.otherCpus.begin(), placement.otherCpus.end());
+  return placement;
+}
+
+Status placeThreads(const ThreadPlacement& placement) {
+  const pid_t self = static_cast<pid_t>(syscall(SYS_gettid));
+  const cpu_set_t others = cpuSetOf(placement.otherCpus);
+  DIR* tasks = opendir("/proc/self/task");
+  if (tasks == nullptr)
+    return TANDEM_ERROR(StatusCode::kInternal, std::string("/proc/self/task: ") + std::strerror(errno));
+  Status status = Status::Ok();
+  while (const dirent* entry = readdir(tasks)) {
+    const pid_t tid = static_cast<pid_t>(std::atoi(entry->d_name));
+    if (tid <= 0 || tid == self) continue;
+    // ESRCH: the thread ended since the listing; nothing to place.
+    if (sched_setaffinity(tid, sizeof(others), &others) != 0 && errno != ESRCH) {
+      status = TANDEM_ERROR(StatusCode::kInternal, "cannot move thread " + std::to_string(tid) + " to CPUs " +
+                                                       describeCpuList(placement.otherCpus) + ": " + std::strerror(errno));
+      break;
+    }
+  }
+  closedir(tasks);
+  TANDEM_RETURN_IF_ERROR(status);
+  const cpu_set_t compute = cpuSetOf({placement.computeCpu});
+  if (sched_setaffinity(0, sizeof(compute), &compute) != 0)
+    return TANDEM_ERROR(StatusCode::kInternal, "cannot bind the compute thread to CPU " +
+                                                   std::to_string(placement.computeCpu) + ": " + std::strerror(errno));
+  return Status::Ok();
+}
 
 StatusOr<CpuTopology> readCpuTopology() {
   cpu_set_t allowed;

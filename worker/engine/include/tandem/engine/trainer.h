@@ -75,6 +75,9 @@ struct TrainerOptions {
   std::function<void(const Progress&)> onProgress;  // rank 0, after every step
   std::function<void(const EvalResult&)> onEval;    // rank 0
   std::function<void(int64_t step)> onResume;        // rank 0, when training resumes from a checkpoint
+  // On the training thread before the first step, once the trainer's own threads (gradient sums,
+  // checkpoint writes) are running: where the worker places its threads on its CPUs.
+  std::function<void()> onThreadsStarted;
 };
 
 // Runs the whole training, resuming from the newest valid checkpoint when there is one. Returns

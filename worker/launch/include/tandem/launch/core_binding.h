@@ -3,6 +3,7 @@
 // other every microbatch, so a stage slowed by a neighbour on its core slows the whole pipeline.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,22 @@ struct CoreSet {
 // many as workers (cores / workers each, the rest left unused so that stages stay equal), else single
 // hyperthreads. Fails, naming --bind-cores, when there are fewer CPUs than workers.
 StatusOr<std::vector<CoreSet>> planCoreBinding(const CpuTopology& topology, int workers);
+
+// Inside a bound worker: the thread that runs forwards and backwards gets one CPU to itself, and every
+// other thread of the process (the gradient sums, checkpoint writes, the transport's and gRPC's threads)
+// the rest of the set, off that CPU's physical core where the set has other cores. Left to the
+// scheduler, the summing thread kept landing on the compute thread's core: the stage's ops then varied
+// by +-25% from step to step, and a pipeline waits on its slowest op at every hop (BENCHMARKS.md §3).
+struct ThreadPlacement {
+  int computeCpu = 0;
+  std::vector<int> otherCpus;
+};
+// The set's highest CPU computes: the lowest is the likelier to be CPU 0, which takes the device
+// interrupts Linux does not spread. nullopt when the set has a single CPU: nothing to separate.
+std::optional<ThreadPlacement> planThreadPlacement(const CpuTopology& topology);
+// The calling thread to computeCpu, every other thread of this process to otherCpus. Threads the
+// calling thread starts later inherit computeCpu alone: call it once the process's threads are running.
+Status placeThreads(const ThreadPlacement& placement);
 
 // "0-3,8,10-11"
 std::string describeCpuList(const std::vector<int>& cpus);
