@@ -481,7 +481,7 @@ class JobReconciler {
       for (int64_t rank : missing)
         if (pod->name == workerPodName(job_.name, rank)) {
           nameTaken = true;
-          event(EventType::kWarning, reasons::kWaitingForPreviousJob,
+          event(EventType::kWarning, reasons::kWorkerNameTaken,
                 "pod " + pod->name + " is controlled by a " + (pod->controllerKind.empty() ? "controller" : pod->controllerKind) +
                     ", not by this job: not touching it; creating the workers once it is gone");
           requeueIn(std::chrono::seconds(30));

@@ -1236,7 +1236,7 @@ TEST(Reconcile, AWorkerNameHeldByAnotherControllersPodIsWaitedForNotDeleted) {
   EXPECT_TRUE(waiting.all<CreatePod>().empty()) << "a gang is created whole" << describe(waiting);
   bool said = false;
   for (const EmitEvent* event : waiting.all<EmitEvent>())
-    said |= event->type == EventType::kWarning &&
+    said |= event->type == EventType::kWarning && event->reason == reasons::kWorkerNameTaken &&
             event->message.find("pod fmnist-worker-1 is controlled by a StatefulSet, not by this job") != std::string::npos;
   EXPECT_TRUE(said) << describe(waiting);
   ASSERT_TRUE(waiting.requeueAfter.has_value());

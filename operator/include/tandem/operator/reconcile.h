@@ -85,8 +85,9 @@ inline constexpr const char* kTtlExpired = "TTLExpired";
 inline constexpr const char* kMissingRendezvousToken = "MissingRendezvousToken";
 // Written by the executor, not planned: the API server refused to create a child object.
 inline constexpr const char* kFailedCreate = "FailedCreate";
-inline constexpr const char* kSpecChangeIgnored = "SpecChangeIgnored";
-inline constexpr const char* kWaitingForPreviousJob = "WaitingForPreviousJob";  // its children not yet collected  // an edit of a started job's spec
+inline constexpr const char* kSpecChangeIgnored = "SpecChangeIgnored";  // an edit of a started job's spec
+inline constexpr const char* kWaitingForPreviousJob = "WaitingForPreviousJob";  // its children not yet collected
+inline constexpr const char* kWorkerNameTaken = "WorkerNameTaken";  // by a pod another controller owns
 }  // namespace reasons
 
 // Why a pod of the current gang failed.
