@@ -222,17 +222,26 @@ ObservedPod podFromJson(const json& pod) {
   return out;
 }
 
-bool nodeUnreachable(const json& node) {
+std::optional<Clock::time_point> nodeUnreachableSince(const json& node) {
+  auto timeIn = [](const json& object, const char* key) {
+    const auto found = object.find(key);
+    std::optional<Clock::time_point> time;
+    if (found != object.end() && found->is_string()) time = parseTime(found->get<std::string>());
+    return time.value_or(Clock::time_point{});
+  };
   const json::json_pointer conditions("/status/conditions");
   if (node.contains(conditions) && node.at(conditions).is_array())
     for (const json& condition : node.at(conditions))
-      if (condition.value("type", "") == "Ready" && condition.value("status", "") == "Unknown") return true;
+      if (condition.is_object() && condition.value("type", "") == "Ready" && condition.value("status", "") == "Unknown")
+        return timeIn(condition, "lastTransitionTime");
   const json::json_pointer taints("/spec/taints");
   if (node.contains(taints) && node.at(taints).is_array())
     for (const json& taint : node.at(taints))
-      if (taint.value("key", "") == "node.kubernetes.io/unreachable") return true;
-  return false;
+      if (taint.is_object() && taint.value("key", "") == "node.kubernetes.io/unreachable") return timeIn(taint, "timeAdded");
+  return std::nullopt;
 }
+
+bool nodeUnreachable(const json& node) { return nodeUnreachableSince(node).has_value(); }
 
 ObservedChild childFromJson(const json& object) {
   ObservedChild out;

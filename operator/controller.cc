@@ -56,14 +56,18 @@ void trimConfigMap(json& object) {
   if (data.contains(kConfigKey)) object["data"] = {{kConfigKey, std::move(data[kConfigKey])}};
 }
 
-// Nodes: their name, Ready condition and taints (all that nodeUnreachable reads).
+// Nodes: their name, Ready condition (its status and when it last changed) and taints: all that
+// nodeUnreachableSince reads. Heartbeats, which change every few seconds, are dropped.
 void trimNode(json& node) {
   json metadata = {{"name", node["metadata"].value("name", "")},
                    {"resourceVersion", node["metadata"].value("resourceVersion", "")}};
   json conditions = json::array();
   if (node.contains("/status/conditions"_json_pointer))
     for (const json& condition : node["status"]["conditions"])
-      if (condition.value("type", "") == "Ready") conditions.push_back({{"type", "Ready"}, {"status", condition.value("status", "")}});
+      if (condition.value("type", "") == "Ready")
+        conditions.push_back({{"type", "Ready"},
+                              {"status", condition.value("status", "")},
+                              {"lastTransitionTime", condition.value("lastTransitionTime", "")}});
   json kept = {{"metadata", std::move(metadata)}, {"status", {{"conditions", std::move(conditions)}}}};
   if (node.contains("/spec/taints"_json_pointer)) kept["spec"] = {{"taints", node["spec"]["taints"]}};
   node = std::move(kept);
@@ -274,7 +278,11 @@ Observed Controller::observe(const JobObject& job) const {
   for (const json& pod : pods_->listByIndex(kPodsByJob, jobKey(job.nameSpace, job.name))) {
     ObservedPod observedPod = podFromJson(pod);
     if (!observedPod.nodeName.empty())
-      if (auto node = nodes_->get("/" + observedPod.nodeName)) observedPod.nodeUnreachable |= nodeUnreachable(*node);
+      if (auto node = nodes_->get("/" + observedPod.nodeName))
+        if (const auto since = nodeUnreachableSince(*node)) {
+          observedPod.nodeUnreachable = true;
+          observedPod.nodeUnreachableSince = since;
+        }
     observed.pods.push_back(std::move(observedPod));
   }
   if (auto service = services_->get(jobKey(job.nameSpace, serviceName(job.name))))

@@ -49,7 +49,9 @@ constexpr const char* kUsage =
     "  --workers N               jobs reconciled concurrently (default 4)\n"
     "  --resync-period S         re-reconcile every job this often (default 300)\n"
     "  --watch-timeout S         the server ends each watch after about this long (default 300)\n"
-    "  --force-delete-after S    force-delete pods stuck terminating on an unreachable node (default 60)\n";
+    "  --force-delete-after S    force-delete pods stuck terminating on an unreachable node (default 60)\n"
+    "  --unreachable-node-wait S restart a gang whose only failure is a worker on a node that stopped reporting\n"
+    "                            once it has been silent this long (default 60); another failure restarts at once\n";
 
 struct Flags {
   std::string kubeconfig;
@@ -66,14 +68,17 @@ struct Flags {
   double resyncPeriod = 300;
   int watchTimeout = 300;
   double forceDeleteAfter = 60;
+  double unreachableNodeWait = 60;
 };
 
 tandem::StatusOr<double> number(const std::string& flag, const std::string& text, double minimum) {
   char* end = nullptr;
   const double value = std::strtod(text.c_str(), &end);
-  if (text.empty() || end == nullptr || *end != '\0' || value < minimum)
-    return TANDEM_ERROR(StatusCode::kInvalidArgument,
-                        "--" + flag + ": \"" + text + "\" is not a number >= " + std::to_string(minimum));
+  // Bounded above (and NaN refused) so that every conversion to seconds or an int stays defined.
+  constexpr double kMaximum = 1e9;
+  if (text.empty() || end == nullptr || *end != '\0' || !(value >= minimum && value <= kMaximum))
+    return TANDEM_ERROR(StatusCode::kInvalidArgument, "--" + flag + ": \"" + text + "\" is not a number from " +
+                                                          std::to_string(minimum) + " to 1e9");
   return value;
 }
 
@@ -119,6 +124,7 @@ tandem::StatusOr<Flags> parseFlags(int argc, char** argv) {
     else if (name == "resync-period") { TANDEM_ASSIGN_OR_RETURN(flags.resyncPeriod, numeric(1)); }
     else if (name == "watch-timeout") { TANDEM_ASSIGN_OR_RETURN(double v, numeric(2)); flags.watchTimeout = static_cast<int>(v); }
     else if (name == "force-delete-after") { TANDEM_ASSIGN_OR_RETURN(flags.forceDeleteAfter, numeric(0)); }
+    else if (name == "unreachable-node-wait") { TANDEM_ASSIGN_OR_RETURN(flags.unreachableNodeWait, numeric(0)); }
     else return TANDEM_ERROR(StatusCode::kInvalidArgument, "unknown flag --" + name + "\n" + kUsage);
   }
   if (flags.renewDeadline >= flags.leaseDuration)
@@ -180,6 +186,7 @@ int run(int argc, char** argv) {
   options.identity = identity;
   options.reconcile.defaultWorkerImage = flags->workerImage;
   options.reconcile.forceDeleteAfter = std::chrono::seconds(static_cast<int64_t>(flags->forceDeleteAfter));
+  options.reconcile.unreachableNodeWait = std::chrono::seconds(static_cast<int64_t>(flags->unreachableNodeWait));
   Controller controller(client, options, metrics);
 
   std::atomic<bool> stop{false};

@@ -143,7 +143,7 @@ class JobReconciler {
     if (status_.phase == JobPhase::kSuspended) resume();
     if (deadlinePassed()) return finished();
     if (std::optional<Failure> failure = rootFailure()) {
-      if (waitForSilentPeerCause(*failure)) return finish();
+      if (waitForSilentPeerCause(*failure) || waitForUnreachableNode(*failure)) return finish();
       handleFailure(*failure);
       return isFinished(status_.phase) ? finished() : finish();
     }
@@ -433,6 +433,37 @@ class JobReconciler {
     }
     failure.detail += "; worker " + std::to_string(*silent) + " still looks Running but stopped answering its peers (no "
                       "other cause showed within " + std::to_string(options_.silentPeerWait.count()) + " s)";
+    return false;
+  }
+
+  // True while the only failures are workers on nodes that stopped reporting less than
+  // unreachableNodeWait ago (ReconcileOptions), still Running or Pending there as far as the API knows.
+  bool waitForUnreachableNode(Failure& failure) {
+    if (failure.cause != FailureCause::kNodeLost) return false;
+    std::optional<Clock::time_point> earliest;
+    std::string nodes;
+    for (int64_t rank = 0; rank < workers(); ++rank) {
+      const ObservedPod* pod = current_[rank];
+      if (pod == nullptr) {
+        if (status_.phase == JobPhase::kRunning) return false;  // deleted from the running gang
+        continue;
+      }
+      if (!classifyPod(*pod)) continue;
+      const bool onlyItsNode = pod->nodeUnreachableSince && !pod->terminating() && pod->disruptionReason.empty() &&
+                               pod->reason != "NodeLost" &&
+                               (pod->phase == PodPhase::kRunning || pod->phase == PodPhase::kPending);
+      if (!onlyItsNode) return false;  // a failure of its own: act now
+      if (!earliest || *pod->nodeUnreachableSince < *earliest) earliest = pod->nodeUnreachableSince;
+      if (nodes.find(pod->nodeName) == std::string::npos) nodes += (nodes.empty() ? "" : ", ") + pod->nodeName;
+    }
+    if (!earliest) return false;
+    const Clock::time_point until = *earliest + options_.unreachableNodeWait;
+    if (now_ < until) {
+      requeueIn(until - now_);
+      return true;
+    }
+    if (*earliest > Clock::time_point{})
+      failure.detail += "; node " + nodes + " stopped reporting " + secondsText(now_ - *earliest) + " ago";
     return false;
   }
 

@@ -32,7 +32,8 @@ JOBS = "/apis/tandem.dev/v1alpha1/namespaces/{ns}/distributedtrainingjobs"
 LEASE_FLAGS = ["--leader-elect", "--lease-namespace=default", "--lease-duration=4", "--renew-deadline=3",
                "--retry-period=0.5"]
 # Pods stuck terminating on an unreachable node are force-deleted 2 s after their grace period (default 60 s).
-E2E_FLAGS = LEASE_FLAGS + ["--force-delete-after=2"]
+# A worker whose node stopped reporting is given 4 s (default 60) before its gang restarts.
+E2E_FLAGS = LEASE_FLAGS + ["--force-delete-after=2", "--unreachable-node-wait=4"]
 
 
 class OperatorTestCase(kube_fixture.KubeTestCase):
@@ -305,13 +306,27 @@ class OperatorEndToEnd(OperatorTestCase):
         self.assertIn(status, (201, 409), body)
         self.addCleanup(self.kube.request, "DELETE", "/api/v1/nodes/lost-node")
         status, body = self.kube.request("GET", "/api/v1/nodes/lost-node")
-        body["status"] = {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}
+        silent_since = time.time()
+        body["status"] = {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
+                                          "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                              time.gmtime(silent_since))}]}
         status, body = self.kube.request("PUT", "/api/v1/nodes/lost-node/status", body)
         self.assertEqual(status, 200, body)
 
         manifest = synthetic_job("stranded", workers=2, epochs=1, runPolicy={"restartPolicy": "OnFailure", "backoffLimit": 0},
                                  template={"spec": {"nodeName": "lost-node", "terminationGracePeriodSeconds": 1}})
         self.create_job(ns, manifest)
+
+        # The first gang waits out --unreachable-node-wait (4 s from the whole second the node went silent).
+        def restarted():
+            job = self.job(ns, "stranded")
+            return job if job.get("status", {}).get("preemptions", 0) >= 1 else None
+        self.wait_for(restarted, 60, "a gang restart after node loss", interval=0.2)
+        self.assertGreaterEqual(time.time() - silent_since, 3.0, "restarted before the node had been silent 4 s")
+        # The Event follows the status write.
+        lost = self.wait_for(lambda: [e["message"] for e in self.events(ns, "stranded") if e["reason"] == "NodeLost"],
+                             30, "a NodeLost Event", interval=0.2)
+        self.assertIn("node lost-node stopped reporting", lost[0])
 
         def restarted_twice():
             job = self.job(ns, "stranded")

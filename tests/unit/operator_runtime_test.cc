@@ -929,6 +929,18 @@ TEST(ApiConvert, NodesAreUnreachableByReadyUnknownOrTheUnreachableTaint) {
   EXPECT_TRUE(nodeUnreachable(json::parse(
       R"({"spec": {"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]}})")));
   EXPECT_FALSE(nodeUnreachable(json::parse(R"({"spec": {"taints": [{"key": "gpu", "effect": "NoSchedule"}]}})")));
+  // Since when: the condition's transition, else the taint's; the epoch when neither says.
+  using operator_core::nodeUnreachableSince;
+  using operator_core::parseTime;
+  EXPECT_EQ(nodeUnreachableSince(json::parse(R"({"status": {"conditions": [{"type": "Ready", "status": "Unknown",
+      "lastTransitionTime": "2026-11-27T04:05:00Z"}]}, "spec": {"taints": [{"key": "node.kubernetes.io/unreachable",
+      "effect": "NoExecute", "timeAdded": "2026-11-27T04:05:06Z"}]}})")), parseTime("2026-11-27T04:05:00Z"));
+  EXPECT_EQ(nodeUnreachableSince(json::parse(R"({"spec": {"taints": [{"key": "node.kubernetes.io/unreachable",
+      "effect": "NoExecute", "timeAdded": "2026-11-27T04:05:06Z"}]}})")), parseTime("2026-11-27T04:05:06Z"));
+  EXPECT_EQ(nodeUnreachableSince(json::parse(R"({"status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}})")),
+            operator_core::Clock::time_point{});
+  EXPECT_FALSE(nodeUnreachableSince(json::parse(R"({"status": {"conditions": [{"type": "Ready", "status": "True",
+      "lastTransitionTime": "2026-11-27T04:05:00Z"}]}})")).has_value());
 }
 
 TEST(ApiConvert, JobsParseWithServerMetadataAndStatus) {

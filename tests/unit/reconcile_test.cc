@@ -1085,6 +1085,57 @@ TEST(Reconcile, PodStuckTerminatingOnUnreachableNodeIsForceDeletedAfterTheBound)
   }
 }
 
+TEST(Reconcile, AWorkerOnANodeThatStoppedReportingIsGivenTimeWhileItsPeersTrainOn) {
+  // Node node-c's Ready condition went Unknown at kT0 + 100 s; worker 3 runs there, the others train on.
+  auto world = [] {
+    World world = runningWorld(JobOptions{});
+    livePod(world, 3).nodeName = "node-c";
+    livePod(world, 3).nodeUnreachable = true;
+    livePod(world, 3).nodeUnreachableSince = kT0 + seconds(100);
+    return world;
+  };
+  {  // Within the wait: no restart, and a reconcile comes back when it ends.
+    World waiting = world();
+    const Plan result = plan(waiting, kT0 + seconds(130));
+    EXPECT_EQ(result.status.phase, JobPhase::kRunning) << describe(result);
+    EXPECT_TRUE(result.all<DeleteGeneration>().empty()) << describe(result);
+    ASSERT_TRUE(result.requeueAfter.has_value());
+    EXPECT_EQ(*result.requeueAfter, seconds(30));  // 100 s + 60 s - 130 s
+  }
+  {  // The node reports again (Ready True): nothing happened.
+    World back = world();
+    livePod(back, 3).nodeUnreachable = false;
+    livePod(back, 3).nodeUnreachableSince.reset();
+    const Plan result = plan(back, kT0 + seconds(150));
+    EXPECT_EQ(result.status.phase, JobPhase::kRunning) << describe(result);
+    EXPECT_FALSE(result.requeueAfter.has_value()) << describe(result);
+  }
+  {  // A peer loses it meanwhile (exit 129): the lost node explains it, and the gang restarts at once.
+    World peerFailed = world();
+    exitWith(livePod(peerFailed, 0), 129);
+    livePod(peerFailed, 0).finishedAt = kT0 + seconds(125);
+    const Plan result = plan(peerFailed, kT0 + seconds(126));
+    EXPECT_EQ(result.status.phase, JobPhase::kRestarting) << describe(result);
+    EXPECT_EQ(result.status.condition(ConditionType::kRestarting)->reason, reasons::kNodeLost);
+    EXPECT_EQ(result.status.restarts, 0);
+  }
+  {  // Silent for the whole wait: the gang restarts, not counted against backoffLimit, saying for how long.
+    World silent = world();
+    const Plan result = plan(silent, kT0 + seconds(160));
+    EXPECT_EQ(result.status.phase, JobPhase::kRestarting) << describe(result);
+    EXPECT_EQ(result.status.restarts, 0);
+    EXPECT_EQ(result.status.preemptions, 1);
+    const std::string& message = result.status.condition(ConditionType::kRestarting)->message;
+    EXPECT_NE(message.find("node node-c stopped reporting 60s ago"), std::string::npos) << message;
+  }
+  {  // Evicted by the taint manager: no more waiting.
+    World evicted = world();
+    livePod(evicted, 3).disruptionReason = "DeletionByTaintManager";
+    livePod(evicted, 3).deletionTimestamp = kT0 + seconds(120);
+    EXPECT_EQ(plan(evicted, kT0 + seconds(121)).status.phase, JobPhase::kRestarting);
+  }
+}
+
 TEST(Reconcile, NodeLossRestartsThenForceDeletesThenRecreates) {
   World world = runningWorld();
   livePod(world, 3).nodeUnreachable = true;

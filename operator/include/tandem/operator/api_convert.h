@@ -38,5 +38,8 @@ ObservedChild childFromJson(const nlohmann::json& object);
 // A Node the node lifecycle controller has given up on: its Ready condition is Unknown, or it carries the
 // node.kubernetes.io/unreachable taint. Only then may a pod stuck terminating there be force-deleted.
 bool nodeUnreachable(const nlohmann::json& node);
+// Since when: the Ready condition's lastTransitionTime when it is Unknown, else the taint's timeAdded;
+// the epoch when neither says (long ago: nothing to wait for). nullopt for a node that is not unreachable.
+std::optional<Clock::time_point> nodeUnreachableSince(const nlohmann::json& node);
 
 }  // namespace tandem::operator_core

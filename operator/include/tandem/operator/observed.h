@@ -32,6 +32,9 @@ struct ObservedPod {
   std::optional<Clock::time_point> deletionTimestamp;  // set: the pod is terminating
   std::string nodeName;
   bool nodeUnreachable = false;  // its node's Ready condition is Unknown (node.kubernetes.io/unreachable)
+  // When that node stopped reporting, read from the Node; unset when only the pod's status.reason
+  // (NodeLost) said so.
+  std::optional<Clock::time_point> nodeUnreachableSince;
   Clock::time_point creationTimestamp;
 
   bool terminating() const { return deletionTimestamp.has_value(); }

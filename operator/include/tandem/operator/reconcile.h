@@ -59,6 +59,11 @@ struct ReconcileOptions {
   // grace period (40-50 s). The restart waits this long after the first such exit for that cause (a
   // disruption, not counted against backoffLimit) or another to show, then counts it as a failure.
   std::chrono::seconds silentPeerWait{90};
+  // A worker whose node stopped reporting (Ready Unknown) while no other worker failed may well be
+  // training on: the kubelet's link to the API server can fail alone. The gang restarts once the node
+  // has been silent this long (counted from the condition's lastTransitionTime), or as soon as another
+  // worker fails: a lost worker's peers exit within their collective timeout.
+  std::chrono::seconds unreachableNodeWait{60};
 };
 
 // Condition and Event reasons.
