@@ -99,8 +99,11 @@ def analyse(path, warmup_steps=1):
     for by in steps.values():
         if len(by) != stages:
             continue
+        try:
+            step_idle, step_total = replay([by[stage][2] for stage in range(stages)])
+        except ValueError:  # a truncated or garbled line: leave the step out rather than the run
+            continue
         counted += 1
-        step_idle, step_total = replay([by[stage][2] for stage in range(stages)])
         replayed_idle += step_idle
         replayed_total += step_total
         flush = max(end for _, end, _ in by.values())

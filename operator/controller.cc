@@ -56,23 +56,6 @@ void trimConfigMap(json& object) {
   if (data.contains(kConfigKey)) object["data"] = {{kConfigKey, std::move(data[kConfigKey])}};
 }
 
-// Nodes: their name, Ready condition (its status and when it last changed) and taints: all that
-// nodeUnreachableSince reads. Heartbeats, which change every few seconds, are dropped.
-void trimNode(json& node) {
-  json metadata = {{"name", node["metadata"].value("name", "")},
-                   {"resourceVersion", node["metadata"].value("resourceVersion", "")}};
-  json conditions = json::array();
-  if (node.contains("/status/conditions"_json_pointer))
-    for (const json& condition : node["status"]["conditions"])
-      if (condition.value("type", "") == "Ready")
-        conditions.push_back({{"type", "Ready"},
-                              {"status", condition.value("status", "")},
-                              {"lastTransitionTime", condition.value("lastTransitionTime", "")}});
-  json kept = {{"metadata", std::move(metadata)}, {"status", {{"conditions", std::move(conditions)}}}};
-  if (node.contains("/spec/taints"_json_pointer)) kept["spec"] = {{"taints", node["spec"]["taints"]}};
-  node = std::move(kept);
-}
-
 std::string jobKey(const std::string& nameSpace, const std::string& name) { return nameSpace + "/" + name; }
 
 // The pod informer's indexes.

@@ -49,6 +49,8 @@ namespace {
 using std::chrono::seconds;
 
 constexpr size_t kMaxDnsLabel = 63;
+// How far ahead of the operator's clock another component's timestamp may be and still be believed.
+constexpr seconds kClockSkewTolerance{30};
 
 std::optional<int64_t> numericLabel(const ObservedPod& pod, const char* key) {
   auto found = pod.labels.find(key);
@@ -441,7 +443,7 @@ class JobReconciler {
   bool waitForUnreachableNode(Failure& failure) {
     if (failure.cause != FailureCause::kNodeLost) return false;
     std::optional<Clock::time_point> earliest;
-    std::string nodes;
+    std::set<std::string> nodes;
     for (int64_t rank = 0; rank < workers(); ++rank) {
       const ObservedPod* pod = current_[rank];
       if (pod == nullptr) {
@@ -453,8 +455,11 @@ class JobReconciler {
                                pod->reason != "NodeLost" &&
                                (pod->phase == PodPhase::kRunning || pod->phase == PodPhase::kPending);
       if (!onlyItsNode) return false;  // a failure of its own: act now
-      if (!earliest || *pod->nodeUnreachableSince < *earliest) earliest = pod->nodeUnreachableSince;
-      if (nodes.find(pod->nodeName) == std::string::npos) nodes += (nodes.empty() ? "" : ", ") + pod->nodeName;
+      // A time well ahead of ours (the node controller's clock runs ahead) says nothing: no wait.
+      const Clock::time_point since =
+          *pod->nodeUnreachableSince > now_ + kClockSkewTolerance ? Clock::time_point{} : *pod->nodeUnreachableSince;
+      if (!earliest || since < *earliest) earliest = since;
+      nodes.insert(pod->nodeName);
     }
     if (!earliest) return false;
     const Clock::time_point until = *earliest + options_.unreachableNodeWait;
@@ -463,7 +468,8 @@ class JobReconciler {
       return true;
     }
     if (*earliest > Clock::time_point{})
-      failure.detail += "; node " + nodes + " stopped reporting " + secondsText(now_ - *earliest) + " ago";
+      failure.detail += "; node " + joinNames(std::vector<std::string>(nodes.begin(), nodes.end())) +
+                        " stopped reporting " + secondsText(now_ - *earliest) + " ago";
     return false;
   }
 

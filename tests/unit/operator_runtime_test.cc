@@ -941,6 +941,30 @@ TEST(ApiConvert, NodesAreUnreachableByReadyUnknownOrTheUnreachableTaint) {
             operator_core::Clock::time_point{});
   EXPECT_FALSE(nodeUnreachableSince(json::parse(R"({"status": {"conditions": [{"type": "Ready", "status": "True",
       "lastTransitionTime": "2026-11-27T04:05:00Z"}]}})")).has_value());
+  // A condition that does not say when (a zero time is null): the taint's time, when it has one.
+  EXPECT_EQ(nodeUnreachableSince(json::parse(R"({"status": {"conditions": [{"type": "Ready", "status": "Unknown",
+      "lastTransitionTime": null}]}, "spec": {"taints": [{"key": "node.kubernetes.io/unreachable",
+      "effect": "NoExecute", "timeAdded": "2026-11-27T04:05:06Z"}]}})")), parseTime("2026-11-27T04:05:06Z"));
+}
+
+TEST(ApiConvert, NodesAreTrimmedToWhatReconcileReadsWhateverTheirFieldsHold) {
+  json node = json::parse(R"({"metadata": {"name": "n1", "resourceVersion": "7", "labels": {"zone": "a"}},
+      "status": {"conditions": [{"type": "MemoryPressure", "status": "False"},
+                                {"type": "Ready", "status": "Unknown", "lastTransitionTime": "2026-11-27T04:05:00Z",
+                                 "lastHeartbeatTime": "2026-11-27T04:04:20Z"}], "capacity": {"cpu": "16"}},
+      "spec": {"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]}})");
+  operator_core::trimNode(node);
+  EXPECT_EQ(node, json::parse(R"({"metadata": {"name": "n1", "resourceVersion": "7"},
+      "status": {"conditions": [{"type": "Ready", "status": "Unknown", "lastTransitionTime": "2026-11-27T04:05:00Z"}]},
+      "spec": {"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]}})"));
+  // Nulls (a zero time), numbers and missing objects read as "" instead of throwing on the informer's thread.
+  json odd = json::parse(R"({"metadata": {"name": null}, "status": {"conditions": [{"type": "Ready",
+      "status": "Unknown", "lastTransitionTime": null}, 42, {"type": 7}]}})");
+  EXPECT_NO_THROW(operator_core::trimNode(odd));
+  EXPECT_EQ(odd["status"]["conditions"], json::parse(R"([{"type": "Ready", "status": "Unknown", "lastTransitionTime": ""}])"));
+  EXPECT_EQ(odd["metadata"]["name"], "");
+  json bare = json::object();
+  EXPECT_NO_THROW(operator_core::trimNode(bare));
 }
 
 TEST(ApiConvert, JobsParseWithServerMetadataAndStatus) {

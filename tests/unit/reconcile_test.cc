@@ -1128,6 +1128,26 @@ TEST(Reconcile, AWorkerOnANodeThatStoppedReportingIsGivenTimeWhileItsPeersTrainO
     const std::string& message = result.status.condition(ConditionType::kRestarting)->message;
     EXPECT_NE(message.find("node node-c stopped reporting 60s ago"), std::string::npos) << message;
   }
+  {  // Pending there (never started): waited for alike.
+    World pending = world();
+    livePod(pending, 3).phase = PodPhase::kPending;
+    EXPECT_EQ(plan(pending, kT0 + seconds(130)).status.phase, JobPhase::kRunning);
+  }
+  {  // Two silent nodes: the wait runs from the first, and the message names both.
+    World two = world();
+    livePod(two, 2).nodeName = "node-b";
+    livePod(two, 2).nodeUnreachable = true;
+    livePod(two, 2).nodeUnreachableSince = kT0 + seconds(110);
+    EXPECT_EQ(*plan(two, kT0 + seconds(130)).requeueAfter, seconds(30));
+    const Plan result = plan(two, kT0 + seconds(160));
+    const std::string& message = result.status.condition(ConditionType::kRestarting)->message;
+    EXPECT_NE(message.find("node node-b, node-c stopped reporting 60s ago"), std::string::npos) << message;
+  }
+  {  // A transition time far ahead of the operator's clock says nothing: no wait.
+    World skewed = world();
+    livePod(skewed, 3).nodeUnreachableSince = kT0 + seconds(1000);
+    EXPECT_EQ(plan(skewed, kT0 + seconds(130)).status.phase, JobPhase::kRestarting);
+  }
   {  // Evicted by the taint manager: no more waiting.
     World evicted = world();
     livePod(evicted, 3).disruptionReason = "DeletionByTaintManager";

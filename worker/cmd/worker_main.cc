@@ -240,6 +240,12 @@ int fail(const Status& status) {
 
 // Not fatal: unplaced threads train as fast as before, only less evenly.
 void placeThreadsOnOwnCpus() {
+  // Several GEMM threads already spread the stage's compute over its CPUs (and OpenMP builds of OpenBLAS
+  // start theirs at the first GEMM, from the compute thread: they would all inherit its one CPU).
+  if (kernels::gemmThreads() > 1) {
+    log::info() << kernels::gemmThreads() << " GEMM threads share the worker's CPUs: its threads are not placed";
+    return;
+  }
   StatusOr<launch::CpuTopology> topology = launch::readCpuTopology();
   if (!topology.ok()) {
     log::warning() << "threads not placed: " << topology.status().message();
@@ -251,7 +257,7 @@ void placeThreadsOnOwnCpus() {
     return;
   }
   if (Status placed = launch::placeThreads(*placement); !placed.ok()) {
-    log::warning() << "threads not placed: " << placed.message();
+    log::warning() << "threads not all placed: " << placed.message();
     return;
   }
   log::info() << "compute thread alone on CPU " << placement->computeCpu << ", the worker's other threads on CPUs "

@@ -276,8 +276,11 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr)
       environment["OPENBLAS_NUM_THREADS"] =
           options.coreSets.empty() ? gemmThreads : std::to_string(options.coreSets[rank].cores);
-    // Bound, the worker keeps its compute thread on a CPU of its own, apart from its other threads.
-    if (!options.coreSets.empty() && std::getenv("TANDEM_PIN_COMPUTE_THREAD") == nullptr)
+    // Bound, the worker keeps its compute thread on a CPU of its own, apart from its other threads (unless
+    // the user said 0). Unbound workers share every CPU: each would pick the same one, so never.
+    if (options.coreSets.empty())
+      environment["TANDEM_PIN_COMPUTE_THREAD"] = "0";
+    else if (std::getenv("TANDEM_PIN_COMPUTE_THREAD") == nullptr)
       environment["TANDEM_PIN_COMPUTE_THREAD"] = "1";
     if (!options.coreSets.empty() && (!options.quiet || options.generation == 0))
       std::cerr << "tandem: rank " << rank << " bound to CPUs " << describeCpuList(options.coreSets[rank].cpus)

@@ -41,5 +41,8 @@ bool nodeUnreachable(const nlohmann::json& node);
 // Since when: the Ready condition's lastTransitionTime when it is Unknown, else the taint's timeAdded;
 // the epoch when neither says (long ago: nothing to wait for). nullopt for a node that is not unreachable.
 std::optional<Clock::time_point> nodeUnreachableSince(const nlohmann::json& node);
+// What the operator's Node informer keeps of a Node (in place): its name, resourceVersion, Ready condition
+// (status, lastTransitionTime) and taints. Fields that are absent, null or of another type read as "".
+void trimNode(nlohmann::json& node);
 
 }  // namespace tandem::operator_core

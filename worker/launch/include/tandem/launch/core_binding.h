@@ -36,11 +36,12 @@ struct CoreSet {
 // hyperthreads. Fails, naming --bind-cores, when there are fewer CPUs than workers.
 StatusOr<std::vector<CoreSet>> planCoreBinding(const CpuTopology& topology, int workers);
 
-// Inside a bound worker: the thread that runs forwards and backwards gets one CPU to itself, and every
-// other thread of the process (the gradient sums, checkpoint writes, the transport's and gRPC's threads)
-// the rest of the set, off that CPU's physical core where the set has other cores. Left to the
-// scheduler, the summing thread kept landing on the compute thread's core: the stage's ops then varied
-// by +-25% from step to step, and a pipeline waits on its slowest op at every hop (BENCHMARKS.md §3).
+// Inside a bound worker with one GEMM thread: the thread that runs forwards and backwards gets one CPU to
+// itself, and every other thread of the process (the gradient sums, checkpoint writes, the transport's
+// and gRPC's threads) the rest of the set, off that CPU's physical core where the set has other cores.
+// Left to the scheduler, the summing thread can land on the compute thread's core (the 2-core VM showed
+// it), and a pipeline waits on its slowest stage at every hop. On the GPU machine's 16 cores it made no
+// measurable difference to the bubble (BENCHMARKS.md §3); it only rules that out.
 struct ThreadPlacement {
   int computeCpu = 0;
   std::vector<int> otherCpus;
