@@ -39,10 +39,10 @@ class PipelineEquivalence(TempDirTest):
     """50 steps of the same global batch: a pipeline (P=2, P=4) and a hybrid (P=2 x D=2) end with the very
     parameters of one worker that accumulates the same microbatches (bitwise, so well within 1e-5)."""
 
-    def parameters(self, name, text):
+    def parameters(self, name, text, env=None):
         path = os.path.join(self.tmp, f"{name}.bin")
         result = tandem("run", self.write(f"{name}.yaml", text), "--max-steps", "50", "--dump-params", path, "--quiet",
-                        env=ONE_THREAD)
+                        env=dict(ONE_THREAD, **(env or {})))
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         return read_floats(path), result.stderr
 
@@ -77,6 +77,16 @@ class PipelineEquivalence(TempDirTest):
     def test_two_stages_by_two_replicas(self):
         # Each replica takes half the batch in 4 microbatches: 8 microbatches of 32 in all.
         self.check(workers=4, stages=2, micro_batches=4, reference_micro_batches=8)
+
+    def test_gradient_sums_on_the_training_thread_are_the_same_bits(self):
+        # TANDEM_GRADIENT_SUMS=inline (for measurements): the same tree, summed as each microbatch arrives.
+        reference, _ = self.parameters("single", pipeline_job(1, 1, 4))
+        values, _ = self.parameters("p2-inline", pipeline_job(2, 2, 4, "1F1B"), env={"TANDEM_GRADIENT_SUMS": "inline"})
+        self.assertEqual(values.tobytes(), reference.tobytes())
+        wrong = tandem("run", self.write("bad.yaml", pipeline_job(2, 2, 4)), "--max-steps", "1", "--quiet",
+                       env=dict(ONE_THREAD, TANDEM_GRADIENT_SUMS="later"))
+        self.assertNotEqual(wrong.returncode, 0)
+        self.assertIn('TANDEM_GRADIENT_SUMS: expected background or inline, got "later"', wrong.stderr)
 
     def test_one_microbatch_pipeline_equals_the_unsplit_step(self):
         reference, _ = self.parameters("single-m1", pipeline_job(1, 1, 1))

@@ -112,6 +112,17 @@ TEST(GradientAccumulator, SumsBitwiseAsTheFixedPairwiseTree) {
   EXPECT_TRUE(someOrderMattered) << "the data cannot tell a tree from a running sum";
 }
 
+TEST(GradientAccumulator, InlineSumsAreTheSameBitsWithFewerBuffers) {
+  const int64_t size = 1000;
+  GradientAccumulator accumulator(size, GradientAccumulator::Summing::kInline);
+  for (int count : {1, 2, 3, 8, 13, 32}) {
+    const auto gradients = orderSensitiveGradients(count, size);
+    EXPECT_EQ(accumulate(accumulator, gradients, size), treeSum(gradients)) << count << " microbatches";
+  }
+  // A partial sum per bit of 32, the buffer being filled and the total: nothing waits in a queue.
+  EXPECT_LE(accumulator.buffersAllocated(), 5 + 3);
+}
+
 TEST(GradientAccumulator, StepsAfterStepsReuseSpareBuffers) {
   const int64_t size = 1000;
   GradientAccumulator accumulator(size);
@@ -138,7 +149,7 @@ TEST(GradientAccumulator, AddAndFinishDoTheSumsTheThreadNeverGotTo) {
   // No thread at all: the SCHED_IDLE thread's worst case, a core that was never idle during the step.
   // add() sums once more than kMaxQueued wait, finish() what is left: the same bits, bounded memory.
   const int64_t size = 1000;
-  GradientAccumulator accumulator(size, /*background=*/false);
+  GradientAccumulator accumulator(size, GradientAccumulator::Summing::kNoThread);
   for (int count : {1, 2, 3, 8, 13, 32}) {
     const auto gradients = orderSensitiveGradients(count, size);
     EXPECT_EQ(accumulate(accumulator, gradients, size), treeSum(gradients)) << count << " microbatches";

@@ -55,6 +55,7 @@ struct WorkerArguments {
   double graceSeconds = 30;        // after SIGTERM: time to finish the step and checkpoint
   double checkpointTimeoutSeconds = 600;  // a checkpoint write in flight longer is hung storage
   int64_t metricsPort = 9400;      // 0: no metrics endpoint; TANDEM_METRICS_PORT overrides
+  parallel::GradientAccumulator::Summing gradientSums = parallel::GradientAccumulator::Summing::kBackground;
 };
 
 const char* kUsage =
@@ -64,7 +65,8 @@ const char* kUsage =
     "Identity comes from TANDEM_RANK, TANDEM_WORLD_SIZE, TANDEM_GENERATION, TANDEM_RDZV_ENDPOINT,\n"
     "TANDEM_RDZV_TOKEN, TANDEM_POD_IP and TANDEM_CONFIG (DESIGN.md §3); TANDEM_LOG_LEVEL=debug adds\n"
     "per-step detail (a pipeline stage's timeline). TANDEM_COLLECTIVE_TIMEOUT_SECONDS and\n"
-    "TANDEM_CHECKPOINT_TIMEOUT_SECONDS set those timeouts too (the flags win).\n";
+    "TANDEM_CHECKPOINT_TIMEOUT_SECONDS set those timeouts too (the flags win). TANDEM_GRADIENT_SUMS=inline\n"
+    "sums microbatch gradients on the training thread instead of a thread of their own (for measurements).\n";
 
 std::optional<std::string> environment(const char* name) {
   const char* value = std::getenv(name);
@@ -104,6 +106,13 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
       return TANDEM_ERROR(StatusCode::kInvalidArgument,
                           "TANDEM_LOG_LEVEL: expected debug, info, warning or error, got \"" + *level + "\"");
     log::setMinimumLevel(parsed);
+  }
+  if (auto sums = environment("TANDEM_GRADIENT_SUMS")) {
+    if (*sums == "inline")
+      arguments.gradientSums = parallel::GradientAccumulator::Summing::kInline;
+    else if (*sums != "background")
+      return TANDEM_ERROR(StatusCode::kInvalidArgument,
+                          "TANDEM_GRADIENT_SUMS: expected background or inline, got \"" + *sums + "\"");
   }
   if (auto timeout = environment("TANDEM_COLLECTIVE_TIMEOUT_SECONDS")) {
     TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parsePositive("TANDEM_COLLECTIVE_TIMEOUT_SECONDS", *timeout));
@@ -368,6 +377,7 @@ int run(int argc, char** argv) {
   options.stopRequested = &stopRequested;
   options.graceSeconds = arguments->graceSeconds;
   options.checkpointTimeoutSeconds = arguments->checkpointTimeoutSeconds;
+  options.gradientSums = arguments->gradientSums;
   options.onResume = [](int64_t step) { emit("resume", {{"step", step}}); };
   options.onProgress = [](const engine::Progress& progress) {
     emit("progress", {{"step", progress.step},

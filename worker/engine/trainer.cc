@@ -229,14 +229,15 @@ class StageStep {
  public:
   StageStep(model::Sequential& network, const Topology& topology, const data::Dataset& train,
             std::vector<parallel::PipelineOp> operations, int64_t microBatchSize, int64_t globalBatch,
-            parallel::BucketedAllReduce& allReduce, TrainingSummary& summary)
+            parallel::BucketedAllReduce& allReduce, TrainingSummary& summary,
+            parallel::GradientAccumulator::Summing gradientSums)
       : network_(network), topology_(topology), train_(train), operations_(std::move(operations)),
         microBatches_(topology.microBatches), microBatchSize_(microBatchSize), globalBatch_(globalBatch),
         allReduce_(allReduce), summary_(summary), inputs_(microBatches_), gradOutputs_(microBatches_),
         gradInputs_(microBatches_), activations_(microBatches_), labels_(microBatches_),
         activationRecvs_(microBatches_), gradientRecvs_(microBatches_) {
-    // Several microbatches: their gradients are summed on the accumulator's thread.
-    if (microBatches_ > 1) accumulator_.emplace(network.gradientBufferSize());
+    // Several microbatches: their gradients are summed on the accumulator's thread (or inline).
+    if (microBatches_ > 1) accumulator_.emplace(network.gradientBufferSize(), gradientSums);
     // TANDEM_LOG_LEVEL=debug: every pipeline step's timeline, to see which neighbour a stage waits on.
     if (topology.stages > 1 && log::enabled(log::Level::kDebug)) timeline_.emplace();
   }
@@ -675,7 +676,8 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     return checkpointer->submit(std::move(state), deadline);
   };
 
-  StageStep stageStep(*network, topology, data.train, operations, microBatchSize, globalBatch, allReduce, summary);
+  StageStep stageStep(*network, topology, data.train, operations, microBatchSize, globalBatch, allReduce, summary,
+                      options.gradientSums);
   if (options.onThreadsStarted) options.onThreadsStarted();
   double evalSeconds = 0.0;
   std::optional<Clock::time_point> stopDeadline;

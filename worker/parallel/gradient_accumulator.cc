@@ -30,8 +30,8 @@ void foldInto(const std::vector<float*>& buffers, int64_t size) {
 
 }  // namespace
 
-GradientAccumulator::GradientAccumulator(int64_t size, bool background) : size_(size) {
-  if (background) thread_ = std::thread([this] { run(); });
+GradientAccumulator::GradientAccumulator(int64_t size, Summing summing) : size_(size), summing_(summing) {
+  if (summing_ == Summing::kBackground) thread_ = std::thread([this] { run(); });
 }
 
 GradientAccumulator::~GradientAccumulator() {
@@ -55,6 +55,10 @@ FloatBuffer GradientAccumulator::spareBuffer() {
 }
 
 void GradientAccumulator::add(FloatBuffer gradients) {
+  if (summing_ == Summing::kInline) {  // no thread: the tree is the caller's
+    addToTree(std::move(gradients));
+    return;
+  }
   std::unique_lock<std::mutex> lock(mutex_);
   added_.push_back(std::move(gradients));
   if (added_.size() > kMaxQueued) {

@@ -12,6 +12,7 @@
 #include "tandem/data/dataset.h"
 #include "tandem/manifest/job_spec.h"
 #include "tandem/metrics/worker_metrics.h"
+#include "tandem/parallel/gradient_accumulator.h"
 
 namespace tandem::engine {
 
@@ -78,6 +79,8 @@ struct TrainerOptions {
   // On the training thread before the first step, once the trainer's own threads (gradient sums,
   // checkpoint writes) are running: where the worker places its threads on its CPUs.
   std::function<void()> onThreadsStarted;
+  // Where a pipeline stage sums its microbatches' gradients (the same bits either way).
+  parallel::GradientAccumulator::Summing gradientSums = parallel::GradientAccumulator::Summing::kBackground;
 };
 
 // Runs the whole training, resuming from the newest valid checkpoint when there is one. Returns

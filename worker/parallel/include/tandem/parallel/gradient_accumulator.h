@@ -23,9 +23,15 @@ namespace tandem::parallel {
 
 class GradientAccumulator {
  public:
-  // size: floats per gradient buffer. background false: no thread, add() and finish() do every sum (for
-  // tests of the paths they take when the thread gets no CPU).
-  explicit GradientAccumulator(int64_t size, bool background = true);
+  enum class Summing {
+    kBackground,  // on the accumulator's thread (SCHED_IDLE)
+    kInline,      // in add(), on the caller's thread, as each microbatch arrives (TANDEM_GRADIENT_SUMS=inline:
+                  // to compare the two on a machine, BENCHMARKS.md §3)
+    kNoThread,    // tests: no thread, add() sums only once kMaxQueued wait, finish() the rest (the paths
+                  // taken when the thread gets no CPU)
+  };
+  // size: floats per gradient buffer. Every mode sums in the same tree: the same bits.
+  explicit GradientAccumulator(int64_t size, Summing summing = Summing::kBackground);
   ~GradientAccumulator();
   GradientAccumulator(const GradientAccumulator&) = delete;
   GradientAccumulator& operator=(const GradientAccumulator&) = delete;
@@ -60,6 +66,7 @@ class GradientAccumulator {
   void foldTop(size_t count);  // the top `count` partial sums into the lowest of them
 
   const int64_t size_;
+  const Summing summing_;
   std::atomic<int64_t> allocated_{0};
   std::mutex mutex_;
   std::condition_variable changed_;
@@ -72,7 +79,7 @@ class GradientAccumulator {
   // take it only once the thread has put its sum down).
   std::vector<FloatBuffer> tree_;
   std::vector<int> levels_;
-  std::thread thread_;  // not started when !background
+  std::thread thread_;  // started for kBackground only
 };
 
 }  // namespace tandem::parallel
