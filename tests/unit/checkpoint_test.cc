@@ -410,6 +410,7 @@ TEST_F(CorruptionTest, SectionCountsThatWrapAroundAreDataLossNotACrash) {
   // accept that nor try to allocate 2^62 floats (which threw out of read()).
   nlohmann::json manifest = nlohmann::json::parse(readText(stepFile("manifest.json")));
   ASSERT_EQ(manifest["shards"][0]["parameters"], 64);
+  manifest.erase("manifestSha256");  // as an older checkpoint, which the manifest's own checksum does not guard
   manifest["shards"][0]["parameters"] = uint64_t{1} << 62;
   manifest["shards"][0]["optimizerState"] = 192;
   writeText(stepFile("manifest.json"), manifest.dump());
@@ -417,6 +418,26 @@ TEST_F(CorruptionTest, SectionCountsThatWrapAroundAreDataLossNotACrash) {
   ASSERT_FALSE(read.ok());
   EXPECT_EQ(read.status().code(), StatusCode::kDataLoss);
   EXPECT_NE(read.status().message().find("section sizes do not add up"), std::string::npos) << read.status().message();
+}
+
+TEST_F(CorruptionTest, ChangedManifestFieldsAreDataLossNamingTheManifest) {
+  // Section counts that still add up: without the manifest's own checksum the shard would split wrongly.
+  nlohmann::json manifest = nlohmann::json::parse(readText(stepFile("manifest.json")));
+  ASSERT_TRUE(manifest.contains("manifestSha256"));
+  manifest["shards"][0]["parameters"] = 65;
+  manifest["shards"][0]["optimizerState"] = 127;
+  writeText(stepFile("manifest.json"), manifest.dump(1));
+  auto read = store_.read(12);
+  ASSERT_FALSE(read.ok());
+  EXPECT_EQ(read.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(read.status().message().find("manifest.json: its fields do not match their SHA-256"), std::string::npos)
+      << read.status().message();
+  // The same counts in a manifest of before the checksum: read, split as it says (what it guards against).
+  manifest.erase("manifestSha256");
+  writeText(stepFile("manifest.json"), manifest.dump(1));
+  read = store_.read(12);
+  ASSERT_TRUE(read.ok()) << read.status().message();
+  EXPECT_EQ(read->parameters.size(), 65u);
 }
 
 TEST_F(CorruptionTest, ManifestOfAnotherStepIsDataLoss) {

@@ -21,6 +21,7 @@ namespace {
 
 namespace fs = std::filesystem;
 constexpr int kFormatVersion = 1;
+constexpr const char* kManifestChecksumKey = "manifestSha256";
 
 Status errnoError(StatusCode code, const std::string& what) {
   const int saved = errno;
@@ -162,6 +163,10 @@ StatusOr<int64_t> CheckpointStore::write(const CheckpointState& state) {
            {"parameters", state.parameters.size()},
            {"optimizerState", state.optimizerState.size()}}}},
     };
+    // The shard's SHA-256 covers its bytes; this one covers the manifest's own fields (the section counts
+    // that split the shard, the step, the model), over their compact dump without this field.
+    const std::string fields = manifest.dump();
+    manifest[kManifestChecksumKey] = sha256Hex(fields.data(), fields.size());
     const std::string text = manifest.dump(1);
     TANDEM_RETURN_IF_ERROR(writeFileDurably(temporary + "/manifest.json", {{text.data(), text.size()}}));
     TANDEM_RETURN_IF_ERROR(fsyncDirectory(temporary));
@@ -227,6 +232,16 @@ StatusOr<CheckpointState> CheckpointStore::read(int64_t step, int stage) const {
   try {
     if (manifest.at("formatVersion").get<int>() != kFormatVersion)
       return TANDEM_ERROR(StatusCode::kDataLoss, directory + "/manifest.json: unknown format version");
+    // Checkpoints written before 2026-11-27 lack it and rely on the shard's checksum and the size checks.
+    if (manifest.contains(kManifestChecksumKey)) {
+      const std::string recorded = manifest.at(kManifestChecksumKey).get<std::string>();
+      nlohmann::json fields = manifest;
+      fields.erase(kManifestChecksumKey);
+      const std::string text = fields.dump();
+      if (sha256Hex(text.data(), text.size()) != recorded)
+        return TANDEM_ERROR(StatusCode::kDataLoss,
+                            directory + "/manifest.json: its fields do not match their SHA-256 (corrupt)");
+    }
     CheckpointState state;
     state.step = manifest.at("step").get<int64_t>();
     if (state.step != step)
