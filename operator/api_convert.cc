@@ -223,25 +223,21 @@ ObservedPod podFromJson(const json& pod) {
 }
 
 std::optional<Clock::time_point> nodeUnreachableSince(const json& node) {
-  auto text = [](const json& object, const char* key) {
-    const auto found = object.find(key);
-    return found != object.end() && found->is_string() ? found->get<std::string>() : std::string();
-  };
   bool unreachable = false;
   std::optional<Clock::time_point> since;  // the first of the two that says when
   const json::json_pointer conditions("/status/conditions");
   if (node.contains(conditions) && node.at(conditions).is_array())
     for (const json& condition : node.at(conditions))
-      if (condition.is_object() && text(condition, "type") == "Ready" && text(condition, "status") == "Unknown") {
+      if (stringAt(condition, "/type") == "Ready" && stringAt(condition, "/status") == "Unknown") {
         unreachable = true;
-        since = parseTime(text(condition, "lastTransitionTime"));
+        since = timeAt(condition, "/lastTransitionTime");
       }
   const json::json_pointer taints("/spec/taints");
   if (node.contains(taints) && node.at(taints).is_array())
     for (const json& taint : node.at(taints))
-      if (taint.is_object() && text(taint, "key") == "node.kubernetes.io/unreachable") {
+      if (stringAt(taint, "/key") == "node.kubernetes.io/unreachable") {
         unreachable = true;
-        if (!since) since = parseTime(text(taint, "timeAdded"));
+        if (!since) since = timeAt(taint, "/timeAdded");
       }
   if (!unreachable) return std::nullopt;
   return since.value_or(Clock::time_point{});
@@ -252,27 +248,21 @@ bool nodeUnreachable(const json& node) { return nodeUnreachableSince(node).has_v
 // Nodes: their name, Ready condition (its status and when it last changed) and taints: all that
 // nodeUnreachableSince reads. Heartbeats, which change every few seconds, are dropped.
 void trimNode(json& node) {
-  // A field that is absent, null (a zero time) or not a string reads as "": a Node is anyone's to write,
-  // and a throw here would end the informer's thread.
-  auto text = [](const json& object, const char* key) {
-    const auto found = object.is_object() ? object.find(key) : object.end();
-    return found != object.end() && found->is_string() ? found->get<std::string>() : std::string();
-  };
-  const json empty = json::object();
-  const json& meta = node.contains("metadata") ? node["metadata"] : empty;
-  json metadata = {{"name", text(meta, "name")}, {"resourceVersion", text(meta, "resourceVersion")}};
+  // A field that is absent, null (a zero time) or not a string reads as "" (stringAt): a Node is anyone's
+  // to write, and a throw here would end the informer's thread.
+  json metadata = {{"name", stringAt(node, "/metadata/name")},
+                   {"resourceVersion", stringAt(node, "/metadata/resourceVersion")}};
   json conditions = json::array();
   if (node.contains("/status/conditions"_json_pointer) && node["status"]["conditions"].is_array())
     for (const json& condition : node["status"]["conditions"])
-      if (text(condition, "type") == "Ready")
+      if (stringAt(condition, "/type") == "Ready")
         conditions.push_back({{"type", "Ready"},
-                              {"status", text(condition, "status")},
-                              {"lastTransitionTime", text(condition, "lastTransitionTime")}});
+                              {"status", stringAt(condition, "/status")},
+                              {"lastTransitionTime", stringAt(condition, "/lastTransitionTime")}});
   json kept = {{"metadata", std::move(metadata)}, {"status", {{"conditions", std::move(conditions)}}}};
   if (node.contains("/spec/taints"_json_pointer)) kept["spec"] = {{"taints", node["spec"]["taints"]}};
   node = std::move(kept);
 }
-
 
 ObservedChild childFromJson(const json& object) {
   ObservedChild out;

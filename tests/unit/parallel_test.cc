@@ -96,6 +96,14 @@ std::vector<float> accumulate(GradientAccumulator& accumulator, const std::vecto
   return result;
 }
 
+// Steps of 1 to 32 microbatches, powers of two and not: each total bitwise the fixed tree's.
+void expectTreeSumsUpTo32(GradientAccumulator& accumulator, int64_t size) {
+  for (int count : {1, 2, 3, 8, 13, 32}) {
+    const auto gradients = orderSensitiveGradients(count, size);
+    EXPECT_EQ(accumulate(accumulator, gradients, size), treeSum(gradients)) << count << " microbatches";
+  }
+}
+
 TEST(GradientAccumulator, SumsBitwiseAsTheFixedPairwiseTree) {
   const int64_t size = 4097;
   GradientAccumulator accumulator(size);
@@ -115,10 +123,7 @@ TEST(GradientAccumulator, SumsBitwiseAsTheFixedPairwiseTree) {
 TEST(GradientAccumulator, InlineSumsAreTheSameBitsWithFewerBuffers) {
   const int64_t size = 1000;
   GradientAccumulator accumulator(size, GradientAccumulator::Summing::kInline);
-  for (int count : {1, 2, 3, 8, 13, 32}) {
-    const auto gradients = orderSensitiveGradients(count, size);
-    EXPECT_EQ(accumulate(accumulator, gradients, size), treeSum(gradients)) << count << " microbatches";
-  }
+  expectTreeSumsUpTo32(accumulator, size);
   // A partial sum per bit of 32, the buffer being filled and the total: nothing waits in a queue.
   EXPECT_LE(accumulator.buffersAllocated(), 5 + 3);
 }
@@ -150,10 +155,7 @@ TEST(GradientAccumulator, AddAndFinishDoTheSumsTheThreadNeverGotTo) {
   // add() sums once more than kMaxQueued wait, finish() what is left: the same bits, bounded memory.
   const int64_t size = 1000;
   GradientAccumulator accumulator(size, GradientAccumulator::Summing::kNoThread);
-  for (int count : {1, 2, 3, 8, 13, 32}) {
-    const auto gradients = orderSensitiveGradients(count, size);
-    EXPECT_EQ(accumulate(accumulator, gradients, size), treeSum(gradients)) << count << " microbatches";
-  }
+  expectTreeSumsUpTo32(accumulator, size);
   // 32 microbatches queued whole would have needed 33 buffers.
   EXPECT_LE(accumulator.buffersAllocated(), 5 + 5);
 }

@@ -38,14 +38,14 @@ std::vector<std::vector<int>> coresOf(const CpuTopology& topology) {
   return cores;
 }
 
+}  // namespace
+
 cpu_set_t cpuSetOf(const std::vector<int>& cpus) {
   cpu_set_t set;
   CPU_ZERO(&set);
   for (const int cpu : cpus) CPU_SET(cpu, &set);
   return set;
 }
-
-}  // namespace
 
 std::optional<ThreadPlacement> planThreadPlacement(const CpuTopology& topology) {
   if (topology.cpus.size() < 2) return std::nullopt;
@@ -75,17 +75,20 @@ Status placeThreads(const ThreadPlacement& placement) {
     if (tid <= 0 || tid == self) continue;
     // ESRCH: the thread ended since the listing; nothing to place.
     if (sched_setaffinity(tid, sizeof(others), &others) != 0 && errno != ESRCH) {
+      const std::string reason = std::strerror(errno);  // before the allocations below
       status = TANDEM_ERROR(StatusCode::kInternal, "cannot move thread " + std::to_string(tid) + " to CPUs " +
-                                                       describeCpuList(placement.otherCpus) + ": " + std::strerror(errno));
+                                                       describeCpuList(placement.otherCpus) + ": " + reason);
       break;
     }
   }
   closedir(tasks);
   TANDEM_RETURN_IF_ERROR(status);
   const cpu_set_t compute = cpuSetOf({placement.computeCpu});
-  if (sched_setaffinity(0, sizeof(compute), &compute) != 0)
+  if (sched_setaffinity(0, sizeof(compute), &compute) != 0) {
+    const std::string reason = std::strerror(errno);
     return TANDEM_ERROR(StatusCode::kInternal, "cannot bind the compute thread to CPU " +
-                                                   std::to_string(placement.computeCpu) + ": " + std::strerror(errno));
+                                                   std::to_string(placement.computeCpu) + ": " + reason);
+  }
   return Status::Ok();
 }
 

@@ -150,9 +150,7 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   close(stderrPipe[1]);
   for (const auto& [name, value] : environment) setenv(name.c_str(), value.c_str(), 1);
   if (!options.coreSets.empty()) {
-    cpu_set_t cpus;
-    CPU_ZERO(&cpus);
-    for (const int cpu : options.coreSets[rank].cpus) CPU_SET(cpu, &cpus);
+    const cpu_set_t cpus = cpuSetOf(options.coreSets[rank].cpus);
     if (sched_setaffinity(0, sizeof(cpus), &cpus) != 0) {
       std::fprintf(stderr, "--bind-cores: cannot bind rank %d to its CPUs: %s\n", rank, std::strerror(errno));
       _exit(kExitInternal);

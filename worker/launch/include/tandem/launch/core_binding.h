@@ -3,6 +3,8 @@
 // other every microbatch, so a stage slowed by a neighbour on its core slows the whole pipeline.
 #pragma once
 
+#include <sched.h>
+
 #include <optional>
 #include <string>
 #include <vector>
@@ -52,6 +54,9 @@ std::optional<ThreadPlacement> planThreadPlacement(const CpuTopology& topology);
 // The calling thread to computeCpu, every other thread of this process to otherCpus. Threads the
 // calling thread starts later inherit computeCpu alone: call it once the process's threads are running.
 Status placeThreads(const ThreadPlacement& placement);
+
+// A cpu_set_t of these CPUs, for sched_setaffinity.
+cpu_set_t cpuSetOf(const std::vector<int>& cpus);
 
 // "0-3,8,10-11"
 std::string describeCpuList(const std::vector<int>& cpus);
