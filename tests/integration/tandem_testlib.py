@@ -4,7 +4,9 @@
 import array
 import math
 import os
+import random
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -14,6 +16,32 @@ BIN_DIR = os.environ.get("TANDEM_BIN_DIR", os.path.join(os.path.dirname(__file__
 TANDEM = os.path.join(BIN_DIR, "tandem")
 WORKER = os.path.join(BIN_DIR, "tandem-worker")
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+_ports_handed_out = set()
+
+
+def free_port():
+    """A TCP port free on every address, for a server started moments later. Drawn below the kernel's
+    ephemeral range, as `tandem run` draws its workers' ports: a port bind(0) picks comes from that range
+    and any outgoing connection (etcd's clients, Gloo, another test) may take it before the server binds."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            below = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        below = 32768
+    candidates = [random.randrange(10000, below) for _ in range(200)] if below >= 11000 else []
+    for port in candidates + [0]:
+        if port in _ports_handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _ports_handed_out.add(port)
+        return port
+    raise OSError("no free TCP port")
 
 
 def manifest(name="itest", workers=1, hidden=(256, 128), data_kind="fashion-mnist",

@@ -11,7 +11,7 @@ import subprocess
 import time
 import unittest
 
-from tandem_testlib import FASHION_MNIST, WORKER, TempDirTest, kill_quietly, manifest, run, tandem
+from tandem_testlib import FASHION_MNIST, WORKER, TempDirTest, free_port, kill_quietly, manifest, run, tandem
 
 EXIT_INVALID_CONFIG = 2
 EXIT_BAD_DATA = 3
@@ -129,12 +129,6 @@ class DatasetErrors(TempDirTest):
         result = tandem("run", self.write("job.yaml", manifest(data_path=directory)), timeout=120)
         self.assertEqual(result.returncode, EXIT_BAD_DATA, result.stderr)
         self.assertIn(f"{labels}: truncated: the header promises 10000 values but the file holds 4992", result.stderr)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RendezvousErrors(TempDirTest):

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import unittest
@@ -17,7 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from tandem_testlib import TANDEM, TempDirTest, wait_for
+from tandem_testlib import TANDEM, TempDirTest, free_port, wait_for
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 DASHBOARD = os.path.join(ROOT, "charts", "tandem", "dashboards", "tandem-training.json")
@@ -29,12 +28,6 @@ DESIGN_OPERATOR_METRICS = {
     "tandem_operator_reconcile_seconds", "tandem_operator_jobs", "tandem_operator_pods_created_total",
     "tandem_operator_job_restarts_total", "tandem_operator_workqueue_depth"}
 OPERATOR_ROW = "Operator"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url, timeout=10):

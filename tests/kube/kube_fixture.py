@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import urllib.error
 import urllib.request
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "integration"))
+from tandem_testlib import free_port  # noqa: E402  (ports below the ephemeral range, as tandem run picks)
 KUBE_APISERVER_SCRIPT = os.path.join(REPO_ROOT, "scripts", "kube-apiserver")
 ETCD = shutil.which("etcd", path="/usr/bin:/usr/sbin") or "/usr/bin/etcd"
 BUILD_TIMEOUT = 3600  # the first build of kube-apiserver on 2 loaded cores
@@ -60,12 +61,6 @@ def kube_binaries():
             paths.append(result.stdout.strip().splitlines()[-1])
         _binaries = tuple(paths)
     return _binaries
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def die_with_parent():

@@ -14,8 +14,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <map>
+#include <mutex>
+#include <set>
 #include <thread>
 
 #include "tandem/common/exit_codes.h"
@@ -33,17 +36,20 @@ void onInterrupt(int signal) {
   interruptCount = interruptCount + 1;
 }
 
-// A free TCP port on loopback (bound then released; the worker binds it again moments later).
-int freePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+// Binds a TCP socket to `port` on every address (0: one the kernel picks) and releases it; returns the
+// port bound, or -1.
+int bindAndRelease(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
   sockaddr_in address{};
   address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address));
+  address.sin_addr.s_addr = htonl(INADDR_ANY);
+  address.sin_port = htons(static_cast<uint16_t>(port));
   socklen_t length = sizeof(address);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
+  const bool bound = bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
+                     getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
   close(fd);
-  return ntohs(address.sin_port);
+  return bound ? ntohs(address.sin_port) : -1;
 }
 
 std::string formatDuration(double seconds) {
@@ -223,12 +229,48 @@ std::string describeExit(int waitStatus) {
   return "ended with status " + std::to_string(waitStatus);
 }
 
+EphemeralPortRange ephemeralPortRange() {
+  EphemeralPortRange range;
+  std::ifstream file("/proc/sys/net/ipv4/ip_local_port_range");
+  int low = 0, high = 0;
+  if (file >> low >> high && 0 < low && low <= high && high <= 65535) range = {low, high};
+  return range;
+}
+
+int freePort() {
+  // A port from the kernel's ephemeral range (what bind to port 0 gives) can be handed to any outgoing
+  // connection of this machine (Gloo's, gRPC's, another job's) between this check and the worker's bind,
+  // which then fails and costs the job a restart. Ports below the range are only ever taken by an
+  // explicit bind, so the worker gets the one checked here unless another launcher draws the same.
+  static std::mutex mutex;
+  static std::set<int> handedOut;  // one launch asks for several ports: never the same one twice
+  static Random random(std::random_device{}());
+  std::lock_guard<std::mutex> lock(mutex);
+  constexpr int kLowestPort = 10000;  // clear of the well-known and registered ports most services use
+  const int belowEphemeral = ephemeralPortRange().low;
+  for (int attempt = 0; attempt < 200 && belowEphemeral - kLowestPort >= 1000; ++attempt) {
+    const int port = kLowestPort + static_cast<int>(random.below(static_cast<uint64_t>(belowEphemeral - kLowestPort)));
+    if (handedOut.count(port) != 0 || bindAndRelease(port) != port) continue;
+    handedOut.insert(port);
+    return port;
+  }
+  const int port = bindAndRelease(0);  // no room below the range, or all of it taken: the kernel's choice
+  if (port > 0) handedOut.insert(port);
+  return port;
+}
+
 LocalJobResult runLocalJob(const LocalJobOptions& options) {
   LocalJobResult result;
   const auto start = Clock::now();
   const int workers = static_cast<int>(options.spec.workers);
   const int rendezvousPort = freePort();
   const int masterPort = freePort();
+  if (rendezvousPort < 0 || masterPort < 0) {  // nothing could be bound at all: this machine's limit
+    result.exitCode = kExitResourceUnavailable;
+    result.failure = "cannot bind any TCP port for the rendezvous (out of ports or descriptors?)";
+    std::cerr << "tandem: " << result.failure << std::endl;
+    return result;
+  }
   const std::string token = secureRandomHex(16);
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   const std::string gemmThreads = std::to_string(std::max(1u, cores / static_cast<unsigned>(workers)));
@@ -264,9 +306,9 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     };
     // Each local worker serves its metrics on its own free port (pods all use 9400).
     if (!options.customCommand) {
-      const int metricsPort = freePort();
-      environment["TANDEM_METRICS_PORT"] = std::to_string(metricsPort);
-      if (!options.quiet || options.generation == 0)
+      const int metricsPort = freePort();  // -1, none bindable: the worker runs without metrics (0)
+      environment["TANDEM_METRICS_PORT"] = std::to_string(std::max(metricsPort, 0));
+      if (metricsPort > 0 && (!options.quiet || options.generation == 0))
         std::cerr << "tandem: rank " << rank << " metrics at http://127.0.0.1:" << metricsPort << "/metrics" << std::endl;
     }
     // Share the cores: each worker's GEMMs get cores/workers threads (its own cores when bound) unless

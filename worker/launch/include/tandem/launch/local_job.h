@@ -51,6 +51,18 @@ struct LocalJobResult {
 double numberOr(const nlohmann::json& object, const char* key, double fallback);
 int64_t integerOr(const nlohmann::json& object, const char* key, int64_t fallback);
 
+// The kernel's ephemeral port range (net.ipv4.ip_local_port_range; Linux's default when unreadable).
+struct EphemeralPortRange {
+  int low = 32768;
+  int high = 60999;
+};
+EphemeralPortRange ephemeralPortRange();
+
+// A TCP port free on every address for a worker to listen on moments later (rendezvous, metrics):
+// below the ephemeral range when there is room, so no outgoing connection can take it in between, and
+// never one this process handed out before. -1 when none can be bound.
+int freePort();
+
 // Blocks until every worker has exited.
 LocalJobResult runLocalJob(const LocalJobOptions& options);
 
