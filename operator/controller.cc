@@ -41,7 +41,7 @@ void trimPod(json& pod) {
   pod = std::move(kept);
 }
 
-// Services, Secrets: only their metadata matters (and a Secret's token never stays in memory).
+// Services: only their metadata matters.
 void trimToMetadata(json& object) {
   trimMetadata(object);
   json metadata = std::move(object["metadata"]);
@@ -121,7 +121,6 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
                      }},
                     {kPodsByNode, [](const json& pod) { return pod.value("/spec/nodeName"_json_pointer, std::string()); }}});
   services_ = informer("services", resources::kServices, kJobLabel, trimToMetadata, child);
-  secrets_ = informer("secrets", resources::kSecrets, kJobLabel, trimToMetadata, child);
   configMaps_ = informer("configmaps", resources::kConfigMaps, kJobLabel, trimConfigMap, child);
   // A node becoming unreachable changes the decision for every job with a pod there.
   nodes_ = informer(
@@ -134,7 +133,7 @@ Controller::Controller(kube::KubeClient& client, ControllerOptions options, Oper
 }
 
 std::vector<Informer*> Controller::informers() const {
-  return {jobs_.get(), pods_.get(), services_.get(), secrets_.get(), configMaps_.get(), nodes_.get()};
+  return {jobs_.get(), pods_.get(), services_.get(), configMaps_.get(), nodes_.get()};
 }
 
 Controller::~Controller() { stop(); }
@@ -233,7 +232,13 @@ void Controller::resyncLoop() {
     malloc_trim(0);
     if (steady_clock::now() < nextResync) continue;
     nextResync = steady_clock::now() + options_.resyncPeriod;
-    // Periodic resync: catches anything a lost event or a failed write left behind.
+    // Periodic resync: catches anything a lost event or a failed write left behind. Secrets are not
+    // watched, so each job creates its Secret again (409 when it is there): one deleted behind our back
+    // comes back within a period.
+    {
+      std::lock_guard<std::mutex> secretsLock(knownSecretsMutex_);
+      knownSecrets_.clear();
+    }
     enqueueAllJobs();
   }
 }
@@ -270,8 +275,8 @@ Observed Controller::observe(const JobObject& job) const {
   }
   if (auto service = services_->get(jobKey(job.nameSpace, serviceName(job.name))))
     observed.services.push_back(ObservedService{childFromJson(*service)});
-  if (auto secret = secrets_->get(jobKey(job.nameSpace, secretName(job.name))))
-    observed.secrets.push_back(ObservedSecret{childFromJson(*secret)});
+  if (secretKnown(job.nameSpace, secretName(job.name, job.uid)))
+    observed.secrets.push_back(ObservedSecret{{secretName(job.name, job.uid), job.uid, std::nullopt}});
   if (auto configMap = configMaps_->get(jobKey(job.nameSpace, configMapName(job.name))))
     observed.configMaps.push_back(ObservedConfigMap{childFromJson(*configMap)});
   return observed;
@@ -301,6 +306,19 @@ Status Controller::reconcileKey(const std::string& key) {
   if (plan.requeueAfter)
     queue_.addAfter(key, std::chrono::duration_cast<WorkQueue::Clock::duration>(*plan.requeueAfter));
   return Status::Ok();
+}
+
+bool Controller::secretKnown(const std::string& nameSpace, const std::string& name) const {
+  std::lock_guard<std::mutex> lock(knownSecretsMutex_);
+  return knownSecrets_.count(jobKey(nameSpace, name)) != 0;
+}
+
+void Controller::rememberSecret(const std::string& nameSpace, const std::string& name, bool exists) {
+  std::lock_guard<std::mutex> lock(knownSecretsMutex_);
+  if (exists)
+    knownSecrets_.insert(jobKey(nameSpace, name));
+  else
+    knownSecrets_.erase(jobKey(nameSpace, name));
 }
 
 Status Controller::createChild(const kube::Resource& resource, const JobObject& job, const json& object,
@@ -396,7 +414,9 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
     } else if (const auto* service = std::get_if<CreateService>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kServices, job, service->object, services_.get()));
     } else if (const auto* secret = std::get_if<CreateSecret>(&action)) {
-      TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, secrets_.get()));
+      // Created, or there already (409): its name holds the job's uid, so it is ours either way.
+      TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr));
+      rememberSecret(job.nameSpace, secret->name, true);
     } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
     } else if (std::holds_alternative<CreatePod>(action)) {
@@ -417,6 +437,7 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
                                                                            : resources::kConfigMaps;
       auto deleted = client_.remove(resource.objectPath(job.nameSpace, child->name));
       if (!deleted.ok() && !kube::isNotFound(deleted.status())) return deleted.status();
+      if (child->kind == ChildKind::kSecret) rememberSecret(job.nameSpace, child->name, false);
     } else if (std::holds_alternative<DeleteJob>(action)) {
       kube::DeleteOptions options;
       options.propagationPolicy = "Background";

@@ -136,7 +136,7 @@ json contractEnvironment(const JobObject& job, int64_t rank, int64_t generation)
       envValue("TANDEM_GENERATION", std::to_string(generation)),
       envValue("TANDEM_RDZV_ENDPOINT", rendezvousEndpoint(job.name, job.nameSpace)),
       json{{"name", "TANDEM_RDZV_TOKEN"},
-           {"valueFrom", {{"secretKeyRef", {{"name", secretName(job.name)}, {"key", kTokenKey}}}}}},
+           {"valueFrom", {{"secretKeyRef", {{"name", secretName(job.name, job.uid)}, {"key", kTokenKey}}}}}},
       json{{"name", "TANDEM_POD_IP"}, {"valueFrom", {{"fieldRef", {{"fieldPath", "status.podIP"}}}}}},
       envValue("TANDEM_CONFIG", configPath()),
       envValue("MASTER_ADDR", rankZeroAddress(job.name, job.nameSpace)),
@@ -217,7 +217,7 @@ json buildService(const JobObject& job) {
 json buildSecret(const JobObject& job, const std::string& token) {
   return json{{"apiVersion", "v1"},
               {"kind", "Secret"},
-              {"metadata", objectMeta(job, secretName(job.name))},
+              {"metadata", objectMeta(job, secretName(job.name, job.uid))},
               {"type", "Opaque"},
               {"stringData", {{kTokenKey, token}}}};
 }

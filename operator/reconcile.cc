@@ -305,13 +305,13 @@ class JobReconciler {
   void ensureChildren() {
     if (!hasChild(observed_.services, serviceName(job_.name)))
       childCreations_.push_back(CreateService{serviceName(job_.name), buildService(job_)});
-    if (!hasChild(observed_.secrets, secretName(job_.name))) {
+    if (!hasChild(observed_.secrets, secretName(job_.name, job_.uid))) {
       if (options_.rendezvousToken.empty()) {
         missingToken_ = true;
         event(EventType::kWarning, reasons::kMissingRendezvousToken,
-              "Secret " + secretName(job_.name) + " is missing and no token was supplied: not starting workers");
+              "Secret " + secretName(job_.name, job_.uid) + " is missing and no token was supplied: not starting workers");
       } else {
-        childCreations_.push_back(CreateSecret{secretName(job_.name), buildSecret(job_, options_.rendezvousToken)});
+        childCreations_.push_back(CreateSecret{secretName(job_.name, job_.uid), buildSecret(job_, options_.rendezvousToken)});
       }
     }
     // The ConfigMap fixes the spec the job trains by (keepRunningSpec): a job created suspended gets it
@@ -336,8 +336,7 @@ class JobReconciler {
         if (child.name == name && !child.controllerUid.empty() && child.controllerUid != job_.uid)
           names.push_back(std::string(kind) + " " + name);
     };
-    check(observed_.services, serviceName(job_.name), "Service");
-    check(observed_.secrets, secretName(job_.name), "Secret");
+    check(observed_.services, serviceName(job_.name), "Service");  // (the Secret's name holds our uid)
     check(observed_.configMaps, configMapName(job_.name), "ConfigMap");
     return names;
   }
@@ -541,7 +540,7 @@ class JobReconciler {
     if (!status_.startTime) status_.startTime = now_;
     if (status_.phase == JobPhase::kNone)
       transition(JobPhase::kCreated, reasons::kJobCreated,
-                 "Service " + serviceName(job_.name) + ", Secret " + secretName(job_.name) + ", ConfigMap " +
+                 "Service " + serviceName(job_.name) + ", Secret " + secretName(job_.name, job_.uid) + ", ConfigMap " +
                      configMapName(job_.name) + " and " + std::to_string(workers()) + " worker pod(s) of generation " +
                      std::to_string(status_.generation),
                  EventType::kNormal);
@@ -581,8 +580,8 @@ class JobReconciler {
         for (const ObservedPod& pod : observed_.pods) deletePod(pod, why);
         if (hasChild(observed_.services, serviceName(job_.name)))
           deletions_.push_back(DeleteChild{ChildKind::kService, serviceName(job_.name)});
-        if (hasChild(observed_.secrets, secretName(job_.name)))
-          deletions_.push_back(DeleteChild{ChildKind::kSecret, secretName(job_.name)});
+        // Whether or not this operator has seen it: Secrets are not watched (a missing one is fine).
+        deletions_.push_back(DeleteChild{ChildKind::kSecret, secretName(job_.name, job_.uid)});
         if (hasChild(observed_.configMaps, configMapName(job_.name)))
           deletions_.push_back(DeleteChild{ChildKind::kConfigMap, configMapName(job_.name)});
         deleteJob_ = DeleteJob{why};

@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "integration"))
 from tandem_testlib import free_port  # noqa: E402  (ports below the ephemeral range, as tandem run picks)
 KUBE_APISERVER_SCRIPT = os.path.join(REPO_ROOT, "scripts", "kube-apiserver")
 ETCD = shutil.which("etcd", path="/usr/bin:/usr/sbin") or "/usr/bin/etcd"
+OPERATOR_NAMESPACE, OPERATOR_ACCOUNT_NAME = "tandem-system", "tandem-operator"  # manifests/rbac
 BUILD_TIMEOUT = 3600  # the first build of kube-apiserver on 2 loaded cores
 START_TIMEOUT = 90
 STOP_TIMEOUT = 15
@@ -96,6 +97,10 @@ class ControlPlane:
         self.tmp = tempfile.mkdtemp(prefix="tandem-kube-")
         self.token = "tandem-admin-" + os.urandom(12).hex()
         self.kubeconfig = os.path.join(self.tmp, "kubeconfig")
+        # The operator's ServiceAccount (manifests/rbac), as a static token: an operator started with
+        # operator_kubeconfig has exactly the RBAC we ship, once that is applied.
+        self.operator_token = "tandem-operator-" + os.urandom(12).hex()
+        self.operator_kubeconfig = os.path.join(self.tmp, "operator-kubeconfig")
         self.ca_file = os.path.join(self.tmp, "serving.crt")
         self.etcd_log = os.path.join(self.tmp, "etcd.log")
         self.apiserver_log = os.path.join(self.tmp, "kube-apiserver.log")
@@ -121,6 +126,7 @@ class ControlPlane:
                 if not in_use or attempt == 2:
                     raise ControlPlaneError(f"{error}\n{self.logs()}") from None
         self._write_kubeconfig()
+        self._write_kubeconfig(self.operator_kubeconfig, self.operator_token)
         if self.with_controller_manager:
             try:
                 self._start_controller_manager()
@@ -173,6 +179,8 @@ class ControlPlane:
         self._openssl("rsa", "-in", os.path.join(self.tmp, "sa.key"), "-pubout", "-out", os.path.join(self.tmp, "sa.pub"))
         with open(os.path.join(self.tmp, "tokens.csv"), "w") as f:
             f.write(f'{self.token},tandem-admin,tandem-admin-uid,"system:masters"\n')
+            f.write(f'{self.operator_token},system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT_NAME},'
+                    f'tandem-operator-uid,"system:serviceaccounts,system:serviceaccounts:{OPERATOR_NAMESPACE}"\n')
         self._ssl = ssl.create_default_context(cafile=self.ca_file)
 
     def _spawn(self, argv, log_path, env=None):
@@ -257,12 +265,12 @@ class ControlPlane:
             return status == 200 and bool(account.get("secrets"))
         self._wait("kube-controller-manager", self.controller_manager, default_service_account)
 
-    def _write_kubeconfig(self, path=None):
+    def _write_kubeconfig(self, path=None, token=None):
         # JSON is YAML: kubectl reads it as a kubeconfig.
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "tandem",
             "clusters": [{"name": "tandem", "cluster": {"server": self.server, "certificate-authority": self.ca_file}}],
-            "users": [{"name": "tandem-admin", "user": {"token": self.token}}],
+            "users": [{"name": "tandem-admin", "user": {"token": token or self.token}}],
             "contexts": [{"name": "tandem", "context": {"cluster": "tandem", "user": "tandem-admin", "namespace": "default"}}],
         }
         with open(path or self.kubeconfig, "w") as f:

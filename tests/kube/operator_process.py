@@ -22,8 +22,9 @@ OPERATOR = os.path.join(BIN_DIR, "tandem-operator")
 
 
 class OperatorProcess:
-    def __init__(self, plane, *args, name="operator"):
+    def __init__(self, plane, *args, name="operator", kubeconfig=None):
         self.plane = plane
+        self.kubeconfig = kubeconfig or plane.kubeconfig  # the admin's unless given
         self.args = list(args)
         self.name = name
         self.log_path = os.path.join(plane.tmp, f"{name}.log")
@@ -34,7 +35,7 @@ class OperatorProcess:
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [OPERATOR, f"--kubeconfig={self.plane.kubeconfig}", "--metrics-address=127.0.0.1", "--metrics-port=0",
+                [OPERATOR, f"--kubeconfig={self.kubeconfig}", "--metrics-address=127.0.0.1", "--metrics-port=0",
                  f"--identity={self.name}", *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         finally:

@@ -53,8 +53,10 @@ class PlainManifests(kube_fixture.KubeTestCase):
 
         # What the operator does.
         for verb in ("get", "list", "watch", "create", "delete"):
-            for resource in ("pods", "services", "configmaps", "secrets"):
+            for resource in ("pods", "services", "configmaps"):
                 self.assertTrue(can(verb, resource), f"{verb} {resource}")
+        for verb in ("create", "delete"):
+            self.assertTrue(can(verb, "secrets"), f"{verb} secrets")
         for verb in ("get", "list", "watch", "delete"):
             self.assertTrue(can(verb, "distributedtrainingjobs.tandem.dev"))
         self.assertTrue(can("update", "distributedtrainingjobs.tandem.dev", subresource="status"))
@@ -66,7 +68,8 @@ class PlainManifests(kube_fixture.KubeTestCase):
         self.assertTrue(can("update", "leases.coordination.k8s.io", "tandem-system"))
         # And nothing more.
         self.assertFalse(can("update", "pods"))
-        self.assertFalse(can("patch", "secrets"))
+        for verb in ("get", "list", "watch", "patch", "update"):  # no Secret's contents, ours or anyone's
+            self.assertFalse(can(verb, "secrets"), f"{verb} secrets")
         self.assertFalse(can("create", "distributedtrainingjobs.tandem.dev"))
         self.assertFalse(can("update", "distributedtrainingjobs.tandem.dev"))
         self.assertFalse(can("patch", "pods", subresource="status"))

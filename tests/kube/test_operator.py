@@ -33,7 +33,10 @@ LEASE_FLAGS = ["--leader-elect", "--lease-namespace=default", "--lease-duration=
                "--retry-period=0.5"]
 # Pods stuck terminating on an unreachable node are force-deleted 2 s after their grace period (default 60 s).
 # A worker whose node stopped reporting is given 4 s (default 60) before its gang restarts.
-E2E_FLAGS = LEASE_FLAGS + ["--force-delete-after=2", "--unreachable-node-wait=4"]
+# The end-to-end operator runs as its ServiceAccount with manifests/rbac: its Lease lives in its own namespace.
+E2E_FLAGS = [flag.replace("--lease-namespace=default", f"--lease-namespace={kube_fixture.OPERATOR_NAMESPACE}")
+             for flag in LEASE_FLAGS] + ["--force-delete-after=2", "--unreachable-node-wait=4"]
+RBAC_DIR = os.path.join(REPO_ROOT, "manifests", "rbac")
 
 
 class OperatorTestCase(kube_fixture.KubeTestCase):
@@ -149,9 +152,15 @@ class OperatorEndToEnd(OperatorTestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.install_crd()
+        # Every job here is run by an operator with exactly the RBAC we ship (no Secret reads, say).
+        cls.kube.kubectl("apply", "-f", RBAC_DIR, check=True)
         cls.runner = PodRunner(cls.kube, bin_dirs=[BIN_DIR]).start()
-        cls.operator = OperatorProcess(cls.kube, *E2E_FLAGS, name="operator-a").start()
+        cls.operator = cls.e2e_operator("operator-a").start()
         cls.operator.wait_ready()
+
+    @classmethod
+    def e2e_operator(cls, name):
+        return OperatorProcess(cls.kube, *E2E_FLAGS, name=name, kubeconfig=cls.kube.operator_kubeconfig)
 
     @classmethod
     def tearDownClass(cls):
@@ -189,6 +198,13 @@ class OperatorEndToEnd(OperatorTestCase):
         self.assertIn("Succeeded", printed)
         self.assertGreaterEqual(self.operator.metric("tandem_operator_pods_created_total"), 2)
         self.assertGreaterEqual(self.operator.metric("tandem_operator_jobs", '{phase="Succeeded"}'), 1)
+        # The operator that ran it could create the job's rendezvous Secret (named with the job's uid) but
+        # could not have read it back, nor any other.
+        self.assertIn(f"secrets/fmnist-rendezvous-{job['metadata']['uid']}", self.children(ns, "fmnist"))
+        for verb, allowed in (("create", "yes"), ("get", "no"), ("list", "no"), ("watch", "no")):
+            answer = self.kube.kubectl("--kubeconfig", self.kube.operator_kubeconfig, "auth", "can-i", verb, "secrets",
+                                       "-n", ns).stdout.strip()
+            self.assertEqual(answer, allowed, f"the operator's identity: can-i {verb} secrets")
 
     def test_killed_worker_restarts_the_gang_which_resumes_from_the_checkpoint(self):
         ns = self.namespace("restart")
@@ -271,7 +287,7 @@ class OperatorEndToEnd(OperatorTestCase):
         self.operator.kill(signal.SIGKILL)
         self.operator.proc.wait(timeout=10)
         half = {p["metadata"]["name"]: p["metadata"]["uid"] for p in self.pods(ns, "steady")}
-        restarted = OperatorProcess(self.kube, *E2E_FLAGS, name="operator-b").start()
+        restarted = self.e2e_operator("operator-b").start()
         type(self).operator = restarted
         restarted.wait_ready()
         job = self.wait_phase(ns, "steady", "Running", 120, restarted)
@@ -284,7 +300,7 @@ class OperatorEndToEnd(OperatorTestCase):
         # Kill and restart once more while the gang runs: nothing is recreated, the job still succeeds.
         restarted.kill(signal.SIGKILL)
         restarted.proc.wait(timeout=10)
-        again = OperatorProcess(self.kube, *E2E_FLAGS, name="operator-c").start()
+        again = self.e2e_operator("operator-c").start()
         type(self).operator = again
         again.wait_ready()
         job = self.wait_phase(ns, "steady", "Succeeded", 300, again)

@@ -256,7 +256,7 @@ TEST(Reconcile, FreshJobCreatesServiceSecretConfigMapAndEveryWorker) {
 
   ASSERT_EQ(result.all<CreateSecret>().size(), 1u);
   const json& secret = result.all<CreateSecret>()[0]->object;
-  EXPECT_EQ(secret["metadata"]["name"], "fmnist-rendezvous");
+  EXPECT_EQ(secret["metadata"]["name"], std::string("fmnist-rendezvous-") + kUid);
   EXPECT_EQ(secret["stringData"]["token"], kToken);
   EXPECT_EQ(secret["metadata"]["ownerReferences"], json::array({owner}));
 
@@ -306,7 +306,7 @@ TEST(Reconcile, FreshJobCreatesServiceSecretConfigMapAndEveryWorker) {
         {{"name", "TANDEM_GENERATION"}, {"value", "0"}},
         {{"name", "TANDEM_RDZV_ENDPOINT"}, {"value", "fmnist-worker-0.fmnist.research.svc:29400"}},
         {{"name", "TANDEM_RDZV_TOKEN"},
-         {"valueFrom", {{"secretKeyRef", {{"name", "fmnist-rendezvous"}, {"key", "token"}}}}}},
+         {"valueFrom", {{"secretKeyRef", {{"name", std::string("fmnist-rendezvous-") + kUid}, {"key", "token"}}}}}},
         {{"name", "TANDEM_POD_IP"}, {"valueFrom", {{"fieldRef", {{"fieldPath", "status.podIP"}}}}}},
         {{"name", "TANDEM_CONFIG"}, {"value", "/etc/tandem/job.yaml"}},
         {{"name", "MASTER_ADDR"}, {"value", "fmnist-worker-0.fmnist.research.svc"}},
@@ -970,7 +970,7 @@ TEST(Reconcile, StalePodsAreDeletedBeforeTheGangIsCreated) {
   world.job.status.startTime = kT0;
   world.job.status.observedGeneration = 1;
   world.observed.services.push_back({{"fmnist", kUid, std::nullopt}});
-  world.observed.secrets.push_back({{"fmnist-rendezvous", kUid, std::nullopt}});
+  world.observed.secrets.push_back({{std::string("fmnist-rendezvous-") + kUid, kUid, std::nullopt}});
   world.observed.configMaps.push_back({{"fmnist-config", kUid, std::nullopt}});
   auto pod = [](std::string name, std::string rank, std::string generation, std::string uid,
                 std::string kind = kJobKind) {
@@ -1316,27 +1316,28 @@ TEST(Reconcile, AWorkerNameHeldByAnotherControllersPodIsWaitedForNotDeleted) {
 }
 
 TEST(Reconcile, ARecreatedJobWaitsForThePreviousJobsChildrenToGo) {
-  // Deleted and re-created under the same name: the old job's ConfigMap and Secret are still there, owned by
-  // the old uid, and a create of ours would find them "already there".
+  // Deleted and re-created under the same name: the old job's ConfigMap and Service are still there, owned
+  // by the old uid, and a create of ours would find them "already there". The old Secret cannot be in the
+  // way: its name holds the old uid, so ours is created at once.
   World world = makeWorld();
-  for (const char* name : {"fmnist-config", "fmnist-rendezvous"}) {
-    ObservedChild old;
-    old.name = name;
-    old.controllerUid = "uid-of-the-deleted-job";
-    if (std::string(name) == "fmnist-config")
-      world.observed.configMaps.push_back(ObservedConfigMap{old});
-    else
-      world.observed.secrets.push_back(ObservedSecret{old});
-  }
+  ObservedChild old;
+  old.controllerUid = "uid-of-the-deleted-job";
+  old.name = "fmnist-config";
+  world.observed.configMaps.push_back(ObservedConfigMap{old});
+  old.name = "fmnist";
+  world.observed.services.push_back(ObservedService{old});
   const Plan waiting = plan(world, kT0);
   EXPECT_TRUE(waiting.all<CreatePod>().empty()) << describe(waiting);
   const std::vector<std::string> reasons = eventReasons(waiting);
   EXPECT_EQ(std::count(reasons.begin(), reasons.end(), reasons::kWaitingForPreviousJob), 2) << describe(waiting);
+  ASSERT_EQ(waiting.all<CreateSecret>().size(), 1u) << describe(waiting);
+  EXPECT_EQ(waiting.all<CreateSecret>()[0]->name, std::string("fmnist-rendezvous-") + kUid);
   ASSERT_TRUE(waiting.requeueAfter.has_value());
   EXPECT_LE(*waiting.requeueAfter, seconds(5));
   // Once the garbage collector removed them: ours are created, and the gang with them.
   world.observed.configMaps.clear();
-  world.observed.secrets.clear();
+  world.observed.services.clear();
+  world.observed.secrets.push_back({{std::string("fmnist-rendezvous-") + kUid, kUid, std::nullopt}});
   const Plan created = plan(world, kT0 + seconds(5));
   EXPECT_EQ(created.all<CreateConfigMap>().size(), 1u);
   EXPECT_EQ(created.all<CreatePod>().size(), 4u) << describe(created);
@@ -1406,7 +1407,7 @@ TEST(Reconcile, TtlAfterFinishedDeletesTheJobOnceElapsed) {
   std::set<std::string> children;
   for (const DeleteChild* child : expired.all<DeleteChild>())
     children.insert(std::string(childKindName(child->kind)) + "/" + child->name);
-  EXPECT_EQ(children, (std::set<std::string>{"Service/fmnist", "Secret/fmnist-rendezvous", "ConfigMap/fmnist-config"}));
+  EXPECT_EQ(children, (std::set<std::string>{"Service/fmnist", "Secret/fmnist-rendezvous-" + std::string(kUid), "ConfigMap/fmnist-config"}));
   EXPECT_EQ(expired.all<DeleteJob>().size(), 1u);
   EXPECT_EQ(eventReasons(expired), std::vector<std::string>{reasons::kTtlExpired});
   EXPECT_FALSE(expired.requeueAfter);
@@ -1474,7 +1475,7 @@ TEST(Reconcile, MissingTokenStartsNothing) {
   ASSERT_NE(findEvent(result, reasons::kMissingRendezvousToken), nullptr);
   EXPECT_EQ(findEvent(result, reasons::kMissingRendezvousToken)->type, EventType::kWarning);
   // Once the Secret exists, no token is needed.
-  world.observed.secrets.push_back({{"fmnist-rendezvous", kUid, std::nullopt}});
+  world.observed.secrets.push_back({{std::string("fmnist-rendezvous-") + kUid, kUid, std::nullopt}});
   EXPECT_EQ(reconcile(world.job, world.observed, kT0, ReconcileOptions{}).all<CreatePod>().size(), 4u);
 }
 

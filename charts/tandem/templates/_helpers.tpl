@@ -79,8 +79,12 @@ them), used by the ClusterRole or, with watchNamespace, by a Role in that namesp
   verbs: [update]
 # The children of a job: created whole, never edited in place, deleted on restart and clean-up.
 - apiGroups: [""]
-  resources: [pods, services, configmaps, secrets]
+  resources: [pods, services, configmaps]
   verbs: [get, list, watch, create, delete]
+# Rendezvous Secrets: created and deleted, never read (reading would expose every Secret of the cluster).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, delete]
 # Events mirror every status transition.
 - apiGroups: [""]
   resources: [events]

@@ -1,5 +1,5 @@
-// The operator's control loop: informers for jobs and their children feed job keys into a rate-limited
-// work queue; workers turn a key into (JobObject, Observed) from the caches, call the pure reconcile(),
+// The operator's control loop: informers for jobs and their children (all but Secrets, which it may not
+// read) feed job keys into a rate-limited work queue; workers turn a key into (JobObject, Observed) from the caches, call the pure reconcile(),
 // and apply the Plan through the API server in order, stopping at the first failure (the key is retried
 // with backoff; the next reconcile plans again from what it then sees). Writes are idempotent: a create
 // that finds the object already there, or a delete that finds it gone, counts as done, so a restarted
@@ -84,9 +84,15 @@ class Controller {
   std::unique_ptr<Informer> jobs_;
   std::unique_ptr<Informer> pods_;
   std::unique_ptr<Informer> services_;
-  std::unique_ptr<Informer> secrets_;
   std::unique_ptr<Informer> configMaps_;
   std::unique_ptr<Informer> nodes_;  // optional: where the pods run, to recognise unreachable nodes
+  // Rendezvous Secrets (namespace/name) known to exist. The operator may create and delete Secrets but
+  // not read them: get/list/watch on Secrets would let it read every credential in the cluster. It learns
+  // of its own from its create (201, or 409: the name holds the job's uid); forgotten at every resync.
+  std::set<std::string> knownSecrets_;
+  mutable std::mutex knownSecretsMutex_;
+  bool secretKnown(const std::string& nameSpace, const std::string& name) const;
+  void rememberSecret(const std::string& nameSpace, const std::string& name, bool exists);
   std::set<std::string> warnedEdits_;  // "<uid>/<generation>" whose ignored edit was reported
   std::mutex warnedMutex_;
   std::vector<Informer*> informers() const;

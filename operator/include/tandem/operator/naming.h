@@ -30,7 +30,12 @@ inline constexpr const char* kTokenKey = "token";                 // key of the 
 
 // Headless Service: the job's own name, so pods are <job>-worker-<rank>.<job>.<ns>.svc.
 inline std::string serviceName(const std::string& job) { return job; }
-inline std::string secretName(const std::string& job) { return job + "-rendezvous"; }
+// The rendezvous Secret carries the job's uid: the operator may not read Secrets (least privilege), so it
+// learns that its Secret exists from its own create answering 409, and that must never be a deleted
+// namesake's Secret the garbage collector has yet to remove.
+inline std::string secretName(const std::string& job, const std::string& uid) {
+  return uid.empty() ? job + "-rendezvous" : job + "-rendezvous-" + uid;
+}
 inline std::string configMapName(const std::string& job) { return job + "-config"; }
 
 // Pod name and hostname are both <job>-worker-<rank>, in every generation: a generation is only created

@@ -27,7 +27,7 @@ nlohmann::json ownerReference(const JobObject& job);
 // Headless Service <job> selecting tandem.dev/job=<job>, publishing not-ready addresses so that rank 0's
 // name resolves while the gang is still starting.
 nlohmann::json buildService(const JobObject& job);
-// Secret <job>-rendezvous with the token under key "token".
+// Secret <job>-rendezvous-<job uid> with the token under key "token".
 nlohmann::json buildSecret(const JobObject& job, const std::string& token);
 // ConfigMap <job>-config holding the manifest (apiVersion, kind, metadata name/namespace, spec) as JSON
 // text under "job.yaml", which the worker's parseManifest reads from TANDEM_CONFIG.

@@ -1,5 +1,6 @@
 // What the informers observed of a job's children, as plain values. The executor lists pods by the
-// tandem.dev/job=<name> label in the job's namespace and Services/Secrets/ConfigMaps by name.
+// tandem.dev/job=<name> label in the job's namespace and Services/ConfigMaps by name. Secrets are not
+// watched (the operator may not read them): one is observed when this operator's create made or found it.
 #pragma once
 
 #include <cstdint>
