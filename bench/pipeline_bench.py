@@ -52,7 +52,21 @@ def data_spec(data, samples_needed):
 HIDDEN = "[" + ", ".join(["512"] * 16) + "]"
 
 
+FASHION_MNIST_TRAIN_SAMPLES = 60000
+
+
+def epochs_for(data, global_batch, steps):
+    """Synthetic data is sized to one epoch; fashion-mnist's 60k samples may hold fewer steps than asked
+    (16 microbatches of 256 make 14 steps an epoch), so the run gets as many epochs as it needs (evalEvery 0:
+    nothing runs between them)."""
+    if data != "fashion-mnist":
+        return 1
+    steps_per_epoch = FASHION_MNIST_TRAIN_SAMPLES // global_batch
+    return max(1, -(-(steps + 1) // steps_per_epoch))
+
+
 def job(stages, micro_batches, schedule, data, micro_batch_size, steps):
+    global_batch = micro_batch_size * micro_batches
     return f"""apiVersion: tandem.dev/v1alpha1
 kind: DistributedTrainingJob
 metadata: {{name: bubble}}
@@ -62,7 +76,7 @@ spec:
   model: {{kind: mlp, mlp: {{hidden: {HIDDEN}, activation: relu}}}}
   data: {data_spec(data, micro_batch_size * micro_batches * (steps + 1))}
   optimizer: {{kind: adamw, lr: 1.0e-4}}
-  training: {{globalBatchSize: {micro_batch_size * micro_batches}, epochs: 1, seed: 1}}
+  training: {{globalBatchSize: {global_batch}, epochs: {epochs_for(data, global_batch, steps)}, seed: 1}}
 """
 
 

@@ -14,6 +14,7 @@ import unittest
 from tandem_testlib import TANDEM, TempDirTest, children_of, rank_of, read_floats, relative_error, tandem, wait_for
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+import pipeline_bench  # noqa: E402  (the benchmark's manifests)
 import pipeline_timeline  # noqa: E402  (the benchmark's reader of the same logs)
 
 HIDDEN = "[512, 512, 512, 512]"  # the example mlp with extra hidden layers: 784-512-512-512-512-10
@@ -177,6 +178,21 @@ def schedule_order(schedule, stages, stage, micro_batches):
     for m in range(micro_batches - warmup):
         order += [forwards[warmup + m], backwards[m]]
     return order + backwards[micro_batches - warmup:]
+
+
+class BenchmarkManifest(unittest.TestCase):
+    """bench/pipeline_bench.py asks for --steps steps; on fashion-mnist (60,000 samples an epoch) a large
+    global batch must get enough epochs, or tandem run ends early and the figures cover fewer steps."""
+
+    def test_every_run_holds_the_steps_asked_for(self):
+        for micro_batch_size in (64, 256, 1024):
+            for micro_batches in (1, 2, 4, 8, 16):
+                global_batch = micro_batch_size * micro_batches
+                for steps in (1, 12, 16, 32, 100):
+                    epochs = pipeline_bench.epochs_for("fashion-mnist", global_batch, steps)
+                    self.assertGreaterEqual(epochs * (60000 // global_batch), steps + 1, (global_batch, steps))
+                    self.assertIn(f"epochs: {epochs},", pipeline_bench.job(2, micro_batches, "1F1B", "fashion-mnist",
+                                                                         micro_batch_size, steps))
 
 
 class TimelineReplay(unittest.TestCase):
