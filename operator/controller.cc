@@ -49,10 +49,24 @@ void trimToMetadata(json& object) {
   object = {{"metadata", std::move(metadata)}};
 }
 
-// ConfigMaps: their metadata and the manifest the workers train by (keepRunningSpec reads it).
+// The ConfigMap's kRendezvousSecretAnnotation: the Secret its job's workers read; "" when absent.
+std::string rendezvousSecretOf(const json& configMap) {
+  const json* annotations = configMap.contains("metadata") && configMap["metadata"].is_object() &&
+                                    configMap["metadata"].contains("annotations")
+                                ? &configMap["metadata"]["annotations"]
+                                : nullptr;
+  if (annotations == nullptr || !annotations->is_object()) return "";
+  const auto found = annotations->find(kRendezvousSecretAnnotation);
+  return found != annotations->end() && found->is_string() ? found->get<std::string>() : "";
+}
+
+// ConfigMaps: their metadata, the name of the job's Secret and the manifest the workers train by
+// (keepRunningSpec reads it).
 void trimConfigMap(json& object) {
   json data = object.value("data", json::object());
+  const std::string secret = rendezvousSecretOf(object);
   trimToMetadata(object);
+  if (!secret.empty()) object["metadata"]["annotations"] = {{kRendezvousSecretAnnotation, secret}};
   if (data.contains(kConfigKey)) object["data"] = {{kConfigKey, std::move(data[kConfigKey])}};
 }
 
@@ -232,13 +246,7 @@ void Controller::resyncLoop() {
     malloc_trim(0);
     if (steady_clock::now() < nextResync) continue;
     nextResync = steady_clock::now() + options_.resyncPeriod;
-    // Periodic resync: catches anything a lost event or a failed write left behind. Secrets are not
-    // watched, so each job creates its Secret again (409 when it is there): one deleted behind our back
-    // comes back within a period.
-    {
-      std::lock_guard<std::mutex> secretsLock(knownSecretsMutex_);
-      knownSecrets_.clear();
-    }
+    // Periodic resync: catches anything a lost event or a failed write left behind.
     enqueueAllJobs();
   }
 }
@@ -275,10 +283,8 @@ Observed Controller::observe(const JobObject& job) const {
   }
   if (auto service = services_->get(jobKey(job.nameSpace, serviceName(job.name))))
     observed.services.push_back(ObservedService{childFromJson(*service)});
-  if (secretKnown(job.nameSpace, secretName(job.name, job.uid)))
-    observed.secrets.push_back(ObservedSecret{{secretName(job.name, job.uid), job.uid, std::nullopt}});
   if (auto configMap = configMaps_->get(jobKey(job.nameSpace, configMapName(job.name))))
-    observed.configMaps.push_back(ObservedConfigMap{childFromJson(*configMap)});
+    observed.configMaps.push_back(ObservedConfigMap{childFromJson(*configMap), rendezvousSecretOf(*configMap)});
   return observed;
 }
 
@@ -306,19 +312,6 @@ Status Controller::reconcileKey(const std::string& key) {
   if (plan.requeueAfter)
     queue_.addAfter(key, std::chrono::duration_cast<WorkQueue::Clock::duration>(*plan.requeueAfter));
   return Status::Ok();
-}
-
-bool Controller::secretKnown(const std::string& nameSpace, const std::string& name) const {
-  std::lock_guard<std::mutex> lock(knownSecretsMutex_);
-  return knownSecrets_.count(jobKey(nameSpace, name)) != 0;
-}
-
-void Controller::rememberSecret(const std::string& nameSpace, const std::string& name, bool exists) {
-  std::lock_guard<std::mutex> lock(knownSecretsMutex_);
-  if (exists)
-    knownSecrets_.insert(jobKey(nameSpace, name));
-  else
-    knownSecrets_.erase(jobKey(nameSpace, name));
 }
 
 Status Controller::createChild(const kube::Resource& resource, const JobObject& job, const json& object,
@@ -416,7 +409,6 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
     } else if (const auto* secret = std::get_if<CreateSecret>(&action)) {
       // Created, or there already (409): its name holds the job's uid, so it is ours either way.
       TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr));
-      rememberSecret(job.nameSpace, secret->name, true);
     } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
     } else if (std::holds_alternative<CreatePod>(action)) {
@@ -432,12 +424,10 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
         return deletePod(job, generation->podNames[index], std::nullopt);
       }));
     } else if (const auto* child = std::get_if<DeleteChild>(&action)) {
-      const kube::Resource& resource = child->kind == ChildKind::kService  ? resources::kServices
-                                       : child->kind == ChildKind::kSecret ? resources::kSecrets
-                                                                           : resources::kConfigMaps;
+      const kube::Resource& resource =
+          child->kind == ChildKind::kService ? resources::kServices : resources::kConfigMaps;
       auto deleted = client_.remove(resource.objectPath(job.nameSpace, child->name));
       if (!deleted.ok() && !kube::isNotFound(deleted.status())) return deleted.status();
-      if (child->kind == ChildKind::kSecret) rememberSecret(job.nameSpace, child->name, false);
     } else if (std::holds_alternative<DeleteJob>(action)) {
       kube::DeleteOptions options;
       options.propagationPolicy = "Background";

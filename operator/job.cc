@@ -46,7 +46,6 @@ const char* podPhaseName(PodPhase phase) {
 const char* childKindName(ChildKind kind) {
   switch (kind) {
     case ChildKind::kService: return "Service";
-    case ChildKind::kSecret: return "Secret";
     case ChildKind::kConfigMap: return "ConfigMap";
   }
   return "";

@@ -126,7 +126,7 @@ json objectMeta(const JobObject& job, const std::string& name) {
 json envValue(const std::string& name, const std::string& value) { return json{{"name", name}, {"value", value}}; }
 
 // DESIGN.md §3, in the order of the contract.
-json contractEnvironment(const JobObject& job, int64_t rank, int64_t generation) {
+json contractEnvironment(const JobObject& job, int64_t rank, int64_t generation, const std::string& rendezvousSecret) {
   const std::string workers = std::to_string(job.spec.workers);
   const std::string rankText = std::to_string(rank);
   return json::array({
@@ -136,7 +136,7 @@ json contractEnvironment(const JobObject& job, int64_t rank, int64_t generation)
       envValue("TANDEM_GENERATION", std::to_string(generation)),
       envValue("TANDEM_RDZV_ENDPOINT", rendezvousEndpoint(job.name, job.nameSpace)),
       json{{"name", "TANDEM_RDZV_TOKEN"},
-           {"valueFrom", {{"secretKeyRef", {{"name", secretName(job.name, job.uid)}, {"key", kTokenKey}}}}}},
+           {"valueFrom", {{"secretKeyRef", {{"name", rendezvousSecret}, {"key", kTokenKey}}}}}},
       json{{"name", "TANDEM_POD_IP"}, {"valueFrom", {{"fieldRef", {{"fieldPath", "status.podIP"}}}}}},
       envValue("TANDEM_CONFIG", configPath()),
       envValue("MASTER_ADDR", rankZeroAddress(job.name, job.nameSpace)),
@@ -232,9 +232,11 @@ StatusOr<json> buildConfigMap(const JobObject& job) {
                 {"kind", kJobKind},
                 {"metadata", {{"name", job.name}, {"namespace", job.nameSpace}}},
                 {"spec", (*manifest)["spec"]}};
+  json metadata = objectMeta(job, configMapName(job.name));
+  metadata["annotations"] = {{kRendezvousSecretAnnotation, secretName(job.name, job.uid)}};
   return json{{"apiVersion", "v1"},
               {"kind", "ConfigMap"},
-              {"metadata", objectMeta(job, configMapName(job.name))},
+              {"metadata", std::move(metadata)},
               {"data", {{kConfigKey, document.dump(2) + "\n"}}}};
 }
 
@@ -273,7 +275,7 @@ bool isCustomMode(const JobObject& job, const json& podTemplate) {
 }
 
 json buildWorkerPod(const JobObject& job, const json& podTemplate, int64_t rank, int64_t generation,
-                    const std::string& defaultImage) {
+                    const std::string& defaultImage, const std::string& rendezvousSecret) {
   const std::string name = workerPodName(job.name, rank);
 
   // Metadata: the template's labels under ours, our annotations under the template's.
@@ -310,7 +312,7 @@ json buildWorkerPod(const JobObject& job, const json& podTemplate, int64_t rank,
     worker["image"] = defaultImage;
   if (!isCustomMode(job, podTemplate)) worker["command"] = json::array({kWorkerCommand});
 
-  json environment = contractEnvironment(job, rank, generation);
+  json environment = contractEnvironment(job, rank, generation, rendezvousSecret);
   if (worker.contains("env") && worker["env"].is_array())
     for (const json& item : worker["env"]) environment.push_back(item);  // appended: the user's entries win
   worker["env"] = environment;

@@ -295,6 +295,14 @@ class JobReconciler {
     return false;
   }
 
+  const ObservedConfigMap* ownConfigMap() const {
+    for (const ObservedConfigMap& configMap : observed_.configMaps)
+      if (configMap.name == configMapName(job_.name) &&
+          (configMap.controllerUid.empty() || configMap.controllerUid == job_.uid))
+        return &configMap;
+    return nullptr;
+  }
+
   template <typename Child>
   bool hasChild(const std::vector<Child>& children, const std::string& name) const {
     return std::any_of(children.begin(), children.end(), [&](const Child& child) {
@@ -305,19 +313,23 @@ class JobReconciler {
   void ensureChildren() {
     if (!hasChild(observed_.services, serviceName(job_.name)))
       childCreations_.push_back(CreateService{serviceName(job_.name), buildService(job_)});
-    if (!hasChild(observed_.secrets, secretName(job_.name, job_.uid))) {
+    // The ConfigMap fixes the spec the job trains by (keepRunningSpec): a job created suspended gets it
+    // when it is first let run, so that edits made while it waits (a queue's, say) still apply. The
+    // Secret is created just before it, and the ConfigMap names it: the operator cannot read Secrets, but
+    // the executor stops at the first failed create, so our ConfigMap existing means our Secret does.
+    const ObservedConfigMap* configMap = ownConfigMap();
+    if (configMap == nullptr && !job_.spec.runPolicy.suspend) {
       if (options_.rendezvousToken.empty()) {
         missingToken_ = true;
         event(EventType::kWarning, reasons::kMissingRendezvousToken,
               "Secret " + secretName(job_.name, job_.uid) + " is missing and no token was supplied: not starting workers");
       } else {
         childCreations_.push_back(CreateSecret{secretName(job_.name, job_.uid), buildSecret(job_, options_.rendezvousToken)});
+        childCreations_.push_back(CreateConfigMap{configMapName(job_.name), configMap_});
       }
     }
-    // The ConfigMap fixes the spec the job trains by (keepRunningSpec): a job created suspended gets it
-    // when it is first let run, so that edits made while it waits (a queue's, say) still apply.
-    if (!hasChild(observed_.configMaps, configMapName(job_.name)) && !job_.spec.runPolicy.suspend)
-      childCreations_.push_back(CreateConfigMap{configMapName(job_.name), configMap_});
+    if (configMap != nullptr)
+      rendezvousSecret_ = configMap->rendezvousSecret.empty() ? legacySecretName(job_.name) : configMap->rendezvousSecret;
     // A same-named child of a deleted job (the garbage collector has not removed it yet) makes our create
     // find it "already there": the workers would mount the old manifest or token. Wait for it to go.
     for (const std::string& name : foreignChildren()) {
@@ -528,7 +540,7 @@ class JobReconciler {
         const std::string name = workerPodName(job_.name, rank);
         podCreations_.push_back(CreatePod{
             name, rank, status_.generation,
-            buildWorkerPod(job_, podTemplate_, rank, status_.generation, options_.defaultWorkerImage)});
+            buildWorkerPod(job_, podTemplate_, rank, status_.generation, options_.defaultWorkerImage, rendezvousSecret_)});
         names.push_back(name);
       }
       plannedPods_ = static_cast<int64_t>(missing.size());
@@ -540,7 +552,7 @@ class JobReconciler {
     if (!status_.startTime) status_.startTime = now_;
     if (status_.phase == JobPhase::kNone)
       transition(JobPhase::kCreated, reasons::kJobCreated,
-                 "Service " + serviceName(job_.name) + ", Secret " + secretName(job_.name, job_.uid) + ", ConfigMap " +
+                 "Service " + serviceName(job_.name) + ", Secret " + rendezvousSecret_ + ", ConfigMap " +
                      configMapName(job_.name) + " and " + std::to_string(workers()) + " worker pod(s) of generation " +
                      std::to_string(status_.generation),
                  EventType::kNormal);
@@ -580,13 +592,11 @@ class JobReconciler {
         for (const ObservedPod& pod : observed_.pods) deletePod(pod, why);
         if (hasChild(observed_.services, serviceName(job_.name)))
           deletions_.push_back(DeleteChild{ChildKind::kService, serviceName(job_.name)});
-        // Whether or not this operator has seen it: Secrets are not watched (a missing one is fine).
-        deletions_.push_back(DeleteChild{ChildKind::kSecret, secretName(job_.name, job_.uid)});
         if (hasChild(observed_.configMaps, configMapName(job_.name)))
           deletions_.push_back(DeleteChild{ChildKind::kConfigMap, configMapName(job_.name)});
         deleteJob_ = DeleteJob{why};
         event(EventType::kNormal, reasons::kTtlExpired,
-              why + " since completion: deleting the job, its pods, Service, Secret and ConfigMap");
+              why + " since completion: deleting the job, its pods, Service and ConfigMap (its Secret goes with the job)");
       }
     }
     return finish();
@@ -639,6 +649,7 @@ class JobReconciler {
   std::set<std::string> forceDeleted_;  // of which force-deleted: gone once the deletion returns
   nlohmann::json podTemplate_ = nlohmann::json::object();
   nlohmann::json configMap_;
+  std::string rendezvousSecret_ = secretName(job_.name, job_.uid);  // what the workers read (ensureChildren)
   bool missingToken_ = false;
   bool waitingForForeign_ = false;  // a child's name is still held by a previous job's object
   int64_t plannedPods_ = 0;

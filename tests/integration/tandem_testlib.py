@@ -21,9 +21,10 @@ _ports_handed_out = set()
 
 
 def free_port():
-    """A TCP port free on every address, for a server started moments later. Drawn below the kernel's
-    ephemeral range, as `tandem run` draws its workers' ports: a port bind(0) picks comes from that range
-    and any outgoing connection (etcd's clients, Gloo, another test) may take it before the server binds."""
+    """A TCP port free on every IPv4 address, for a server (etcd, kube-apiserver, Prometheus) started moments
+    later. Drawn below the kernel's ephemeral range, as `tandem run` draws its workers' ports: a port bind(0)
+    picks comes from that range and any outgoing connection (etcd's clients, Gloo, another test) may take it
+    before the server binds."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             below = int(f.read().split()[0])

@@ -201,7 +201,7 @@ class OperatorEndToEnd(OperatorTestCase):
         # The operator that ran it could create the job's rendezvous Secret (named with the job's uid) but
         # could not have read it back, nor any other.
         self.assertIn(f"secrets/fmnist-rendezvous-{job['metadata']['uid']}", self.children(ns, "fmnist"))
-        for verb, allowed in (("create", "yes"), ("get", "no"), ("list", "no"), ("watch", "no")):
+        for verb, allowed in (("create", "yes"), ("get", "no"), ("list", "no"), ("watch", "no"), ("delete", "no")):
             answer = self.kube.kubectl("--kubeconfig", self.kube.operator_kubeconfig, "auth", "can-i", verb, "secrets",
                                        "-n", ns).stdout.strip()
             self.assertEqual(answer, allowed, f"the operator's identity: can-i {verb} secrets")

@@ -13,13 +13,30 @@
 namespace tandem::launch {
 namespace {
 
-// Listens on `port` on every address; -1 when it cannot.
+// Listens on `port` on every IPv4 address; -1 when it cannot.
 int listenOn(int port) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_addr.s_addr = htonl(INADDR_ANY);
   address.sin_port = htons(static_cast<uint16_t>(port));
+  if (bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 || listen(fd, 1) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Listens on `port` on IPv6 loopback only (a store bound to [::1]); -1 when this machine has no IPv6.
+int listenOnIpv6LoopbackOnly(int port) {
+  const int fd = socket(AF_INET6, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  const int yes = 1;
+  setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &yes, sizeof(yes));
+  sockaddr_in6 address{};
+  address.sin6_family = AF_INET6;
+  address.sin6_addr = in6addr_loopback;
+  address.sin6_port = htons(static_cast<uint16_t>(port));
   if (bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 || listen(fd, 1) != 0) {
     close(fd);
     return -1;
@@ -48,11 +65,19 @@ TEST(FreePort, TheWorkerCanListenOnThePortItIsGiven) {
   }
 }
 
-TEST(FreePort, ReadsTheKernelsRange) {
-  const EphemeralPortRange range = ephemeralPortRange();
-  EXPECT_GT(range.low, 0);
-  EXPECT_LE(range.low, range.high);
-  EXPECT_LE(range.high, 65535);
+TEST(FreePort, APortAListenerHoldsOnEitherFamilyIsNotFree) {
+  const int port = freePort();
+  ASSERT_TRUE(portFree(port));
+  const int ipv4 = listenOn(port);
+  ASSERT_GE(ipv4, 0);
+  EXPECT_FALSE(portFree(port)) << "an IPv4 listener on " << port;
+  close(ipv4);
+  EXPECT_TRUE(portFree(port));
+  const int ipv6 = listenOnIpv6LoopbackOnly(port);
+  if (ipv6 >= 0) {  // (a machine without IPv6 has no such listener to miss)
+    EXPECT_FALSE(portFree(port)) << "an IPv6-only listener on [::1]:" << port;
+    close(ipv6);
+  }
 }
 
 }  // namespace

@@ -111,10 +111,9 @@ void apply(World& world, const Plan& plan, Clock::time_point now) {
     if (const auto* update = std::get_if<UpdateStatus>(&action)) world.job.status = update->status;
     if (const auto* create = std::get_if<CreateService>(&action))
       world.observed.services.push_back({{create->name, kUid, std::nullopt}});
-    if (const auto* create = std::get_if<CreateSecret>(&action))
-      world.observed.secrets.push_back({{create->name, kUid, std::nullopt}});
     if (const auto* create = std::get_if<CreateConfigMap>(&action))
-      world.observed.configMaps.push_back({{create->name, kUid, std::nullopt}});
+      world.observed.configMaps.push_back(
+          {{create->name, kUid, std::nullopt}, create->object["metadata"]["annotations"][kRendezvousSecretAnnotation]});
     if (const auto* create = std::get_if<CreatePod>(&action)) {
       ObservedPod pod;
       pod.name = create->object["metadata"]["name"].get<std::string>();
@@ -135,7 +134,6 @@ void apply(World& world, const Plan& plan, Clock::time_point now) {
     if (const auto* remove = std::get_if<DeleteChild>(&action)) {
       auto byName = [&](const ObservedChild& child) { return child.name == remove->name; };
       if (remove->kind == ChildKind::kService) std::erase_if(world.observed.services, byName);
-      if (remove->kind == ChildKind::kSecret) std::erase_if(world.observed.secrets, byName);
       if (remove->kind == ChildKind::kConfigMap) std::erase_if(world.observed.configMaps, byName);
     }
     if (std::holds_alternative<DeleteJob>(action)) world.job.deletionTimestamp = now;
@@ -970,8 +968,7 @@ TEST(Reconcile, StalePodsAreDeletedBeforeTheGangIsCreated) {
   world.job.status.startTime = kT0;
   world.job.status.observedGeneration = 1;
   world.observed.services.push_back({{"fmnist", kUid, std::nullopt}});
-  world.observed.secrets.push_back({{std::string("fmnist-rendezvous-") + kUid, kUid, std::nullopt}});
-  world.observed.configMaps.push_back({{"fmnist-config", kUid, std::nullopt}});
+  world.observed.configMaps.push_back({{"fmnist-config", kUid, std::nullopt}, std::string("fmnist-rendezvous-") + kUid});
   auto pod = [](std::string name, std::string rank, std::string generation, std::string uid,
                 std::string kind = kJobKind) {
     ObservedPod observed;
@@ -1285,9 +1282,10 @@ TEST(Reconcile, JobCreatedSuspendedGetsItsChildrenButNoPods) {
   EXPECT_EQ(result.status.phase, JobPhase::kSuspended);
   EXPECT_EQ(result.status.generation, 0);
   EXPECT_EQ(result.all<CreateService>().size(), 1u);
-  EXPECT_EQ(result.all<CreateSecret>().size(), 1u);
   // Not the ConfigMap: it fixes the spec the job trains by, and edits made while it waits still apply.
+  // Nor the Secret, which comes just before the ConfigMap that names it.
   EXPECT_TRUE(result.all<CreateConfigMap>().empty());
+  EXPECT_TRUE(result.all<CreateSecret>().empty());
   EXPECT_TRUE(result.all<CreatePod>().empty());
   EXPECT_FALSE(result.status.startTime);
   expectIdempotent(world, result, kT0);
@@ -1337,7 +1335,6 @@ TEST(Reconcile, ARecreatedJobWaitsForThePreviousJobsChildrenToGo) {
   // Once the garbage collector removed them: ours are created, and the gang with them.
   world.observed.configMaps.clear();
   world.observed.services.clear();
-  world.observed.secrets.push_back({{std::string("fmnist-rendezvous-") + kUid, kUid, std::nullopt}});
   const Plan created = plan(world, kT0 + seconds(5));
   EXPECT_EQ(created.all<CreateConfigMap>().size(), 1u);
   EXPECT_EQ(created.all<CreatePod>().size(), 4u) << describe(created);
@@ -1399,7 +1396,8 @@ TEST(Reconcile, TtlAfterFinishedDeletesTheJobOnceElapsed) {
   EXPECT_TRUE(early.empty()) << describe(early);
   EXPECT_EQ(early.requeueAfter, seconds(60));
 
-  // Elapsed: pods, Service, Secret, ConfigMap and the job itself.
+  // Elapsed: pods, Service, ConfigMap and the job itself (its Secret goes with it: the operator may not
+  // delete Secrets).
   const Clock::time_point now = completed + seconds(100);
   const Plan expired = plan(world, now);
   EXPECT_EQ(deletedPodNames(expired),
@@ -1407,7 +1405,7 @@ TEST(Reconcile, TtlAfterFinishedDeletesTheJobOnceElapsed) {
   std::set<std::string> children;
   for (const DeleteChild* child : expired.all<DeleteChild>())
     children.insert(std::string(childKindName(child->kind)) + "/" + child->name);
-  EXPECT_EQ(children, (std::set<std::string>{"Service/fmnist", "Secret/fmnist-rendezvous-" + std::string(kUid), "ConfigMap/fmnist-config"}));
+  EXPECT_EQ(children, (std::set<std::string>{"Service/fmnist", "ConfigMap/fmnist-config"}));
   EXPECT_EQ(expired.all<DeleteJob>().size(), 1u);
   EXPECT_EQ(eventReasons(expired), std::vector<std::string>{reasons::kTtlExpired});
   EXPECT_FALSE(expired.requeueAfter);
@@ -1474,9 +1472,69 @@ TEST(Reconcile, MissingTokenStartsNothing) {
   EXPECT_EQ(result.all<CreateService>().size(), 1u);
   ASSERT_NE(findEvent(result, reasons::kMissingRendezvousToken), nullptr);
   EXPECT_EQ(findEvent(result, reasons::kMissingRendezvousToken)->type, EventType::kWarning);
-  // Once the Secret exists, no token is needed.
-  world.observed.secrets.push_back({{std::string("fmnist-rendezvous-") + kUid, kUid, std::nullopt}});
+  // Once the ConfigMap (created just after the Secret, and naming it) exists, no token is needed.
+  world.observed.configMaps.push_back({{"fmnist-config", kUid, std::nullopt}, std::string("fmnist-rendezvous-") + kUid});
   EXPECT_EQ(reconcile(world.job, world.observed, kT0, ReconcileOptions{}).all<CreatePod>().size(), 4u);
+}
+
+std::string tokenSecretOf(const CreatePod& pod) {
+  return environmentOf(pod.object).at("TANDEM_RDZV_TOKEN")["valueFrom"]["secretKeyRef"]["name"].get<std::string>();
+}
+
+TEST(Reconcile, TheSecretIsCreatedJustBeforeTheConfigMapThatNamesIt) {
+  // The operator may create Secrets but not read them. It watches ConfigMaps, and the executor stops at
+  // the first failed create: so our ConfigMap existing is what says our Secret does.
+  World world = makeWorld();
+  const Plan first = step(world, kT0);
+  const std::string secret = std::string("fmnist-rendezvous-") + kUid;
+  std::vector<std::string> creations;
+  for (const Action& action : first.actions) {
+    if (const auto* create = std::get_if<CreateSecret>(&action)) creations.push_back("Secret " + create->name);
+    if (const auto* create = std::get_if<CreateConfigMap>(&action)) {
+      creations.push_back("ConfigMap " + create->name);
+      EXPECT_EQ(create->object["metadata"]["annotations"][kRendezvousSecretAnnotation], secret);
+    }
+    if (const auto* create = std::get_if<CreatePod>(&action)) {
+      creations.push_back("Pod");
+      EXPECT_EQ(tokenSecretOf(*create), secret);
+    }
+  }
+  ASSERT_GE(creations.size(), 3u) << describe(first);
+  EXPECT_EQ(creations[0], "Secret " + secret) << describe(first);
+  EXPECT_EQ(creations[1], "ConfigMap fmnist-config") << describe(first);
+  // The ConfigMap is there: nothing is created again, whatever became of the Secret (it is not watched).
+  world.job.status.phase = JobPhase::kRunning;
+  setAllPhases(world, PodPhase::kRunning);
+  const Plan later = plan(world, kT0 + seconds(600));
+  EXPECT_TRUE(later.all<CreateSecret>().empty()) << describe(later);
+  EXPECT_TRUE(later.all<CreateConfigMap>().empty()) << describe(later);
+}
+
+TEST(Reconcile, AJobCreatedSuspendedGetsItsSecretWithItsConfigMapWhenLetRun) {
+  JobOptions options;
+  options.suspend = true;
+  World world = makeWorld(options);
+  step(world, kT0);  // the Service only (JobCreatedSuspendedGetsItsChildrenButNoPods)
+  world.job.spec.runPolicy.suspend = false;
+  const Plan resumed = plan(world, kT0 + seconds(60));
+  EXPECT_EQ(resumed.all<CreateSecret>().size(), 1u) << describe(resumed);
+  EXPECT_EQ(resumed.all<CreateConfigMap>().size(), 1u) << describe(resumed);
+  EXPECT_EQ(resumed.all<CreatePod>().size(), 4u) << describe(resumed);
+}
+
+TEST(Reconcile, AJobAnEarlierOperatorStartedKeepsReadingItsSecret) {
+  // Operators before uid-named Secrets made <job>-rendezvous and a ConfigMap without the annotation. A gang
+  // they started, restarted by this one, must read the same token: no new Secret, the old name.
+  World world = runningWorld();
+  for (ObservedConfigMap& configMap : world.observed.configMaps) configMap.rendezvousSecret.clear();
+  livePod(world, 2).phase = PodPhase::kFailed;
+  livePod(world, 2).exitCode = 137;
+  step(world, kT0 + seconds(20));
+  finishTerminations(world);
+  const Plan restarted = plan(world, kT0 + seconds(40));
+  ASSERT_EQ(restarted.all<CreatePod>().size(), 4u) << describe(restarted);
+  for (const CreatePod* pod : restarted.all<CreatePod>()) EXPECT_EQ(tokenSecretOf(*pod), "fmnist-rendezvous");
+  EXPECT_TRUE(restarted.all<CreateSecret>().empty()) << describe(restarted);
 }
 
 TEST(Reconcile, JobBeingDeletedOnlyForceDeletesStuckPods) {

@@ -70,6 +70,21 @@ class RendezvousTest : public ::testing::Test {
   std::string endpoint_;
 };
 
+TEST_F(RendezvousTest, ASecondServerOnTheSamePortIsRefusedNotServedBeside) {
+  // gRPC's default SO_REUSEPORT would let a second job's rank 0 listen on the port too, and the kernel
+  // would split the workers' connections between the two; a refused bind is retryable instead.
+  startServer(2);
+  ServerOptions options;
+  options.listenAddress = endpoint_;
+  options.job = "another/job";
+  options.worldSize = 2;
+  options.token = "another-token";
+  auto second = RendezvousServer::start(options);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), StatusCode::kResourceUnavailable);
+  EXPECT_NE(second.status().message().find(endpoint_), std::string::npos) << second.status().toString();
+}
+
 TEST_F(RendezvousTest, ThreeRanksJoinAndAllGetTheSamePeerList) {
   startServer(3);
   std::vector<std::future<StatusOr<JoinResult>>> joins;

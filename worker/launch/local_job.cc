@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -36,20 +37,44 @@ void onInterrupt(int signal) {
   interruptCount = interruptCount + 1;
 }
 
-// Binds a TCP socket to `port` on every address (0: one the kernel picks) and releases it; returns the
-// port bound, or -1.
-int bindAndRelease(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+// Binds a TCP socket of `family` to `port` on every address of it and releases it; `port` 0 lets the
+// kernel pick. Returns the port, or -1 with errno set.
+int bindAndRelease(int family, int port) {
+  const int fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_ANY);
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  socklen_t length = sizeof(address);
-  const bool bound = bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
-                     getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
+  sockaddr_storage storage{};
+  socklen_t length = 0;
+  if (family == AF_INET6) {
+    const int no = 0;  // dual stack: an IPv4 listener on the port conflicts too
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &no, sizeof(no));
+    auto* address = reinterpret_cast<sockaddr_in6*>(&storage);
+    address->sin6_family = AF_INET6;
+    address->sin6_addr = in6addr_any;
+    address->sin6_port = htons(static_cast<uint16_t>(port));
+    length = sizeof(*address);
+  } else {
+    auto* address = reinterpret_cast<sockaddr_in*>(&storage);
+    address->sin_family = AF_INET;
+    address->sin_addr.s_addr = htonl(INADDR_ANY);
+    address->sin_port = htons(static_cast<uint16_t>(port));
+    length = sizeof(*address);
+  }
+  const bool bound = bind(fd, reinterpret_cast<sockaddr*>(&storage), length) == 0 &&
+                     getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) == 0;
+  const int saved = errno;
   close(fd);
-  return bound ? ntohs(address.sin_port) : -1;
+  errno = saved;
+  if (!bound) return -1;
+  return ntohs(family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&storage)->sin6_port
+                                  : reinterpret_cast<sockaddr_in*>(&storage)->sin_port);
+}
+
+// `port` free on every address, IPv6 and IPv4 (custom commands' stores may listen on either); IPv4 alone
+// where the machine has no IPv6. Returns the port (the kernel's pick for 0), or -1.
+int bindAndRelease(int port) {
+  const int bound = bindAndRelease(AF_INET6, port);
+  if (bound >= 0 || errno == EADDRINUSE || errno == EACCES) return bound;
+  return bindAndRelease(AF_INET, port);  // no IPv6 here (EAFNOSUPPORT, EADDRNOTAVAIL)
 }
 
 std::string formatDuration(double seconds) {
@@ -237,20 +262,26 @@ EphemeralPortRange ephemeralPortRange() {
   return range;
 }
 
+bool portFree(int port) { return port > 0 && bindAndRelease(port) == port; }
+
 int freePort() {
   // A port from the kernel's ephemeral range (what bind to port 0 gives) can be handed to any outgoing
   // connection of this machine (Gloo's, gRPC's, another job's) between this check and the worker's bind,
   // which then fails and costs the job a restart. Ports below the range are only ever taken by an
-  // explicit bind, so the worker gets the one checked here unless another launcher draws the same.
+  // explicit bind, so the worker gets the one checked here unless another launcher draws the same one
+  // in between (then the worker's bind fails: retryable).
   static std::mutex mutex;
   static std::set<int> handedOut;  // one launch asks for several ports: never the same one twice
   static Random random(std::random_device{}());
   std::lock_guard<std::mutex> lock(mutex);
   constexpr int kLowestPort = 10000;  // clear of the well-known and registered ports most services use
   const int belowEphemeral = ephemeralPortRange().low;
+  // A long run of restarts would use the pool up and fall back to bind(0): ports handed out long ago
+  // (their workers are gone) may come again once half of it has been.
+  if (static_cast<int>(handedOut.size()) > (belowEphemeral - kLowestPort) / 2) handedOut.clear();
   for (int attempt = 0; attempt < 200 && belowEphemeral - kLowestPort >= 1000; ++attempt) {
     const int port = kLowestPort + static_cast<int>(random.below(static_cast<uint64_t>(belowEphemeral - kLowestPort)));
-    if (handedOut.count(port) != 0 || bindAndRelease(port) != port) continue;
+    if (handedOut.count(port) != 0 || !portFree(port)) continue;
     handedOut.insert(port);
     return port;
   }

@@ -192,6 +192,10 @@ class GrpcRendezvousServer final : public RendezvousServer {
 
   Status start(const std::string& address) {
     grpc::ServerBuilder builder;
+    // gRPC sets SO_REUSEPORT by default: a second job whose rank 0 drew the same port would then listen
+    // beside this one and the kernel would split the workers' connections between the two (each refusing
+    // the other's token, a permanent exit). Without it the second bind fails, which is retryable.
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port_);
     builder.RegisterService(&service_);
     server_ = builder.BuildAndStart();

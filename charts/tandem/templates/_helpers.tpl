@@ -81,10 +81,11 @@ them), used by the ClusterRole or, with watchNamespace, by a Role in that namesp
 - apiGroups: [""]
   resources: [pods, services, configmaps]
   verbs: [get, list, watch, create, delete]
-# Rendezvous Secrets: created and deleted, never read (reading would expose every Secret of the cluster).
+# Rendezvous Secrets: created only. Never read (that would expose every Secret of the cluster), nor
+# deleted (a DELETE answers with the object, data included): each goes with its job (owner reference).
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [create, delete]
+  verbs: [create]
 # Events mirror every status transition.
 - apiGroups: [""]
   resources: [events]

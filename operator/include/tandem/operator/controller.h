@@ -86,13 +86,6 @@ class Controller {
   std::unique_ptr<Informer> services_;
   std::unique_ptr<Informer> configMaps_;
   std::unique_ptr<Informer> nodes_;  // optional: where the pods run, to recognise unreachable nodes
-  // Rendezvous Secrets (namespace/name) known to exist. The operator may create and delete Secrets but
-  // not read them: get/list/watch on Secrets would let it read every credential in the cluster. It learns
-  // of its own from its create (201, or 409: the name holds the job's uid); forgotten at every resync.
-  std::set<std::string> knownSecrets_;
-  mutable std::mutex knownSecretsMutex_;
-  bool secretKnown(const std::string& nameSpace, const std::string& name) const;
-  void rememberSecret(const std::string& nameSpace, const std::string& name, bool exists);
   std::set<std::string> warnedEdits_;  // "<uid>/<generation>" whose ignored edit was reported
   std::mutex warnedMutex_;
   std::vector<Informer*> informers() const;

@@ -30,12 +30,16 @@ inline constexpr const char* kTokenKey = "token";                 // key of the 
 
 // Headless Service: the job's own name, so pods are <job>-worker-<rank>.<job>.<ns>.svc.
 inline std::string serviceName(const std::string& job) { return job; }
-// The rendezvous Secret carries the job's uid: the operator may not read Secrets (least privilege), so it
-// learns that its Secret exists from its own create answering 409, and that must never be a deleted
-// namesake's Secret the garbage collector has yet to remove.
-inline std::string secretName(const std::string& job, const std::string& uid) {
-  return uid.empty() ? job + "-rendezvous" : job + "-rendezvous-" + uid;
-}
+// The rendezvous Secret carries the job's uid, so a deleted namesake's Secret that the garbage collector
+// has yet to remove is never in its way: the operator may create Secrets but not read them, and could not
+// tell whose a 409 found.
+inline std::string secretName(const std::string& job, const std::string& uid) { return job + "-rendezvous-" + uid; }
+// The name operators before 2026-11-28 gave it; their jobs' pods still read it (see kRendezvousSecretAnnotation).
+inline std::string legacySecretName(const std::string& job) { return job + "-rendezvous"; }
+// On the job's ConfigMap: the name of the Secret its workers read, created just before the ConfigMap. The
+// operator cannot read Secrets but watches ConfigMaps, so this is how it knows the Secret exists. A
+// ConfigMap without it was made by an earlier operator, whose Secret was legacySecretName.
+inline constexpr const char* kRendezvousSecretAnnotation = "tandem.dev/rendezvous-secret";
 inline std::string configMapName(const std::string& job) { return job + "-config"; }
 
 // Pod name and hostname are both <job>-worker-<rank>, in every generation: a generation is only created

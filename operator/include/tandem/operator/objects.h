@@ -30,7 +30,8 @@ nlohmann::json buildService(const JobObject& job);
 // Secret <job>-rendezvous-<job uid> with the token under key "token".
 nlohmann::json buildSecret(const JobObject& job, const std::string& token);
 // ConfigMap <job>-config holding the manifest (apiVersion, kind, metadata name/namespace, spec) as JSON
-// text under "job.yaml", which the worker's parseManifest reads from TANDEM_CONFIG.
+// text under "job.yaml", which the worker's parseManifest reads from TANDEM_CONFIG, and the Secret's name
+// in annotation kRendezvousSecretAnnotation.
 StatusOr<nlohmann::json> buildConfigMap(const JobObject& job);
 
 // A job's spec is fixed once its ConfigMap exists (the workers train by it): an edit of the live object
@@ -50,9 +51,10 @@ bool isCustomMode(const JobObject& job, const nlohmann::json& podTemplate);
 //  - a controller owner reference to the job, restartPolicy Never, hostname <job>-worker-<rank>, subdomain <job>,
 //  - the first container as the worker: image from the template (else defaultImage), command unchanged in
 //    custom mode (else tandem-worker), the §3 environment followed by the template's env, the config
-//    volume at /etc/tandem and the checkpoint claim at spec.checkpoint.dir (when claimName is set).
+//    volume at /etc/tandem and the checkpoint claim at spec.checkpoint.dir (when claimName is set),
+//  - TANDEM_RDZV_TOKEN from Secret `rendezvousSecret`.
 // Precondition: podTemplate came from readPodTemplate.
 nlohmann::json buildWorkerPod(const JobObject& job, const nlohmann::json& podTemplate, int64_t rank,
-                              int64_t generation, const std::string& defaultImage);
+                              int64_t generation, const std::string& defaultImage, const std::string& rendezvousSecret);
 
 }  // namespace tandem::operator_core

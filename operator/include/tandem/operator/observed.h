@@ -1,6 +1,6 @@
 // What the informers observed of a job's children, as plain values. The executor lists pods by the
 // tandem.dev/job=<name> label in the job's namespace and Services/ConfigMaps by name. Secrets are not
-// watched (the operator may not read them): one is observed when this operator's create made or found it.
+// watched (the operator may not read them): the ConfigMap names the Secret created just before it.
 #pragma once
 
 #include <cstdint>
@@ -49,13 +49,13 @@ struct ObservedChild {
   std::optional<Clock::time_point> deletionTimestamp;
 };
 struct ObservedService : ObservedChild {};
-struct ObservedSecret : ObservedChild {};
-struct ObservedConfigMap : ObservedChild {};
+struct ObservedConfigMap : ObservedChild {
+  std::string rendezvousSecret;  // its kRendezvousSecretAnnotation; empty on an earlier operator's
+};
 
 struct Observed {
   std::vector<ObservedPod> pods;
   std::vector<ObservedService> services;
-  std::vector<ObservedSecret> secrets;
   std::vector<ObservedConfigMap> configMaps;
 };
 

@@ -55,7 +55,7 @@ struct DeleteGeneration {
   std::string why;
 };
 
-enum class ChildKind { kService, kSecret, kConfigMap };
+enum class ChildKind { kService, kConfigMap };  // (Secrets go with their job: the operator may not delete them)
 const char* childKindName(ChildKind kind);
 struct DeleteChild {
   ChildKind kind = ChildKind::kService;

@@ -9,10 +9,12 @@
 //     and is deleted. A pod terminating on an unreachable node for longer than forceDeleteAfter (counted
 //     from its deletionTimestamp, i.e. after its grace period ran out) is force-deleted.
 //  3. Finished jobs (Succeeded/Failed): cleanPodPolicy (All | Running | None) on the current pods, then
-//     ttlSecondsAfterFinished: delete pods, Service, Secret, ConfigMap and the job once it has elapsed
+//     ttlSecondsAfterFinished: delete pods, Service, ConfigMap and the job (the Secret goes with it) once it has elapsed
 //     since completionTime, requeue until then.
 //  4. Invalid spec (specErrors, unreadable template, names too long for DNS): Failed, reason InvalidSpec.
-//  5. Service, Secret and ConfigMap are created when missing (also while suspended).
+//  5. The Service is created when missing (also while suspended); the Secret and, just after it, the
+//     ConfigMap that names it (kRendezvousSecretAnnotation) when the ConfigMap is missing and the job is
+//     not suspended. Secrets are not read: our ConfigMap existing is what says our Secret does.
 //  6. spec.runPolicy.suspend: the current gang is deleted (generation + 1, counted nowhere), phase
 //     Suspended; Service, Secret, ConfigMap and checkpoints stay. Resuming resets startTime and creates
 //     the gang again; the workers resume from their checkpoint.
@@ -47,7 +49,7 @@
 namespace tandem::operator_core {
 
 struct ReconcileOptions {
-  // Value of a new rendezvous Secret; used only when the Secret is missing. The executor draws it from a
+  // Value of a new rendezvous Secret; used only when the ConfigMap is missing. The executor draws it from a
   // CSPRNG before each reconcile, so reconcile stays pure.
   std::string rendezvousToken;
   // Image of the worker container when spec.template names none.

@@ -58,6 +58,9 @@ struct EphemeralPortRange {
 };
 EphemeralPortRange ephemeralPortRange();
 
+// Whether nothing listens on, or is bound to, TCP `port` on any IPv4 or IPv6 address.
+bool portFree(int port);
+
 // A TCP port free on every address for a worker to listen on moments later (rendezvous, metrics):
 // below the ephemeral range when there is room, so no outgoing connection can take it in between, and
 // never one this process handed out before. -1 when none can be bound.
