@@ -285,6 +285,17 @@ Observed Controller::observe(const JobObject& job) const {
     observed.services.push_back(ObservedService{childFromJson(*service)});
   if (auto configMap = configMaps_->get(jobKey(job.nameSpace, configMapName(job.name))))
     observed.configMaps.push_back(ObservedConfigMap{childFromJson(*configMap), rendezvousSecretOf(*configMap)});
+  {
+    std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
+    const std::string key = jobKey(job.nameSpace, job.name);
+    const bool configMapSeen = std::any_of(observed.configMaps.begin(), observed.configMaps.end(),
+                                           [&](const ObservedConfigMap& configMap) { return configMap.controllerUid == job.uid; });
+    const auto created = secretsCreated_.find(key);
+    if (created != secretsCreated_.end() && (configMapSeen || created->second != job.uid))
+      secretsCreated_.erase(created);  // from here the ConfigMap says it (or another job holds the name)
+    else if (created != secretsCreated_.end())
+      observed.rendezvousSecretCreated = true;
+  }
   return observed;
 }
 
@@ -305,7 +316,7 @@ Status Controller::reconcileKey(const std::string& key) {
                              "does): delete and re-create the job to apply them"});
   }
   ReconcileOptions options = options_.reconcile;
-  options.rendezvousToken = secureRandomHex(32);  // used only when the Secret is missing
+  options.rendezvousToken = secureRandomHex(32);  // used only when the ConfigMap (and Secret) is missing
   const Plan plan = reconcile(job, observe(job), Clock::now(), options);
   if (!plan.empty()) log::info() << "reconcile " << key << ":\n" << describe(plan);
   TANDEM_RETURN_IF_ERROR(execute(job, *object, plan));
@@ -407,8 +418,11 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
     } else if (const auto* service = std::get_if<CreateService>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kServices, job, service->object, services_.get()));
     } else if (const auto* secret = std::get_if<CreateSecret>(&action)) {
-      // Created, or there already (409): its name holds the job's uid, so it is ours either way.
+      // Created, or there already (409): its name holds the job's uid, so it is ours either way. Until
+      // the ConfigMap after it is seen, the next pass must not create it again (observe).
       TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr));
+      std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
+      secretsCreated_[jobKey(job.nameSpace, job.name)] = job.uid;
     } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
     } else if (std::holds_alternative<CreatePod>(action)) {

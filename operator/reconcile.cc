@@ -295,11 +295,11 @@ class JobReconciler {
     return false;
   }
 
+  // Ours only when it says so: an owner-less <job>-config (a user's, or one orphaned by a deletion with
+  // --cascade=orphan) must not pass for the proof that our Secret exists, nor lend the workers its manifest.
   const ObservedConfigMap* ownConfigMap() const {
     for (const ObservedConfigMap& configMap : observed_.configMaps)
-      if (configMap.name == configMapName(job_.name) &&
-          (configMap.controllerUid.empty() || configMap.controllerUid == job_.uid))
-        return &configMap;
+      if (configMap.name == configMapName(job_.name) && configMap.controllerUid == job_.uid) return &configMap;
     return nullptr;
   }
 
@@ -322,9 +322,13 @@ class JobReconciler {
       if (options_.rendezvousToken.empty()) {
         missingToken_ = true;
         event(EventType::kWarning, reasons::kMissingRendezvousToken,
-              "Secret " + secretName(job_.name, job_.uid) + " is missing and no token was supplied: not starting workers");
+              "ConfigMap " + configMapName(job_.name) + " (and with it Secret " + secretName(job_.name, job_.uid) +
+                  ") is missing and no token was supplied: not starting workers");
       } else {
-        childCreations_.push_back(CreateSecret{secretName(job_.name, job_.uid), buildSecret(job_, options_.rendezvousToken)});
+        // Not again once made (a ConfigMap create that failed after it): our own Secret may be what fills
+        // the namespace's quota, and quota admission refuses (403) before the API server would say 409.
+        if (!observed_.rendezvousSecretCreated)
+          childCreations_.push_back(CreateSecret{secretName(job_.name, job_.uid), buildSecret(job_, options_.rendezvousToken)});
         childCreations_.push_back(CreateConfigMap{configMapName(job_.name), configMap_});
       }
     }
@@ -338,6 +342,14 @@ class JobReconciler {
             name + " still belongs to a previous job of this name: creating workers once it is deleted");
       requeueIn(std::chrono::seconds(5));
     }
+    for (const ObservedConfigMap& other : observed_.configMaps)
+      if (other.name == configMapName(job_.name) && other.controllerUid.empty()) {
+        waitingForForeign_ = true;
+        event(EventType::kWarning, reasons::kConfigMapNameTaken,
+              "ConfigMap " + other.name + " has no owner (made by hand, or orphaned by a deletion with "
+              "--cascade=orphan): creating workers once it is deleted");
+        requeueIn(std::chrono::seconds(30));
+      }
   }
 
   // Our children's names held by an object another owner controls.

@@ -111,9 +111,16 @@ void apply(World& world, const Plan& plan, Clock::time_point now) {
     if (const auto* update = std::get_if<UpdateStatus>(&action)) world.job.status = update->status;
     if (const auto* create = std::get_if<CreateService>(&action))
       world.observed.services.push_back({{create->name, kUid, std::nullopt}});
-    if (const auto* create = std::get_if<CreateConfigMap>(&action))
-      world.observed.configMaps.push_back(
-          {{create->name, kUid, std::nullopt}, create->object["metadata"]["annotations"][kRendezvousSecretAnnotation]});
+    if (std::holds_alternative<CreateSecret>(action)) world.observed.rendezvousSecretCreated = true;
+    if (const auto* create = std::get_if<CreateConfigMap>(&action)) {
+      const bool taken = std::any_of(world.observed.configMaps.begin(), world.observed.configMaps.end(),
+                                     [&](const ObservedConfigMap& configMap) { return configMap.name == create->name; });
+      if (!taken) {  // (else the API server answers 409, which the executor counts as done)
+        world.observed.configMaps.push_back(
+            {{create->name, kUid, std::nullopt}, create->object["metadata"]["annotations"][kRendezvousSecretAnnotation]});
+        world.observed.rendezvousSecretCreated = false;  // the controller forgets once it sees the ConfigMap
+      }
+    }
     if (const auto* create = std::get_if<CreatePod>(&action)) {
       ObservedPod pod;
       pod.name = create->object["metadata"]["name"].get<std::string>();
@@ -1508,6 +1515,37 @@ TEST(Reconcile, TheSecretIsCreatedJustBeforeTheConfigMapThatNamesIt) {
   const Plan later = plan(world, kT0 + seconds(600));
   EXPECT_TRUE(later.all<CreateSecret>().empty()) << describe(later);
   EXPECT_TRUE(later.all<CreateConfigMap>().empty()) << describe(later);
+}
+
+TEST(Reconcile, ASecretAlreadyMadeIsNotCreatedAgainWhenOnlyItsConfigMapIsMissing) {
+  // The Secret's create succeeded and the ConfigMap's then failed: creating the Secret again could be
+  // refused (403) by the quota our own Secret fills, before the API server would say 409.
+  World world = makeWorld();
+  world.observed.rendezvousSecretCreated = true;
+  const Plan result = plan(world, kT0);
+  EXPECT_TRUE(result.all<CreateSecret>().empty()) << describe(result);
+  ASSERT_EQ(result.all<CreateConfigMap>().size(), 1u) << describe(result);
+  ASSERT_EQ(result.all<CreatePod>().size(), 4u) << describe(result);
+  EXPECT_EQ(tokenSecretOf(*result.all<CreatePod>()[0]), std::string("fmnist-rendezvous-") + kUid);
+}
+
+TEST(Reconcile, AnOwnerlessConfigMapOfTheJobsNameIsWaitedForNotTakenAsOurs) {
+  // Made by hand, or orphaned by `kubectl delete --cascade=orphan` of an earlier job: it proves nothing
+  // about our Secret and holds someone else's manifest.
+  World world = makeWorld();
+  world.observed.configMaps.push_back({{"fmnist-config", "", std::nullopt}, ""});
+  const Plan waiting = step(world, kT0);
+  EXPECT_TRUE(waiting.all<CreatePod>().empty()) << describe(waiting);
+  ASSERT_NE(findEvent(waiting, reasons::kConfigMapNameTaken), nullptr) << describe(waiting);
+  EXPECT_EQ(findEvent(waiting, reasons::kConfigMapNameTaken)->type, EventType::kWarning);
+  ASSERT_TRUE(waiting.requeueAfter.has_value());
+  // Deleted: ours is created, with the Secret it names, and the gang reads that Secret.
+  std::erase_if(world.observed.configMaps, [](const ObservedConfigMap& configMap) { return configMap.controllerUid.empty(); });
+  const Plan created = plan(world, kT0 + seconds(30));
+  EXPECT_TRUE(created.all<CreateSecret>().empty()) << "made in the first pass:\n" << describe(created);
+  ASSERT_EQ(created.all<CreateConfigMap>().size(), 1u) << describe(created);
+  ASSERT_EQ(created.all<CreatePod>().size(), 4u) << describe(created);
+  EXPECT_EQ(tokenSecretOf(*created.all<CreatePod>()[0]), std::string("fmnist-rendezvous-") + kUid);
 }
 
 TEST(Reconcile, AJobCreatedSuspendedGetsItsSecretWithItsConfigMapWhenLetRun) {

@@ -15,6 +15,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -73,8 +74,8 @@ int bindAndRelease(int family, int port) {
 // where the machine has no IPv6. Returns the port (the kernel's pick for 0), or -1.
 int bindAndRelease(int port) {
   const int bound = bindAndRelease(AF_INET6, port);
-  if (bound >= 0 || errno == EADDRINUSE || errno == EACCES) return bound;
-  return bindAndRelease(AF_INET, port);  // no IPv6 here (EAFNOSUPPORT, EADDRNOTAVAIL)
+  if (bound >= 0 || errno == EADDRINUSE) return bound;
+  return bindAndRelease(AF_INET, port);  // no usable IPv6 here (EAFNOSUPPORT, EADDRNOTAVAIL, a policy's EACCES)
 }
 
 std::string formatDuration(double seconds) {
@@ -272,21 +273,26 @@ int freePort() {
   // in between (then the worker's bind fails: retryable).
   static std::mutex mutex;
   static std::set<int> handedOut;  // one launch asks for several ports: never the same one twice
+  static std::deque<int> oldestFirst;  // handedOut in the order handed out
   static Random random(std::random_device{}());
   std::lock_guard<std::mutex> lock(mutex);
   constexpr int kLowestPort = 10000;  // clear of the well-known and registered ports most services use
   const int belowEphemeral = ephemeralPortRange().low;
-  // A long run of restarts would use the pool up and fall back to bind(0): ports handed out long ago
-  // (their workers are gone) may come again once half of it has been.
-  if (static_cast<int>(handedOut.size()) > (belowEphemeral - kLowestPort) / 2) handedOut.clear();
+  // A long run of restarts would use the pool up and fall back to bind(0): the ports handed out longest
+  // ago (their workers are gone; this launch's are the newest) may come again once half of it has been.
+  while (!oldestFirst.empty() && static_cast<int>(oldestFirst.size()) > (belowEphemeral - kLowestPort) / 2) {
+    handedOut.erase(oldestFirst.front());
+    oldestFirst.pop_front();
+  }
   for (int attempt = 0; attempt < 200 && belowEphemeral - kLowestPort >= 1000; ++attempt) {
     const int port = kLowestPort + static_cast<int>(random.below(static_cast<uint64_t>(belowEphemeral - kLowestPort)));
     if (handedOut.count(port) != 0 || !portFree(port)) continue;
     handedOut.insert(port);
+    oldestFirst.push_back(port);
     return port;
   }
   const int port = bindAndRelease(0);  // no room below the range, or all of it taken: the kernel's choice
-  if (port > 0) handedOut.insert(port);
+  if (port > 0 && handedOut.insert(port).second) oldestFirst.push_back(port);
   return port;
 }
 

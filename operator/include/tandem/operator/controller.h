@@ -11,6 +11,7 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <map>
 #include <set>
 #include <string>
 #include <thread>
@@ -86,6 +87,10 @@ class Controller {
   std::unique_ptr<Informer> services_;
   std::unique_ptr<Informer> configMaps_;
   std::unique_ptr<Informer> nodes_;  // optional: where the pods run, to recognise unreachable nodes
+  // Jobs (namespace/name -> uid) whose Secret this operator created and whose ConfigMap it has not yet
+  // seen: a ConfigMap create that failed must not make the next pass create the Secret again.
+  mutable std::map<std::string, std::string> secretsCreated_;
+  mutable std::mutex secretsCreatedMutex_;
   std::set<std::string> warnedEdits_;  // "<uid>/<generation>" whose ignored edit was reported
   std::mutex warnedMutex_;
   std::vector<Informer*> informers() const;

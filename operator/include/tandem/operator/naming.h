@@ -34,7 +34,8 @@ inline std::string serviceName(const std::string& job) { return job; }
 // has yet to remove is never in its way: the operator may create Secrets but not read them, and could not
 // tell whose a 409 found.
 inline std::string secretName(const std::string& job, const std::string& uid) { return job + "-rendezvous-" + uid; }
-// The name operators before 2026-11-28 gave it; their jobs' pods still read it (see kRendezvousSecretAnnotation).
+// The name operators before uid-named Secrets gave it; their jobs' pods still read it (see
+// kRendezvousSecretAnnotation).
 inline std::string legacySecretName(const std::string& job) { return job + "-rendezvous"; }
 // On the job's ConfigMap: the name of the Secret its workers read, created just before the ConfigMap. The
 // operator cannot read Secrets but watches ConfigMaps, so this is how it knows the Secret exists. A

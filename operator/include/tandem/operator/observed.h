@@ -56,6 +56,8 @@ struct ObservedConfigMap : ObservedChild {
 struct Observed {
   std::vector<ObservedPod> pods;
   std::vector<ObservedService> services;
+  // This operator created the job's Secret (or found it there) and has not seen its ConfigMap since.
+  bool rendezvousSecretCreated = false;
   std::vector<ObservedConfigMap> configMaps;
 };
 

@@ -14,7 +14,9 @@
 //  4. Invalid spec (specErrors, unreadable template, names too long for DNS): Failed, reason InvalidSpec.
 //  5. The Service is created when missing (also while suspended); the Secret and, just after it, the
 //     ConfigMap that names it (kRendezvousSecretAnnotation) when the ConfigMap is missing and the job is
-//     not suspended. Secrets are not read: our ConfigMap existing is what says our Secret does.
+//     not suspended. Secrets are not read: our ConfigMap existing is what says our Secret does. A
+//     <job>-config with no owner is not ours: the gang waits for it to go (Warning ConfigMapNameTaken). A
+//     Secret deleted by hand is not noticed: the next gang's pods wait in CreateContainerConfigError.
 //  6. spec.runPolicy.suspend: the current gang is deleted (generation + 1, counted nowhere), phase
 //     Suspended; Service, Secret, ConfigMap and checkpoints stay. Resuming resets startTime and creates
 //     the gang again; the workers resume from their checkpoint.
@@ -95,6 +97,7 @@ inline constexpr const char* kFailedCreate = "FailedCreate";
 inline constexpr const char* kSpecChangeIgnored = "SpecChangeIgnored";  // an edit of a started job's spec
 inline constexpr const char* kWaitingForPreviousJob = "WaitingForPreviousJob";  // its children not yet collected
 inline constexpr const char* kWorkerNameTaken = "WorkerNameTaken";  // by a pod another controller owns
+inline constexpr const char* kConfigMapNameTaken = "ConfigMapNameTaken";  // by a ConfigMap with no owner
 }  // namespace reasons
 
 // Why a pod of the current gang failed.
