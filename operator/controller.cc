@@ -285,18 +285,19 @@ Observed Controller::observe(const JobObject& job) const {
     observed.services.push_back(ObservedService{childFromJson(*service)});
   if (auto configMap = configMaps_->get(jobKey(job.nameSpace, configMapName(job.name))))
     observed.configMaps.push_back(ObservedConfigMap{childFromJson(*configMap), rendezvousSecretOf(*configMap)});
-  {
-    std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
-    const std::string key = jobKey(job.nameSpace, job.name);
-    const bool configMapSeen = std::any_of(observed.configMaps.begin(), observed.configMaps.end(),
-                                           [&](const ObservedConfigMap& configMap) { return configMap.controllerUid == job.uid; });
-    const auto created = secretsCreated_.find(key);
-    if (created != secretsCreated_.end() && (configMapSeen || created->second != job.uid))
-      secretsCreated_.erase(created);  // from here the ConfigMap says it (or another job holds the name)
-    else if (created != secretsCreated_.end())
-      observed.rendezvousSecretCreated = true;
-  }
   return observed;
+}
+
+bool Controller::secretCreatedSinceConfigMap(const JobObject& job, const Observed& observed) {
+  std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
+  const auto created = secretsCreated_.find(jobKey(job.nameSpace, job.name));
+  if (created == secretsCreated_.end()) return false;
+  const bool configMapSeen =
+      std::any_of(observed.configMaps.begin(), observed.configMaps.end(),
+                  [&](const ObservedConfigMap& configMap) { return configMap.controllerUid == job.uid; });
+  if (!configMapSeen && created->second == job.uid) return true;
+  secretsCreated_.erase(created);  // from here the ConfigMap says it (or another job holds the name)
+  return false;
 }
 
 Status Controller::reconcileKey(const std::string& key) {
@@ -317,7 +318,9 @@ Status Controller::reconcileKey(const std::string& key) {
   }
   ReconcileOptions options = options_.reconcile;
   options.rendezvousToken = secureRandomHex(32);  // used only when the ConfigMap (and Secret) is missing
-  const Plan plan = reconcile(job, observe(job), Clock::now(), options);
+  Observed observed = observe(job);
+  observed.rendezvousSecretCreated = secretCreatedSinceConfigMap(job, observed);
+  const Plan plan = reconcile(job, observed, Clock::now(), options);
   if (!plan.empty()) log::info() << "reconcile " << key << ":\n" << describe(plan);
   TANDEM_RETURN_IF_ERROR(execute(job, *object, plan));
   if (plan.requeueAfter)

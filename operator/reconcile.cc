@@ -328,12 +328,14 @@ class JobReconciler {
         // Not again once made (a ConfigMap create that failed after it): our own Secret may be what fills
         // the namespace's quota, and quota admission refuses (403) before the API server would say 409.
         if (!observed_.rendezvousSecretCreated)
-          childCreations_.push_back(CreateSecret{secretName(job_.name, job_.uid), buildSecret(job_, options_.rendezvousToken)});
+          childCreations_.push_back(
+              CreateSecret{secretName(job_.name, job_.uid), buildSecret(job_, options_.rendezvousToken)});
         childCreations_.push_back(CreateConfigMap{configMapName(job_.name), configMap_});
       }
     }
     if (configMap != nullptr)
-      rendezvousSecret_ = configMap->rendezvousSecret.empty() ? legacySecretName(job_.name) : configMap->rendezvousSecret;
+      rendezvousSecret_ =
+          configMap->rendezvousSecret.empty() ? legacySecretName(job_.name) : configMap->rendezvousSecret;
     // A same-named child of a deleted job (the garbage collector has not removed it yet) makes our create
     // find it "already there": the workers would mount the old manifest or token. Wait for it to go.
     for (const std::string& name : foreignChildren()) {
@@ -552,7 +554,8 @@ class JobReconciler {
         const std::string name = workerPodName(job_.name, rank);
         podCreations_.push_back(CreatePod{
             name, rank, status_.generation,
-            buildWorkerPod(job_, podTemplate_, rank, status_.generation, options_.defaultWorkerImage, rendezvousSecret_)});
+            buildWorkerPod(job_, podTemplate_, rank, status_.generation, options_.defaultWorkerImage,
+                           rendezvousSecret_)});
         names.push_back(name);
       }
       plannedPods_ = static_cast<int64_t>(missing.size());
@@ -608,7 +611,8 @@ class JobReconciler {
           deletions_.push_back(DeleteChild{ChildKind::kConfigMap, configMapName(job_.name)});
         deleteJob_ = DeleteJob{why};
         event(EventType::kNormal, reasons::kTtlExpired,
-              why + " since completion: deleting the job, its pods, Service and ConfigMap (its Secret goes with the job)");
+              why + " since completion: deleting the job, its pods, Service and ConfigMap (its Secret goes with "
+                    "the job)");
       }
     }
     return finish();

@@ -9,7 +9,7 @@ import unittest
 import kube_fixture
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-OPERATOR_ACCOUNT = "system:serviceaccount:tandem-system:tandem-operator"
+OPERATOR_ACCOUNT = f"system:serviceaccount:{kube_fixture.OPERATOR_NAMESPACE}:{kube_fixture.OPERATOR_ACCOUNT_NAME}"
 
 
 class PlainManifests(kube_fixture.KubeTestCase):

@@ -1,17 +1,17 @@
 // The operator's control loop: informers for jobs and their children (all but Secrets, which it may not
-// read) feed job keys into a rate-limited work queue; workers turn a key into (JobObject, Observed) from the caches, call the pure reconcile(),
-// and apply the Plan through the API server in order, stopping at the first failure (the key is retried
-// with backoff; the next reconcile plans again from what it then sees). Writes are idempotent: a create
-// that finds the object already there, or a delete that finds it gone, counts as done, so a restarted
-// operator or a stale cache never duplicates pods. The status goes through the status subresource with
+// read) feed job keys into a rate-limited work queue; workers turn a key into (JobObject, Observed) from
+// the caches, call the pure reconcile(), and apply the Plan through the API server in order, stopping at
+// the first failure (the key is retried with backoff; the next reconcile plans again from what it then
+// sees). Writes are idempotent: a create that finds the object already there, or a delete that finds it
+// gone, counts as done, so a restarted operator or a stale cache never duplicates pods. The status goes through the status subresource with
 // the object's resourceVersion, so a decision taken on a stale copy is refused (409) and retaken.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <memory>
-#include <mutex>
 #include <map>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -63,6 +63,8 @@ class Controller {
   void refreshJobCounts();
   void enqueueAllJobs();
   Observed observe(const JobObject& job) const;
+  // Whether this operator created the job's Secret and has not seen its ConfigMap since (then forgets it).
+  bool secretCreatedSinceConfigMap(const JobObject& job, const Observed& observed);
   Status execute(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan);
   // The plan's actions in order, stopping at the first failure; statusWritten: its UpdateStatus landed.
   Status executeActions(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan, bool& statusWritten);
@@ -89,8 +91,8 @@ class Controller {
   std::unique_ptr<Informer> nodes_;  // optional: where the pods run, to recognise unreachable nodes
   // Jobs (namespace/name -> uid) whose Secret this operator created and whose ConfigMap it has not yet
   // seen: a ConfigMap create that failed must not make the next pass create the Secret again.
-  mutable std::map<std::string, std::string> secretsCreated_;
-  mutable std::mutex secretsCreatedMutex_;
+  std::map<std::string, std::string> secretsCreated_;
+  std::mutex secretsCreatedMutex_;
   std::set<std::string> warnedEdits_;  // "<uid>/<generation>" whose ignored edit was reported
   std::mutex warnedMutex_;
   std::vector<Informer*> informers() const;

@@ -56,9 +56,9 @@ struct ObservedConfigMap : ObservedChild {
 struct Observed {
   std::vector<ObservedPod> pods;
   std::vector<ObservedService> services;
+  std::vector<ObservedConfigMap> configMaps;
   // This operator created the job's Secret (or found it there) and has not seen its ConfigMap since.
   bool rendezvousSecretCreated = false;
-  std::vector<ObservedConfigMap> configMaps;
 };
 
 }  // namespace tandem::operator_core

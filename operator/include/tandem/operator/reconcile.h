@@ -9,8 +9,8 @@
 //     and is deleted. A pod terminating on an unreachable node for longer than forceDeleteAfter (counted
 //     from its deletionTimestamp, i.e. after its grace period ran out) is force-deleted.
 //  3. Finished jobs (Succeeded/Failed): cleanPodPolicy (All | Running | None) on the current pods, then
-//     ttlSecondsAfterFinished: delete pods, Service, ConfigMap and the job (the Secret goes with it) once it has elapsed
-//     since completionTime, requeue until then.
+//     ttlSecondsAfterFinished: delete pods, Service, ConfigMap and the job (the Secret goes with it) once
+//     it has elapsed since completionTime, requeue until then.
 //  4. Invalid spec (specErrors, unreadable template, names too long for DNS): Failed, reason InvalidSpec.
 //  5. The Service is created when missing (also while suspended); the Secret and, just after it, the
 //     ConfigMap that names it (kRendezvousSecretAnnotation) when the ConfigMap is missing and the job is
