@@ -297,12 +297,18 @@ class JobReconciler {
 
   // Ours only when it says so: an owner-less <job>-config (a user's, or one orphaned by a deletion with
   // --cascade=orphan) must not pass for the proof that our Secret exists, nor lend the workers its manifest.
-  const ObservedConfigMap* ownConfigMap() const {
-    for (const ObservedConfigMap& configMap : observed_.configMaps)
-      if (configMap.name == configMapName(job_.name) && configMap.controllerUid == job_.uid) return &configMap;
+  const ObservedConfigMap* ownConfigMap() const { return ownChild(observed_.configMaps, configMapName(job_.name)); }
+
+  // Controlled by this job: the only children TTL clean-up may delete.
+  template <typename Child>
+  const Child* ownChild(const std::vector<Child>& children, const std::string& name) const {
+    for (const Child& child : children)
+      if (child.name == name && child.controllerUid == job_.uid) return &child;
     return nullptr;
   }
 
+  // A Service of our name with no owner serves the workers as well as ours would (it is not created again),
+  // but it stays the user's: TTL clean-up leaves it.
   template <typename Child>
   bool hasChild(const std::vector<Child>& children, const std::string& name) const {
     return std::any_of(children.begin(), children.end(), [&](const Child& child) {
@@ -604,10 +610,13 @@ class JobReconciler {
         requeueIn(expiry - now_);
       } else {
         const std::string why = "ttlSecondsAfterFinished " + std::to_string(ttl) + " elapsed";
-        for (const ObservedPod& pod : observed_.pods) deletePod(pod, why);
-        if (hasChild(observed_.services, serviceName(job_.name)))
+        // Ours and stale pods, never another controller's that carries our label (sortPods' foreign_).
+        for (const ObservedPod* pod : current_)
+          if (pod != nullptr) deletePod(*pod, why);
+        for (const ObservedPod* pod : stale_) deletePod(*pod, why);
+        if (ownChild(observed_.services, serviceName(job_.name)))
           deletions_.push_back(DeleteChild{ChildKind::kService, serviceName(job_.name)});
-        if (hasChild(observed_.configMaps, configMapName(job_.name)))
+        if (ownConfigMap() != nullptr)
           deletions_.push_back(DeleteChild{ChildKind::kConfigMap, configMapName(job_.name)});
         deleteJob_ = DeleteJob{why};
         event(EventType::kNormal, reasons::kTtlExpired,

@@ -1435,6 +1435,32 @@ TEST(Reconcile, TtlZeroAppliesToFailedJobsToo) {
   EXPECT_EQ(deletedPodNames(result).size(), 4u);
 }
 
+TEST(Reconcile, TtlDeletesOnlyWhatTheJobControls) {
+  // The job ran beside a Service of its name that a user made (no owner: it was used, not created) and a
+  // StatefulSet's pod that carries its label. TTL clean-up deletes the job's pods and ConfigMap, not those.
+  JobOptions options;
+  options.ttlSecondsAfterFinished = 0;
+  options.cleanPodPolicy = "None";
+  World world = runningWorld(options);
+  for (ObservedService& service : world.observed.services) service.controllerUid.clear();
+  ObservedPod other;
+  other.name = "cache-0";
+  other.labels = {{"tandem.dev/job", "fmnist"}};
+  other.controllerUid = "uid-of-a-statefulset";
+  other.controllerKind = "StatefulSet";
+  other.phase = PodPhase::kRunning;
+  world.observed.pods.push_back(other);
+  setAllPhases(world, PodPhase::kSucceeded);
+  world.observed.pods.back().phase = PodPhase::kRunning;
+  const Plan expired = plan(world, kT0 + seconds(1000));
+  EXPECT_EQ(expired.status.phase, JobPhase::kSucceeded);
+  ASSERT_EQ(expired.all<DeleteJob>().size(), 1u) << describe(expired);
+  EXPECT_EQ(deletedPodNames(expired),
+            (std::set<std::string>{"fmnist-worker-0", "fmnist-worker-1", "fmnist-worker-2", "fmnist-worker-3"}));
+  ASSERT_EQ(expired.all<DeleteChild>().size(), 1u) << describe(expired);
+  EXPECT_EQ(expired.all<DeleteChild>()[0]->kind, ChildKind::kConfigMap);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Jobs that cannot run, and jobs going away
 
