@@ -18,7 +18,11 @@ mean stage's (1.00 = equal stages).
 
     python3 bench/pipeline_bench.py [--build build] [--steps 12] [--data fashion-mnist|synthetic]
                                     [--bind-cores] [--micro-batches 1,2,4,8,16] [--stages 2,4] [--logs DIR]
-                                    [--micro-batch-size 64]
+                                    [--micro-batch-size 64] [--repeats 1]
+
+--repeats N measures every point N times, the whole sweep over and again (so a phase in which a core runs
+slow, which lasts seconds on shared machines, falls on one repetition of a point rather than on all), and
+gives each point's median with the range of the N runs.
 
 --logs DIR keeps every run's log (with TANDEM_LOG_LEVEL=debug in the environment, each stage's
 timeline of every step: where it waited on which neighbour).
@@ -80,7 +84,8 @@ spec:
 """
 
 
-def measure(tandem, workdir, stages, micro_batches, schedule, steps, data, bind_cores, logs, micro_batch_size):
+def measure(tandem, workdir, stages, micro_batches, schedule, steps, data, bind_cores, logs, micro_batch_size,
+            log_suffix=""):
     path = os.path.join(workdir, "job.yaml")
     with open(path, "w") as f:
         f.write(job(stages, micro_batches, schedule, data, micro_batch_size, steps))
@@ -88,7 +93,7 @@ def measure(tandem, workdir, stages, micro_batches, schedule, steps, data, bind_
     result = subprocess.run(command, capture_output=True, text=True,
                             env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
     if logs:
-        with open(os.path.join(logs, f"P{stages}-M{micro_batches}-{schedule}.log"), "w") as f:
+        with open(os.path.join(logs, f"P{stages}-M{micro_batches}-{schedule}{log_suffix}.log"), "w") as f:
             f.write(result.stderr)
     if result.returncode != 0:
         sys.exit(result.stderr[-3000:])
@@ -114,7 +119,10 @@ def main():
     parser.add_argument("--stages", default="2,4", help="P values, comma-separated")
     parser.add_argument("--logs", help="keep every run's log in this directory")
     parser.add_argument("--micro-batch-size", type=int, default=64, help="samples per microbatch")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every point, the sweep repeated")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
     if args.logs:
         os.makedirs(args.logs, exist_ok=True)
     micro_batches = [int(m) for m in args.micro_batches.split(",")]
@@ -124,22 +132,44 @@ def main():
     print(f"# Pipeline benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
           f"{args.steps} steps per point, {args.micro_batch_size} samples per microbatch, 1 GEMM thread per stage, "
           f"data {args.data}, "
-          f"{'stages bound to cores of their own' if args.bind_cores else 'stages not bound to cores'}")
+          f"{'stages bound to cores of their own' if args.bind_cores else 'stages not bound to cores'}"
+          + (f", each point run {args.repeats} times (median, and the runs' range)" if args.repeats > 1 else ""))
+    points = [(stages, micro, schedule) for stages in stage_counts for micro in micro_batches
+              for schedule in ("GPipe", "1F1B")]
+    runs = {point: [] for point in points}  # (bubble, samples/s, imbalance) of each repetition
+    memory = {}
+    for repetition in range(args.repeats):
+        for point in points:
+            stages, micro, schedule = point
+            stats, samples = measure(tandem, workdir, stages, micro, schedule, args.steps, args.data,
+                                     args.bind_cores, args.logs, args.micro_batch_size,
+                                     f"-r{repetition + 1}" if args.repeats > 1 else "")
+            bubble = statistics.mean(s["bubble"] for s in stats.values())
+            runs[point].append((bubble, samples, imbalance(stats)))
+            memory[point] = stats
+            print(f"run {repetition + 1}/{args.repeats}: P={stages} M={micro} {schedule}: bubble {bubble:.1%}, "
+                  f"{samples:,.0f} samples/s", file=sys.stderr, flush=True)
     print("\n## Bubble ratio (mean over stages) against theory (P-1)/(M+P-1)\n")
     print("| P | M | theory | GPipe | 1F1B | GPipe samples/s | 1F1B samples/s | stage imbalance GPipe / 1F1B |\n"
           "|---|---|---|---|---|---|---|---|")
-    memory = {}
+    within = []  # M >= 4: the target's points, True where the median is within 5 points of theory
     for stages in stage_counts:
         for micro in micro_batches:
-            row = {}
-            for schedule in ("GPipe", "1F1B"):
-                stats, samples = measure(tandem, workdir, stages, micro, schedule, args.steps, args.data,
-                                         args.bind_cores, args.logs, args.micro_batch_size)
-                row[schedule] = (statistics.mean(s["bubble"] for s in stats.values()), samples, imbalance(stats))
-                memory[(stages, micro, schedule)] = stats
             theory = (stages - 1) / (micro + stages - 1)
-            print(f"| {stages} | {micro} | {theory:.1%} | {row['GPipe'][0]:.1%} | {row['1F1B'][0]:.1%} | "
-                  f"{row['GPipe'][1]:,.0f} | {row['1F1B'][1]:,.0f} | {row['GPipe'][2]:.2f} / {row['1F1B'][2]:.2f} |", flush=True)
+            cells = {}
+            for schedule in ("GPipe", "1F1B"):
+                measured = runs[(stages, micro, schedule)]
+                bubbles = [bubble for bubble, _, _ in measured]
+                median = statistics.median(bubbles)
+                cells[schedule] = (f"{median:.1%}" + (f" ({min(bubbles):.1%}-{max(bubbles):.1%})" if len(bubbles) > 1 else ""),
+                                   statistics.median(samples for _, samples, _ in measured),
+                                   statistics.median(spread for _, _, spread in measured))
+                if micro >= 4:
+                    within.append(abs(median - theory) <= 0.05)
+            print(f"| {stages} | {micro} | {theory:.1%} | {cells['GPipe'][0]} | {cells['1F1B'][0]} | "
+                  f"{cells['GPipe'][1]:,.0f} | {cells['1F1B'][1]:,.0f} | {cells['GPipe'][2]:.2f} / {cells['1F1B'][2]:.2f} |")
+    if within:
+        print(f"\nWithin 5 points of theory at M >= 4: {sum(within)} of {len(within)} points.")
     widest = max(stage_counts)
     print(f"\n## Peak activation memory per stage (P={widest}): microbatches in flight and bytes\n")
     print("| M | schedule | " + " | ".join(f"stage {s}" for s in range(widest)) + " |\n|---|---|" + "---|" * widest)

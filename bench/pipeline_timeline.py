@@ -16,6 +16,9 @@ says how big each run's bubble was and what its ops looked like:
 - backward spread: over microbatch indices, the largest median backward over the smallest. Ops that
   take longer at some microbatches than at others make the neighbours wait even when stages are equal.
 
+Logs of repeated runs (`pipeline_bench.py --repeats`, named P2-M8-GPipe-r1.log ...) get a second table:
+each point's median over its runs.
+
     python3 bench/pipeline_timeline.py LOG|DIR [...]     (the first logged step is left out as warm-up)
 """
 
@@ -27,6 +30,7 @@ import statistics
 import sys
 
 LINE = re.compile(r"(\d{4}-\d\d-\d\dT[\d:.]+Z) DEBUG .*? step=(\d+) stage (\d+) timeline[^:]*:(.*); sends done ([0-9.]+)")
+REPETITION = re.compile(r"(.*)-r\d+\.log")
 OP = re.compile(r"([FB])(\d+) ([0-9.]+)-([0-9.]+) \(waited ([0-9.]+)\)")
 
 
@@ -146,16 +150,29 @@ def main():
         sys.exit(f"pipeline_timeline: no *.log in {' '.join(sys.argv[1:])}")
     print("| run | P | M | steps | theory | bubble | over theory | replayed | engine's part | stage imbalance | "
           "forward / backward imbalance | backward spread |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    repeated = {}  # point (the name without -rN) -> results of its runs
     for path in sorted(paths, key=run_order):
         result = analyse(path)
         if result is None:
             print(f"| {os.path.basename(path)} | no timelines: run with TANDEM_LOG_LEVEL=debug | | | | | | | | | | |")
             continue
+        repetition = REPETITION.fullmatch(os.path.basename(path))
+        if repetition:
+            repeated.setdefault(repetition.group(1), []).append(result)
         excess = 100 * (result["bubble"] - result["theory"])
         print(f"| {os.path.basename(path)} | {result['stages']} | {result['micro_batches']} | {result['steps']} | "
               f"{result['theory']:.1%} | {result['bubble']:.1%} | {excess:+.1f} | {result['replayed']:.1%} | "
               f"{100 * (result['bubble'] - result['replayed']):+.1f} | {result['imbalance']:.2f} | "
               f"{result['forward_imbalance']:.2f} / {result['backward_imbalance']:.2f} | {result['spread']:.2f} |")
+    if repeated:
+        print("\n| point | runs | theory | bubble, median (range) | over theory | engine's part, median |\n"
+              "|---|---|---|---|---|---|")
+        for point, results in sorted(repeated.items(), key=lambda item: run_order(item[0])):
+            bubbles = [r["bubble"] for r in results]
+            median = statistics.median(bubbles)
+            engine = statistics.median(r["bubble"] - r["replayed"] for r in results)
+            print(f"| {point} | {len(results)} | {results[0]['theory']:.1%} | {median:.1%} ({min(bubbles):.1%}-"
+                  f"{max(bubbles):.1%}) | {100 * (median - results[0]['theory']):+.1f} | {100 * engine:+.1f} |")
 
 
 if __name__ == "__main__":

@@ -195,6 +195,33 @@ class BenchmarkManifest(unittest.TestCase):
                                                                          micro_batch_size, steps))
 
 
+class BenchmarkRepeats(TempDirTest):
+    """bench/pipeline_bench.py --repeats N runs every point N times, keeps each run's log, and reports the
+    median with the runs' range; pipeline_timeline.py reads those logs back as one point."""
+
+    def test_each_point_runs_n_times_and_reads_back_as_one(self):
+        logs = os.path.join(self.tmp, "logs")
+        bench = os.path.join(os.path.dirname(pipeline_bench.__file__), "pipeline_bench.py")
+        result = subprocess.run([sys.executable, bench, "--build", os.path.dirname(os.path.dirname(TANDEM)),
+                                 "--data", "synthetic", "--stages", "2", "--micro-batches", "4", "--steps", "3",
+                                 "--micro-batch-size", "8", "--repeats", "2", "--logs", logs],
+                                capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, TANDEM_LOG_LEVEL="debug"))
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertEqual(sorted(os.listdir(logs)), [f"P2-M4-{schedule}-r{run}.log"
+                                                    for schedule in ("1F1B", "GPipe") for run in (1, 2)])
+        self.assertEqual(len(re.findall(r"^run [12]/2: P=2 M=4 (GPipe|1F1B): bubble", result.stderr, re.M)), 4)
+        # The row: theory, then each schedule's median and range.
+        self.assertRegex(result.stdout, r"\| 2 \| 4 \| 20\.0% \| [0-9.]+% \([0-9.]+%-[0-9.]+%\) \| "
+                                        r"[0-9.]+% \([0-9.]+%-[0-9.]+%\) \|")
+        self.assertRegex(result.stdout, r"Within 5 points of theory at M >= 4: [0-2] of 2 points\.")
+        timeline = subprocess.run([sys.executable, os.path.join(os.path.dirname(bench), "pipeline_timeline.py"), logs],
+                                  capture_output=True, text=True, timeout=60)
+        self.assertEqual(timeline.returncode, 0, timeline.stderr)
+        self.assertRegex(timeline.stdout, r"\| P2-M4-GPipe \| 2 \| 20\.0% \| [0-9.]+% \(")
+        self.assertRegex(timeline.stdout, r"\| P2-M4-1F1B \| 2 \| 20\.0% \| [0-9.]+% \(")
+
+
 class TimelineReplay(unittest.TestCase):
     """bench/pipeline_timeline.py's replay: the bubble a step's ops would leave with instant messages. For
     equal ops it is the theory's (P-1)/(M+P-1), for both schedules; a slow stage makes it larger."""
