@@ -202,6 +202,8 @@ ObservedPod podFromJson(const json& pod) {
   if (status.contains("containerStatuses") && status["containerStatuses"].is_array()) {
     for (const json& container : status["containerStatuses"]) {
       if (!worker.empty() && container.value("name", "") != worker) continue;
+      out.waitingReason = stringAt(container, "/state/waiting/reason");
+      out.waitingMessage = stringAt(container, "/state/waiting/message");
       const json::json_pointer terminated("/state/terminated");
       if (container.contains(terminated)) {
         const json& state = container.at(terminated);

@@ -300,6 +300,16 @@ bool Controller::secretCreatedSinceConfigMap(const JobObject& job, const Observe
   return false;
 }
 
+std::optional<Clock::time_point> Controller::secretRecreatedAt(const JobObject& job) {
+  std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
+  const auto recreated = secretsRecreated_.find(jobKey(job.nameSpace, job.name));
+  if (recreated == secretsRecreated_.end()) return std::nullopt;
+  const auto& [uid, when] = recreated->second;
+  if (uid == job.uid && Clock::now() - when < kSecretRecreationSettle) return when;
+  secretsRecreated_.erase(recreated);
+  return std::nullopt;
+}
+
 Status Controller::reconcileKey(const std::string& key) {
   const auto object = jobs_->get(key);
   if (!object) return Status::Ok();  // deleted: owner references let the garbage collector remove the rest
@@ -320,6 +330,7 @@ Status Controller::reconcileKey(const std::string& key) {
   options.rendezvousToken = secureRandomHex(32);  // used only when the ConfigMap (and Secret) is missing
   Observed observed = observe(job);
   observed.rendezvousSecretCreated = secretCreatedSinceConfigMap(job, observed);
+  observed.rendezvousSecretRecreatedAt = secretRecreatedAt(job);
   const Plan plan = reconcile(job, observed, Clock::now(), options);
   if (!plan.empty()) log::info() << "reconcile " << key << ":\n" << describe(plan);
   TANDEM_RETURN_IF_ERROR(execute(job, *object, plan));
@@ -425,7 +436,10 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
       // the ConfigMap after it is seen, the next pass must not create it again (observe).
       TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr));
       std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
-      secretsCreated_[jobKey(job.nameSpace, job.name)] = job.uid;
+      if (secret->recreation)
+        secretsRecreated_[jobKey(job.nameSpace, job.name)] = {job.uid, Clock::now()};
+      else
+        secretsCreated_[jobKey(job.nameSpace, job.name)] = job.uid;
     } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
     } else if (std::holds_alternative<CreatePod>(action)) {

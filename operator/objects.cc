@@ -214,10 +214,10 @@ json buildService(const JobObject& job) {
                 {"ports", ports}}}};
 }
 
-json buildSecret(const JobObject& job, const std::string& token) {
+json buildSecret(const JobObject& job, const std::string& name, const std::string& token) {
   return json{{"apiVersion", "v1"},
               {"kind", "Secret"},
-              {"metadata", objectMeta(job, secretName(job.name, job.uid))},
+              {"metadata", objectMeta(job, name)},
               {"type", "Opaque"},
               {"stringData", {{kTokenKey, token}}}};
 }

@@ -144,6 +144,7 @@ class JobReconciler {
     }
     if (status_.phase == JobPhase::kSuspended) resume();
     if (deadlinePassed()) return finished();
+    if (recreateDeletedSecret()) return finish();
     if (std::optional<Failure> failure = rootFailure()) {
       if (waitForSilentPeerCause(*failure) || waitForUnreachableNode(*failure)) return finish();
       handleFailure(*failure);
@@ -335,7 +336,8 @@ class JobReconciler {
         // the namespace's quota, and quota admission refuses (403) before the API server would say 409.
         if (!observed_.rendezvousSecretCreated)
           childCreations_.push_back(
-              CreateSecret{secretName(job_.name, job_.uid), buildSecret(job_, options_.rendezvousToken)});
+              CreateSecret{secretName(job_.name, job_.uid),
+                           buildSecret(job_, secretName(job_.name, job_.uid), options_.rendezvousToken)});
         childCreations_.push_back(CreateConfigMap{configMapName(job_.name), configMap_});
       }
     }
@@ -358,6 +360,61 @@ class JobReconciler {
               "--cascade=orphan): creating workers once it is deleted");
         requeueIn(std::chrono::seconds(30));
       }
+  }
+
+  // A Secret deleted by hand: the operator may not read Secrets and learns it from the kubelet, which cannot
+  // start a worker whose token it names (CreateContainerConfigError, `secret "<name>" not found`, or
+  // `secrets "<name>"` from a kubelet that asks the API server). The Secret is created again with a new
+  // token. Workers that already run hold the old one, and a gang split across two tokens refuses itself
+  // at the rendezvous (a permanent error): if any current pod has started, the gang restarts, counted
+  // nowhere, as a suspension is. True when it did (the plan is then complete).
+  bool recreateDeletedSecret() {
+    if (rendezvousSecret_.empty()) return false;
+    const std::string notFound = "\"" + rendezvousSecret_ + "\" not found";
+    std::string waiting;  // the first worker that waits for it
+    bool started = false;
+    for (const ObservedPod* pod : current_) {
+      if (pod == nullptr) continue;
+      if (pod->waitingReason == "CreateContainerConfigError" && pod->waitingMessage.find("secret") != std::string::npos &&
+          pod->waitingMessage.find(notFound) != std::string::npos) {
+        if (waiting.empty()) waiting = pod->name;
+      } else if (pod->phase != PodPhase::kPending) {
+        started = true;
+      }
+    }
+    if (waiting.empty()) return false;
+    // Just created again: the kubelet has not retried yet (its retries back off), and whoever started
+    // since read the new token.
+    if (observed_.rendezvousSecretRecreatedAt && now_ - *observed_.rendezvousSecretRecreatedAt < kSecretRecreationSettle) {
+      requeueIn(*observed_.rendezvousSecretRecreatedAt + kSecretRecreationSettle - now_);
+      return false;
+    }
+    for (const auto& creation : childCreations_)  // ensureChildren's, with a missing ConfigMap
+      if (const auto* secret = std::get_if<CreateSecret>(&creation); secret != nullptr && secret->name == rendezvousSecret_)
+        return false;
+    if (options_.rendezvousToken.empty()) {
+      missingToken_ = true;
+      event(EventType::kWarning, reasons::kMissingRendezvousToken,
+            "Secret " + rendezvousSecret_ + " is missing (worker " + waiting +
+                " cannot start) and no token was supplied to create it again");
+      return false;
+    }
+    childCreations_.push_back(CreateSecret{rendezvousSecret_, buildSecret(job_, rendezvousSecret_, options_.rendezvousToken),
+                                           /*recreation=*/true});
+    const std::string missing = "Secret " + rendezvousSecret_ + " is missing (deleted?): worker " + waiting +
+                                " cannot start; creating it again with a new token";
+    if (!started) {
+      event(EventType::kWarning, reasons::kRendezvousSecretRecreated, missing);
+      return false;
+    }
+    const int64_t split = status_.generation;
+    retireGeneration(missing);
+    transition(JobPhase::kRestarting, reasons::kRendezvousSecretRecreated,
+               missing + "; part of the gang started with the old token: deleting generation " +
+                   std::to_string(split) + " and starting generation " + std::to_string(status_.generation) +
+                   " (not counted against backoffLimit)",
+               EventType::kWarning);
+    return true;
   }
 
   // Our children's names held by an object another owner controls.

@@ -10,7 +10,9 @@ A background thread lists every pod about five times a second and:
   a private mount namespace per pod (`unshare --mount --uts`, which also gives the pod its hostname; needs
   root), together with a runner-wide hosts file
   over /etc/hosts that names every live pod the way cluster DNS would (`<hostname>.<subdomain>.<ns>.svc`);
-- writes pod status (Running, then Succeeded/Failed with the exit code) through pods/status;
+- writes pod status (Running, then Succeeded/Failed with the exit code) through pods/status; a pod whose
+  Secret or ConfigMap does not exist stays Pending, waiting in CreateContainerConfigError with the kubelet's
+  words (`secret "<name>" not found`), and starts once it does;
 - on deletion sends SIGTERM to the pod's process group, SIGKILL after the grace period, and then finalises
   the deletion; a pod that vanished from the API (force-deleted) has its process killed at once.
 
@@ -94,6 +96,12 @@ class ConfigError(RuntimeError):
         self.reason = reason
 
 
+class MissingObject(ConfigError):
+    """A Secret or ConfigMap the pod reads does not exist (yet): like the kubelet, the runner leaves the pod
+    Pending with its container waiting in CreateContainerConfigError (`secret "<name>" not found`) and tries
+    again about once a second, starting it once the object is there."""
+
+
 class RunnerError(RuntimeError):
     pass
 
@@ -150,6 +158,7 @@ class PodRunner:
         self._lock = threading.RLock()
         self._pods = {}  # uid -> _Pod, live and finished pods still in the API
         self._latest = {}  # (namespace, name) -> the _Pod started last under that name
+        self._waiting = {}  # uid -> monotonic time of the last try, for pods waiting for a Secret or ConfigMap
         self._stop = threading.Event()
         self._thread = None
         self._fatal = None
@@ -291,9 +300,13 @@ class PodRunner:
 
         if record is None:
             if deleting:  # bound but never started here
+                self._waiting.pop(meta["uid"], None)
                 self._finalise(meta)
             elif phase in ("Succeeded", "Failed"):
                 pass
+            elif meta["uid"] in self._waiting:
+                if time.monotonic() - self._waiting[meta["uid"]] >= 1.0:
+                    self._start(pod)
             elif pod.get("status", {}).get("containerStatuses"):
                 # Started by an earlier runner with this node name, whose processes died with it.
                 self._adopt_lost(pod)
@@ -341,6 +354,16 @@ class PodRunner:
             env = self._environment(pod, container, record)
             mounts = self._volumes(pod, container, directory)
             argv = self._argv(pod, container, env, mounts, record.hostname)
+        except MissingObject as error:
+            if record.uid not in self._waiting:
+                self._log(f"{record.key}: waiting: {error.reason}: {error}")
+                waiting = {"waiting": {"reason": error.reason, "message": str(error)}}
+                record.pending_status = {"phase": "Pending", "hostIP": "127.0.0.1", "startTime": _now(),
+                                         "conditions": self._conditions(False, _now(), "ContainersNotReady"),
+                                         "containerStatuses": self._container_status(record, False, waiting)}
+                self._send_status(record)
+            self._waiting[record.uid] = time.monotonic()
+            return
         except ConfigError as error:
             self._log(f"{record.key}: {error.reason}: {error}")
             self._pods[record.uid] = record
@@ -351,6 +374,7 @@ class PodRunner:
             return
         # ApiError from the lookups above propagates: nothing was started, the next poll tries again.
 
+        self._waiting.pop(record.uid, None)
         self._pods[record.uid] = record
         self._latest[(record.namespace, record.name)] = record
         self._write_hosts()  # before the process starts: it may look itself up
@@ -456,7 +480,7 @@ class PodRunner:
         if status == 404:
             if optional:
                 return None
-            raise ConfigError("CreateContainerConfigError", f"{where}: {kind} {namespace}/{name} not found")
+            raise MissingObject("CreateContainerConfigError", f'{kind} "{name}" not found')
         data = {key: base64.b64decode(value) for key, value in (body.get("binaryData") or {}).items()}
         for key, value in (body.get("data") or {}).items():
             data[key] = base64.b64decode(value) if resource == "secrets" else value.encode()

@@ -240,6 +240,37 @@ class OperatorEndToEnd(OperatorTestCase):
         self.assertTrue(resumed and resumed[0] >= 400, log[-3000:])
         self.assertEqual(progress_steps(log)[-1], 6 * (60000 // 256))
 
+    def test_a_secret_deleted_by_hand_is_created_again_for_the_next_gang(self):
+        # The operator may not read Secrets: it learns of the deletion from the kubelet (here the pod runner),
+        # whose next gang waits in CreateContainerConfigError, and creates the Secret again with a new token.
+        ns = self.namespace("lost-secret")
+        manifest = synthetic_job("lost", workers=2, epochs=1000)
+        manifest["spec"]["template"] = {"spec": {"terminationGracePeriodSeconds": 5}}
+        uid = self.create_job(ns, manifest)["metadata"]["uid"]
+        self.wait_phase(ns, "lost", "Running", 120, self.operator)
+        path = f"/api/v1/namespaces/{ns}/secrets/lost-rendezvous-{uid}"
+        status, old = self.kube.request("GET", path)  # as the cluster admin
+        self.assertEqual(status, 200, old)
+        status, body = self.kube.request("DELETE", path)
+        self.assertIn(status, (200, 202), body)
+        self.runner.kill_process(ns, "lost-worker-1", signal.SIGKILL)
+
+        def next_gang_running():
+            pods = self.pods(ns, "lost", include_terminating=False)
+            return len(pods) == 2 and all(p["metadata"]["labels"]["tandem.dev/generation"] == "1" and
+                                          p.get("status", {}).get("phase") == "Running" for p in pods)
+        self.wait_for(next_gang_running, 180, "the next gang running with the Secret created again", interval=0.5)
+        self.assertIn("RendezvousSecretRecreated", self.event_reasons(ns, "lost"))
+        status, new = self.kube.request("GET", path)
+        self.assertEqual(status, 200, new)
+        self.assertNotEqual(new["data"]["token"], old["data"]["token"])
+        self.assertEqual([o["uid"] for o in new["metadata"]["ownerReferences"]], [uid])
+        # Both workers read the new token (rank 0's server refuses any other) and train.
+        steps = lambda: progress_steps(self.runner.log_of(ns, "lost-worker-0"))  # noqa: E731
+        self.wait_for(lambda: steps() and steps()[-1] > 0, 60, "progress of the new gang", interval=0.5)
+        job = self.job(ns, "lost")
+        self.assertEqual(job["status"]["restarts"], 1, job["status"])  # the kill's; the wait for the Secret is free
+
     def test_spec_edits_of_a_started_job_are_ignored_except_run_policy(self):
         ns = self.namespace("edit")
         self.create_job(ns, synthetic_job("edited", workers=2, epochs=1000))

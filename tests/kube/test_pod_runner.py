@@ -16,6 +16,7 @@ from pod_runner import PodRunner
 
 NS = "default"
 PODS = f"/api/v1/namespaces/{NS}/pods"
+SECRETS = f"/api/v1/namespaces/{NS}/secrets"
 TIMEOUT = 30
 
 
@@ -129,13 +130,35 @@ class PodRunnerTest(kube_fixture.KubeTestCase):
         self.assertEqual(os.listdir(mount), [])
 
     def test_missing_secret_key_fails_the_pod_naming_it(self):
+        self.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keyless", "namespace": NS},
+                              "stringData": {"other": "x"}})
         self.create(PODS, pod_manifest(
             "bad-ref", ["true"],
-            env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "no-such-secret", "key": "k"}}}]))
+            env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "keyless", "key": "k"}}}]))
         pod = self.wait_phase("bad-ref", ("Failed",))
         self.assertEqual(pod["status"]["reason"], "CreateContainerConfigError")
-        self.assertIn("no-such-secret", pod["status"]["message"])
+        self.assertIn("couldn't find key k in secret default/keyless", pod["status"]["message"])
         self.assertIn("default/bad-ref", pod["status"]["message"])
+
+    def test_a_missing_secret_keeps_the_pod_waiting_until_it_is_created(self):
+        # As the kubelet does: Pending, the container waiting with the kubelet's words; then it starts.
+        self.create(PODS, pod_manifest(
+            "early", ["/bin/sh", "-c", 'echo "X=$X"'],
+            env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "late-secret", "key": "k"}}}]))
+        def waiting():
+            pod = self.get_pod("early") or {}
+            states = [s["state"].get("waiting", {}) for s in pod.get("status", {}).get("containerStatuses", [])]
+            return pod if states and states[0].get("reason") == "CreateContainerConfigError" else None
+        pod = self.wait_for(waiting, TIMEOUT, "pod early never waited for its Secret")
+        self.assertEqual(pod["status"]["phase"], "Pending")
+        self.assertEqual(pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"],
+                         'secret "late-secret" not found')
+        time.sleep(1.5)  # tried again at least once: still waiting, not failed
+        self.assertEqual(self.get_pod("early")["status"]["phase"], "Pending")
+        self.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late-secret", "namespace": NS},
+                              "stringData": {"k": "arrived"}})
+        self.wait_phase("early", ("Succeeded",))
+        self.assertIn("X=arrived", self.runner.log_of(NS, "early"))
 
     def test_delete_sends_sigterm_then_pod_disappears(self):
         marker_dir = self.temporary_directory("tandem-runner-marker-")

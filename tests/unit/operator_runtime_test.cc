@@ -918,6 +918,18 @@ TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
   const ObservedPod pending = podFromJson(json::parse(R"({"metadata": {"name": "p"}})"));
   EXPECT_EQ(pending.phase, PodPhase::kPending);
   EXPECT_FALSE(pending.exitCode.has_value());
+  EXPECT_TRUE(pending.waitingReason.empty());
+
+  // A worker the kubelet cannot start: its container's waiting state, not a sidecar's.
+  const ObservedPod waiting = podFromJson(json::parse(R"({
+    "metadata": {"name": "j-worker-0"},
+    "spec": {"containers": [{"name": "worker"}, {"name": "sidecar"}]},
+    "status": {"phase": "Pending",
+               "containerStatuses": [{"name": "sidecar", "state": {"waiting": {"reason": "ImagePullBackOff"}}},
+                                     {"name": "worker", "state": {"waiting": {"reason": "CreateContainerConfigError",
+                                       "message": "secret \"j-rendezvous-uid\" not found"}}}]}})"));
+  EXPECT_EQ(waiting.waitingReason, "CreateContainerConfigError");
+  EXPECT_EQ(waiting.waitingMessage, "secret \"j-rendezvous-uid\" not found");
 }
 
 TEST(ApiConvert, NodesAreUnreachableByReadyUnknownOrTheUnreachableTaint) {

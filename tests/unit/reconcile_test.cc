@@ -111,7 +111,12 @@ void apply(World& world, const Plan& plan, Clock::time_point now) {
     if (const auto* update = std::get_if<UpdateStatus>(&action)) world.job.status = update->status;
     if (const auto* create = std::get_if<CreateService>(&action))
       world.observed.services.push_back({{create->name, kUid, std::nullopt}});
-    if (std::holds_alternative<CreateSecret>(action)) world.observed.rendezvousSecretCreated = true;
+    if (const auto* secret = std::get_if<CreateSecret>(&action)) {
+      if (secret->recreation)
+        world.observed.rendezvousSecretRecreatedAt = now;  // the controller's memory of it
+      else
+        world.observed.rendezvousSecretCreated = true;
+    }
     if (const auto* create = std::get_if<CreateConfigMap>(&action)) {
       const bool taken = std::any_of(world.observed.configMaps.begin(), world.observed.configMaps.end(),
                                      [&](const ObservedConfigMap& configMap) { return configMap.name == create->name; });
@@ -1599,6 +1604,97 @@ TEST(Reconcile, AJobAnEarlierOperatorStartedKeepsReadingItsSecret) {
   ASSERT_EQ(restarted.all<CreatePod>().size(), 4u) << describe(restarted);
   for (const CreatePod* pod : restarted.all<CreatePod>()) EXPECT_EQ(tokenSecretOf(*pod), "fmnist-rendezvous");
   EXPECT_TRUE(restarted.all<CreateSecret>().empty()) << describe(restarted);
+}
+
+// The kubelet's words for a worker whose token Secret is gone (its watch cache says "secret", a GET
+// "secrets").
+void waitForSecret(ObservedPod& pod, const std::string& secret, const char* resource = "secret") {
+  pod.phase = PodPhase::kPending;
+  pod.ready = false;
+  pod.waitingReason = "CreateContainerConfigError";
+  pod.waitingMessage = std::string(resource) + " \"" + secret + "\" not found";
+}
+
+TEST(Reconcile, ASecretDeletedBeforeTheGangStartedIsCreatedAgain) {
+  World world = makeWorld();
+  step(world, kT0);  // the gang, Pending
+  const std::string secret = std::string("fmnist-rendezvous-") + kUid;
+  for (int rank : {0, 2}) waitForSecret(livePod(world, rank), secret);
+  const int64_t generation = world.job.status.generation;
+  const Plan result = plan(world, kT0 + seconds(30));
+  ASSERT_EQ(result.all<CreateSecret>().size(), 1u) << describe(result);
+  EXPECT_EQ(result.all<CreateSecret>()[0]->name, secret);
+  EXPECT_EQ(result.all<CreateSecret>()[0]->object["stringData"]["token"], kToken);
+  EXPECT_EQ(result.all<CreateSecret>()[0]->object["metadata"]["ownerReferences"][0]["uid"], kUid);
+  EXPECT_TRUE(result.all<DeletePod>().empty() && result.all<DeleteGeneration>().empty()) << describe(result);
+  EXPECT_EQ(result.status.generation, generation);
+  const EmitEvent* said = findEvent(result, reasons::kRendezvousSecretRecreated);
+  ASSERT_NE(said, nullptr) << describe(result);
+  EXPECT_EQ(said->type, EventType::kWarning);
+  EXPECT_NE(said->message.find("Secret " + secret + " is missing"), std::string::npos) << said->message;
+  EXPECT_NE(said->message.find("worker fmnist-worker-0 cannot start"), std::string::npos) << said->message;
+  EXPECT_TRUE(result.all<CreateSecret>()[0]->recreation);
+  apply(world, result, kT0 + seconds(30));
+  // The kubelet starts rank 0 first; rank 2 still shows its earlier wait. Rank 0 read the new token: no
+  // restart, and no second Secret, until the kubelet has had time to retry.
+  livePod(world, 0).phase = PodPhase::kRunning;
+  livePod(world, 0).waitingReason.clear();
+  const Plan settling = plan(world, kT0 + seconds(31));
+  EXPECT_TRUE(settling.all<CreateSecret>().empty()) << describe(settling);
+  EXPECT_TRUE(settling.all<DeleteGeneration>().empty()) << describe(settling);
+  EXPECT_EQ(settling.status.generation, generation);
+  ASSERT_TRUE(settling.requeueAfter.has_value());
+  EXPECT_LE(*settling.requeueAfter, seconds(59));
+  // The kubelet started them: nothing more, also once the minute is over.
+  setAllPhases(world, PodPhase::kRunning);
+  for (ObservedPod& pod : world.observed.pods) pod.waitingReason.clear(), pod.waitingMessage.clear();
+  EXPECT_TRUE(step(world, kT0 + seconds(40)).all<CreateSecret>().empty());  // (Running, now)
+  world.observed.rendezvousSecretRecreatedAt.reset();  // forgotten after kSecretRecreationSettle
+  EXPECT_TRUE(plan(world, kT0 + seconds(100)).empty());
+}
+
+TEST(Reconcile, AGangPartlyStartedWithTheOldTokenRestartsWhenItsSecretIsCreatedAgain) {
+  // Ranks 0, 1 and 3 run with the old token; rank 2 was re-created (say by a restart the kubelet did) and
+  // waits for the deleted Secret. The new token would split the gang: it restarts, counted nowhere.
+  World world = runningWorld();
+  const std::string secret = std::string("fmnist-rendezvous-") + kUid;
+  waitForSecret(livePod(world, 2), secret, "secrets");
+  const JobStatus before = world.job.status;
+  const Plan result = step(world, kT0 + seconds(30));
+  ASSERT_EQ(result.all<CreateSecret>().size(), 1u) << describe(result);
+  EXPECT_EQ(result.all<CreateSecret>()[0]->name, secret);
+  ASSERT_EQ(result.all<DeleteGeneration>().size(), 1u) << describe(result);
+  EXPECT_EQ(result.all<DeleteGeneration>()[0]->podNames.size(), 4u);
+  EXPECT_EQ(result.status.phase, JobPhase::kRestarting);
+  EXPECT_EQ(result.status.generation, before.generation + 1);
+  EXPECT_EQ(result.status.restarts, before.restarts);
+  EXPECT_EQ(result.status.preemptions, before.preemptions);
+  EXPECT_NE(findEvent(result, reasons::kRendezvousSecretRecreated), nullptr) << describe(result);
+  // The old gang gone, the new one is created whole, reading the same Secret name.
+  finishTerminations(world);
+  const Plan created = plan(world, kT0 + seconds(40));
+  ASSERT_EQ(created.all<CreatePod>().size(), 4u) << describe(created);
+  for (const CreatePod* pod : created.all<CreatePod>()) EXPECT_EQ(tokenSecretOf(*pod), secret);
+  EXPECT_TRUE(created.all<CreateSecret>().empty()) << describe(created);
+}
+
+TEST(Reconcile, OnlyTheJobsOwnMissingSecretIsCreatedAgain) {
+  World world = makeWorld();
+  step(world, kT0);
+  // Another Secret the user's template reads, and an image that cannot be pulled: not ours to create.
+  waitForSecret(livePod(world, 0), "registry-credentials");
+  livePod(world, 1).waitingReason = "ImagePullBackOff";
+  livePod(world, 1).waitingMessage = std::string("Back-off pulling image \"fmnist-rendezvous-") + kUid + "\" not found";
+  EXPECT_TRUE(plan(world, kT0 + seconds(30)).all<CreateSecret>().empty());
+  // A job an earlier operator started reads <job>-rendezvous: that is the one created again.
+  World legacy = makeWorld();
+  step(legacy, kT0);
+  for (ObservedConfigMap& configMap : legacy.observed.configMaps) configMap.rendezvousSecret.clear();
+  waitForSecret(livePod(legacy, 3), "fmnist-rendezvous");
+  const Plan result = plan(legacy, kT0 + seconds(30));
+  ASSERT_EQ(result.all<CreateSecret>().size(), 1u) << describe(result);
+  EXPECT_EQ(result.all<CreateSecret>()[0]->name, "fmnist-rendezvous");
+  EXPECT_EQ(result.all<CreateSecret>()[0]->object["metadata"]["name"], "fmnist-rendezvous");
 }
 
 TEST(Reconcile, JobBeingDeletedOnlyForceDeletesStuckPods) {

@@ -65,6 +65,8 @@ class Controller {
   Observed observe(const JobObject& job) const;
   // Whether this operator created the job's Secret and has not seen its ConfigMap since (then forgets it).
   bool secretCreatedSinceConfigMap(const JobObject& job, const Observed& observed);
+  // When this operator created the job's deleted Secret again, within kSecretRecreationSettle (then forgets).
+  std::optional<Clock::time_point> secretRecreatedAt(const JobObject& job);
   Status execute(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan);
   // The plan's actions in order, stopping at the first failure; statusWritten: its UpdateStatus landed.
   Status executeActions(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan, bool& statusWritten);
@@ -92,7 +94,9 @@ class Controller {
   // Jobs (namespace/name -> uid) whose Secret this operator created and whose ConfigMap it has not yet
   // seen: a ConfigMap create that failed must not make the next pass create the Secret again.
   std::map<std::string, std::string> secretsCreated_;
-  std::mutex secretsCreatedMutex_;
+  // Jobs whose deleted Secret this operator created again: (uid, when).
+  std::map<std::string, std::pair<std::string, Clock::time_point>> secretsRecreated_;
+  std::mutex secretsCreatedMutex_;  // both maps
   std::set<std::string> warnedEdits_;  // "<uid>/<generation>" whose ignored edit was reported
   std::mutex warnedMutex_;
   std::vector<Informer*> informers() const;

@@ -27,8 +27,9 @@ nlohmann::json ownerReference(const JobObject& job);
 // Headless Service <job> selecting tandem.dev/job=<job>, publishing not-ready addresses so that rank 0's
 // name resolves while the gang is still starting.
 nlohmann::json buildService(const JobObject& job);
-// Secret <job>-rendezvous-<job uid> with the token under key "token".
-nlohmann::json buildSecret(const JobObject& job, const std::string& token);
+// Secret `name` (<job>-rendezvous-<job uid>; an earlier operator's job keeps <job>-rendezvous) with the
+// token under key "token".
+nlohmann::json buildSecret(const JobObject& job, const std::string& name, const std::string& token);
 // ConfigMap <job>-config holding the manifest (apiVersion, kind, metadata name/namespace, spec) as JSON
 // text under "job.yaml", which the worker's parseManifest reads from TANDEM_CONFIG, and the Secret's name
 // in annotation kRendezvousSecretAnnotation.

@@ -3,6 +3,7 @@
 // watched (the operator may not read them): the ConfigMap names the Secret created just before it.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -32,6 +33,10 @@ struct ObservedPod {
                                  // DeletionByTaintManager, EvictionByEvictionAPI, DeletionByPodGC, TerminationByKubelet
   std::optional<Clock::time_point> deletionTimestamp;  // set: the pod is terminating
   std::string nodeName;
+  // The worker container's state.waiting, while it has not started: CreateContainerConfigError with
+  // `secret "<name>" not found` says the Secret its token comes from is gone.
+  std::string waitingReason;
+  std::string waitingMessage;
   bool nodeUnreachable = false;  // its node's Ready condition is Unknown (node.kubernetes.io/unreachable)
   // When that node stopped reporting, read from the Node; unset when only the pod's status.reason
   // (NodeLost) said so.
@@ -59,6 +64,12 @@ struct Observed {
   std::vector<ObservedConfigMap> configMaps;
   // This operator created the job's Secret (or found it there) and has not seen its ConfigMap since.
   bool rendezvousSecretCreated = false;
+  // When this operator last created the job's deleted Secret again, for kSecretRecreationSettle: until
+  // then pods may still show the kubelet's earlier wait for it, and a worker that started since read the
+  // new token.
+  std::optional<Clock::time_point> rendezvousSecretRecreatedAt;
 };
+
+inline constexpr std::chrono::seconds kSecretRecreationSettle{60};
 
 }  // namespace tandem::operator_core

@@ -26,6 +26,7 @@ struct CreateService {
 struct CreateSecret {
   std::string name;
   nlohmann::json object;
+  bool recreation = false;  // the workers' Secret was deleted (the executor remembers when: Observed)
 };
 struct CreateConfigMap {
   std::string name;

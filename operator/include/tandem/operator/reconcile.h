@@ -9,14 +9,17 @@
 //     and is deleted. A pod terminating on an unreachable node for longer than forceDeleteAfter (counted
 //     from its deletionTimestamp, i.e. after its grace period ran out) is force-deleted.
 //  3. Finished jobs (Succeeded/Failed): cleanPodPolicy (All | Running | None) on the current pods, then
-//     ttlSecondsAfterFinished: delete pods, Service, ConfigMap and the job (the Secret goes with it) once
-//     it has elapsed since completionTime, requeue until then.
+//     ttlSecondsAfterFinished: delete the job's pods, its Service and ConfigMap (those it controls: not a
+//     user's of the same name, nor another controller's pod with our label) and the job (the Secret goes
+//     with it) once it has elapsed since completionTime, requeue until then.
 //  4. Invalid spec (specErrors, unreadable template, names too long for DNS): Failed, reason InvalidSpec.
 //  5. The Service is created when missing (also while suspended); the Secret and, just after it, the
 //     ConfigMap that names it (kRendezvousSecretAnnotation) when the ConfigMap is missing and the job is
 //     not suspended. Secrets are not read: our ConfigMap existing is what says our Secret does. A
 //     <job>-config with no owner is not ours: the gang waits for it to go (Warning ConfigMapNameTaken). A
-//     Secret deleted by hand is not noticed: the next gang's pods wait in CreateContainerConfigError.
+//     Secret deleted by hand shows as current pods waiting in CreateContainerConfigError (`secret "<name>"
+//     not found`): it is created again with a new token, and when part of the gang had already started
+//     with the old one, the gang restarts (generation + 1, counted nowhere) so that all read the same.
 //  6. spec.runPolicy.suspend: the current gang is deleted (generation + 1, counted nowhere), phase
 //     Suspended; Service, Secret, ConfigMap and checkpoints stay. Resuming resets startTime and creates
 //     the gang again; the workers resume from their checkpoint.
@@ -98,6 +101,9 @@ inline constexpr const char* kSpecChangeIgnored = "SpecChangeIgnored";  // an ed
 inline constexpr const char* kWaitingForPreviousJob = "WaitingForPreviousJob";  // its children not yet collected
 inline constexpr const char* kWorkerNameTaken = "WorkerNameTaken";  // by a pod another controller owns
 inline constexpr const char* kConfigMapNameTaken = "ConfigMapNameTaken";  // by a ConfigMap with no owner
+// The Secret the workers read their token from was deleted: created again (the Restarting condition's
+// reason too, when part of the gang had started with the old token).
+inline constexpr const char* kRendezvousSecretRecreated = "RendezvousSecretRecreated";
 }  // namespace reasons
 
 // Why a pod of the current gang failed.
