@@ -109,6 +109,32 @@ def imbalance(stats):
     return max(busy) / statistics.mean(busy)
 
 
+def print_bubble_table(runs, stage_counts, micro_batches, title):
+    """Each point's median bubble over the runs made so far (with their range when more than one)."""
+    print(f"\n## Bubble ratio (mean over stages) against theory (P-1)/(M+P-1){', ' + title if title else ''}\n")
+    print("| P | M | theory | GPipe | 1F1B | GPipe samples/s | 1F1B samples/s | stage imbalance GPipe / 1F1B |\n"
+          "|---|---|---|---|---|---|---|---|")
+    within = []  # M >= 4: the target's points, True where the median is within 5 points of theory
+    for stages in stage_counts:
+        for micro in micro_batches:
+            theory = (stages - 1) / (micro + stages - 1)
+            cells = {}
+            for schedule in ("GPipe", "1F1B"):
+                measured = runs[(stages, micro, schedule)]
+                bubbles = [bubble for bubble, _, _ in measured]
+                median = statistics.median(bubbles)
+                cells[schedule] = (f"{median:.1%}" + (f" ({min(bubbles):.1%}-{max(bubbles):.1%})" if len(bubbles) > 1 else ""),
+                                   statistics.median(samples for _, samples, _ in measured),
+                                   statistics.median(spread for _, _, spread in measured))
+                if micro >= 4:
+                    within.append(abs(median - theory) <= 0.05)
+            print(f"| {stages} | {micro} | {theory:.1%} | {cells['GPipe'][0]} | {cells['1F1B'][0]} | "
+                  f"{cells['GPipe'][1]:,.0f} | {cells['1F1B'][1]:,.0f} | {cells['GPipe'][2]:.2f} / {cells['1F1B'][2]:.2f} |")
+    if within:
+        print(f"\nWithin 5 points of theory at M >= 4: {sum(within)} of {len(within)} points.")
+    sys.stdout.flush()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--build", default=os.path.join(ROOT, "build"))
@@ -149,27 +175,9 @@ def main():
             memory[point] = stats
             print(f"run {repetition + 1}/{args.repeats}: P={stages} M={micro} {schedule}: bubble {bubble:.1%}, "
                   f"{samples:,.0f} samples/s", file=sys.stderr, flush=True)
-    print("\n## Bubble ratio (mean over stages) against theory (P-1)/(M+P-1)\n")
-    print("| P | M | theory | GPipe | 1F1B | GPipe samples/s | 1F1B samples/s | stage imbalance GPipe / 1F1B |\n"
-          "|---|---|---|---|---|---|---|---|")
-    within = []  # M >= 4: the target's points, True where the median is within 5 points of theory
-    for stages in stage_counts:
-        for micro in micro_batches:
-            theory = (stages - 1) / (micro + stages - 1)
-            cells = {}
-            for schedule in ("GPipe", "1F1B"):
-                measured = runs[(stages, micro, schedule)]
-                bubbles = [bubble for bubble, _, _ in measured]
-                median = statistics.median(bubbles)
-                cells[schedule] = (f"{median:.1%}" + (f" ({min(bubbles):.1%}-{max(bubbles):.1%})" if len(bubbles) > 1 else ""),
-                                   statistics.median(samples for _, samples, _ in measured),
-                                   statistics.median(spread for _, _, spread in measured))
-                if micro >= 4:
-                    within.append(abs(median - theory) <= 0.05)
-            print(f"| {stages} | {micro} | {theory:.1%} | {cells['GPipe'][0]} | {cells['1F1B'][0]} | "
-                  f"{cells['GPipe'][1]:,.0f} | {cells['1F1B'][1]:,.0f} | {cells['GPipe'][2]:.2f} / {cells['1F1B'][2]:.2f} |")
-    if within:
-        print(f"\nWithin 5 points of theory at M >= 4: {sum(within)} of {len(within)} points.")
+        # A table after every repetition: a run cut short by a deadline still leaves figures.
+        print_bubble_table(runs, stage_counts, micro_batches,
+                           f"after run {repetition + 1} of {args.repeats}" if args.repeats > 1 else "")
     widest = max(stage_counts)
     print(f"\n## Peak activation memory per stage (P={widest}): microbatches in flight and bytes\n")
     print("| M | schedule | " + " | ".join(f"stage {s}" for s in range(widest)) + " |\n|---|---|" + "---|" * widest)

@@ -178,6 +178,7 @@ JobObject jobFromJson(const json& object) {
 ObservedPod podFromJson(const json& pod) {
   ObservedPod out;
   out.name = stringAt(pod, "/metadata/name");
+  out.uid = stringAt(pod, "/metadata/uid");
   if (pod.contains("/metadata/labels"_json_pointer) && pod["metadata"]["labels"].is_object())
     for (const auto& [key, value] : pod["metadata"]["labels"].items())
       if (value.is_string()) out.labels[key] = value.get<std::string>();
@@ -204,6 +205,7 @@ ObservedPod podFromJson(const json& pod) {
       if (!worker.empty() && container.value("name", "") != worker) continue;
       out.waitingReason = stringAt(container, "/state/waiting/reason");
       out.waitingMessage = stringAt(container, "/state/waiting/message");
+      out.startedAt = timeAt(container, "/state/running/startedAt");
       const json::json_pointer terminated("/state/terminated");
       if (container.contains(terminated)) {
         const json& state = container.at(terminated);
@@ -269,6 +271,7 @@ void trimNode(json& node) {
 ObservedChild childFromJson(const json& object) {
   ObservedChild out;
   out.name = stringAt(object, "/metadata/name");
+  out.uid = stringAt(object, "/metadata/uid");
   out.controllerUid = controllerUidOf(object);
   out.deletionTimestamp = timeAt(object, "/metadata/deletionTimestamp");
   return out;

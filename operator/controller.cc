@@ -305,14 +305,23 @@ std::optional<Clock::time_point> Controller::secretRecreatedAt(const JobObject& 
   const auto recreated = secretsRecreated_.find(jobKey(job.nameSpace, job.name));
   if (recreated == secretsRecreated_.end()) return std::nullopt;
   const auto& [uid, when] = recreated->second;
-  if (uid == job.uid && Clock::now() - when < kSecretRecreationSettle) return when;
+  if (uid == job.uid && Clock::now() - when < kSecretRecreationMemory) return when;
   secretsRecreated_.erase(recreated);
   return std::nullopt;
 }
 
+void Controller::forgetSecrets(const std::string& key) {
+  std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
+  secretsCreated_.erase(key);
+  secretsRecreated_.erase(key);
+}
+
 Status Controller::reconcileKey(const std::string& key) {
   const auto object = jobs_->get(key);
-  if (!object) return Status::Ok();  // deleted: owner references let the garbage collector remove the rest
+  if (!object) {  // deleted: owner references let the garbage collector remove the rest
+    forgetSecrets(key);
+    return Status::Ok();
+  }
   // Once started, a job trains by the spec in its ConfigMap; only runPolicy edits apply.
   json effective = *object;
   std::string ignoredEdits;
@@ -340,8 +349,9 @@ Status Controller::reconcileKey(const std::string& key) {
 }
 
 Status Controller::createChild(const kube::Resource& resource, const JobObject& job, const json& object,
-                               Informer* cache) {
+                               Informer* cache, bool* madeAnew) {
   auto created = client_.create(resource.collectionPath(job.nameSpace), object);
+  if (madeAnew != nullptr) *madeAnew = created.ok();
   if (!created.ok()) {
     // Already there (an earlier pass, or another replica before it lost the lease): nothing to do.
     if (kube::isAlreadyExists(created.status())) return Status::Ok();
@@ -354,11 +364,15 @@ Status Controller::createChild(const kube::Resource& resource, const JobObject& 
   return Status::Ok();
 }
 
-Status Controller::deletePod(const JobObject& job, const std::string& name, std::optional<int64_t> grace) {
+Status Controller::deletePod(const JobObject& job, const std::string& name, const std::string& uid,
+                             std::optional<int64_t> grace) {
   kube::DeleteOptions options;
   options.gracePeriodSeconds = grace;
+  options.preconditionUid = uid;
   auto deleted = client_.remove(resources::kPods.objectPath(job.nameSpace, name), options);
-  if (!deleted.ok()) return kube::isNotFound(deleted.status()) ? Status::Ok() : deleted.status();
+  // 404: gone already. 409: the uid precondition failed, a newer pod holds the name (the next pass sees it).
+  if (!deleted.ok())
+    return kube::isNotFound(deleted.status()) || kube::isConflict(deleted.status()) ? Status::Ok() : deleted.status();
   json pod = std::move(deleted).value();
   if (pod.value("kind", "") == "Pod") {
     // Mark it terminating in the cache at once, so that the next pass waits for it instead of deleting again.
@@ -434,11 +448,13 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
     } else if (const auto* secret = std::get_if<CreateSecret>(&action)) {
       // Created, or there already (409): its name holds the job's uid, so it is ours either way. Until
       // the ConfigMap after it is seen, the next pass must not create it again (observe).
-      TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr));
+      bool madeAnew = false;
+      TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr, &madeAnew));
       std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
-      if (secret->recreation)
-        secretsRecreated_[jobKey(job.nameSpace, job.name)] = {job.uid, Clock::now()};
-      else
+      if (secret->recreation) {
+        // Only a Secret made anew has a new token (409: it was there, the pods' waits were stale).
+        if (madeAnew) secretsRecreated_[jobKey(job.nameSpace, job.name)] = {job.uid, Clock::now()};
+      } else
         secretsCreated_[jobKey(job.nameSpace, job.name)] = job.uid;
     } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
@@ -449,16 +465,21 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
       --i;
       TANDEM_RETURN_IF_ERROR(createGang(job, gang));
     } else if (const auto* remove = std::get_if<DeletePod>(&action)) {
-      TANDEM_RETURN_IF_ERROR(deletePod(job, remove->name, remove->force ? std::optional<int64_t>(0) : remove->gracePeriodSeconds));
+      TANDEM_RETURN_IF_ERROR(deletePod(job, remove->name, remove->uid, remove->force ? std::optional<int64_t>(0) : remove->gracePeriodSeconds));
     } else if (const auto* generation = std::get_if<DeleteGeneration>(&action)) {
       TANDEM_RETURN_IF_ERROR(parallelFor(generation->podNames.size(), options_.createParallelism, [&](size_t index) {
-        return deletePod(job, generation->podNames[index], std::nullopt);
+        const std::string uid = index < generation->podUids.size() ? generation->podUids[index] : std::string();
+        return deletePod(job, generation->podNames[index], uid, std::nullopt);
       }));
     } else if (const auto* child = std::get_if<DeleteChild>(&action)) {
       const kube::Resource& resource =
           child->kind == ChildKind::kService ? resources::kServices : resources::kConfigMaps;
-      auto deleted = client_.remove(resource.objectPath(job.nameSpace, child->name));
-      if (!deleted.ok() && !kube::isNotFound(deleted.status())) return deleted.status();
+      kube::DeleteOptions options;
+      options.preconditionUid = child->uid;
+      auto deleted = client_.remove(resource.objectPath(job.nameSpace, child->name), options);
+      // 409: the uid precondition failed, another object holds the name now (not ours: it stays).
+      if (!deleted.ok() && !kube::isNotFound(deleted.status()) && !kube::isConflict(deleted.status()))
+        return deleted.status();
     } else if (std::holds_alternative<DeleteJob>(action)) {
       kube::DeleteOptions options;
       options.propagationPolicy = "Background";

@@ -144,12 +144,12 @@ class JobReconciler {
     }
     if (status_.phase == JobPhase::kSuspended) resume();
     if (deadlinePassed()) return finished();
-    if (recreateDeletedSecret()) return finish();
     if (std::optional<Failure> failure = rootFailure()) {
       if (waitForSilentPeerCause(*failure) || waitForUnreachableNode(*failure)) return finish();
       handleFailure(*failure);
       return isFinished(status_.phase) ? finished() : finish();
     }
+    if (recreateDeletedSecret()) return finish();
     createMissingWorkers();
     phaseFromPods();
     return isFinished(status_.phase) ? finished() : finish();
@@ -190,7 +190,7 @@ class JobReconciler {
   void deletePod(const ObservedPod& pod, std::string why) {
     if (pod.terminating() || deleting_.count(pod.name)) return;
     deleting_.insert(pod.name);
-    deletions_.push_back(DeletePod{pod.name, std::nullopt, false, std::move(why)});
+    deletions_.push_back(DeletePod{pod.name, std::nullopt, false, std::move(why), pod.uid});
   }
 
   void event(EventType type, std::string reason, std::string message) {
@@ -252,7 +252,7 @@ class JobReconciler {
                               pod.nodeName + " (bound " + secondsText(bound) + ")";
       deleting_.insert(pod.name);
       forceDeleted_.insert(pod.name);
-      deletions_.push_back(DeletePod{pod.name, 0, true, why});
+      deletions_.push_back(DeletePod{pod.name, 0, true, why, pod.uid});
       event(EventType::kWarning, reasons::kForceDeleted, "pod " + pod.name + " " + why + ": force-deleted");
     }
   }
@@ -365,45 +365,51 @@ class JobReconciler {
   // A Secret deleted by hand: the operator may not read Secrets and learns it from the kubelet, which cannot
   // start a worker whose token it names (CreateContainerConfigError, `secret "<name>" not found`, or
   // `secrets "<name>"` from a kubelet that asks the API server). The Secret is created again with a new
-  // token. Workers that already run hold the old one, and a gang split across two tokens refuses itself
-  // at the rendezvous (a permanent error): if any current pod has started, the gang restarts, counted
-  // nowhere, as a suspension is. True when it did (the plan is then complete).
+  // token. Workers that already run may hold the old one, and a gang split across two tokens refuses
+  // itself at the rendezvous (a permanent error): if any current worker started before the Secret was
+  // created again (before now, when this operator has not), the gang restarts, counted nowhere, as a
+  // suspension is. Runs after failure handling: a failed worker restarts the gang by its own rules.
+  // True when it restarted (the plan is then complete).
   bool recreateDeletedSecret() {
     if (rendezvousSecret_.empty()) return false;
     const std::string notFound = "\"" + rendezvousSecret_ + "\" not found";
+    const std::optional<Clock::time_point> recreatedAt = observed_.rendezvousSecretRecreatedAt;
     std::string waiting;  // the first worker that waits for it
-    bool started = false;
+    bool oldToken = false;
     for (const ObservedPod* pod : current_) {
-      if (pod == nullptr) continue;
+      if (pod == nullptr || pod->terminating()) continue;
       if (pod->waitingReason == "CreateContainerConfigError" && pod->waitingMessage.find("secret") != std::string::npos &&
           pod->waitingMessage.find(notFound) != std::string::npos) {
         if (waiting.empty()) waiting = pod->name;
-      } else if (pod->phase != PodPhase::kPending) {
-        started = true;
+      } else if (pod->phase == PodPhase::kRunning) {
+        oldToken |= !recreatedAt || !pod->startedAt || *pod->startedAt < *recreatedAt;
       }
     }
     if (waiting.empty()) return false;
-    // Just created again: the kubelet has not retried yet (its retries back off), and whoever started
-    // since read the new token.
-    if (observed_.rendezvousSecretRecreatedAt && now_ - *observed_.rendezvousSecretRecreatedAt < kSecretRecreationSettle) {
-      requeueIn(*observed_.rendezvousSecretRecreatedAt + kSecretRecreationSettle - now_);
+    // Just created again: the kubelet has not retried yet (its retries back off).
+    if (recreatedAt && now_ - *recreatedAt < kSecretRecreationSettle) {
+      requeueIn(*recreatedAt + kSecretRecreationSettle - now_);
       return false;
     }
-    for (const auto& creation : childCreations_)  // ensureChildren's, with a missing ConfigMap
-      if (const auto* secret = std::get_if<CreateSecret>(&creation); secret != nullptr && secret->name == rendezvousSecret_)
+    const bool queued = std::any_of(childCreations_.begin(), childCreations_.end(), [&](const Action& creation) {
+      const auto* secret = std::get_if<CreateSecret>(&creation);  // ensureChildren's, with a missing ConfigMap
+      return secret != nullptr && secret->name == rendezvousSecret_;
+    });
+    if (!queued) {
+      if (options_.rendezvousToken.empty()) {
+        missingToken_ = true;
+        event(EventType::kWarning, reasons::kMissingRendezvousToken,
+              "Secret " + rendezvousSecret_ + " is missing (worker " + waiting +
+                  " cannot start) and no token was supplied to create it again");
         return false;
-    if (options_.rendezvousToken.empty()) {
-      missingToken_ = true;
-      event(EventType::kWarning, reasons::kMissingRendezvousToken,
-            "Secret " + rendezvousSecret_ + " is missing (worker " + waiting +
-                " cannot start) and no token was supplied to create it again");
-      return false;
+      }
+      childCreations_.push_back(CreateSecret{rendezvousSecret_,
+                                             buildSecret(job_, rendezvousSecret_, options_.rendezvousToken),
+                                             /*recreation=*/true});
     }
-    childCreations_.push_back(CreateSecret{rendezvousSecret_, buildSecret(job_, rendezvousSecret_, options_.rendezvousToken),
-                                           /*recreation=*/true});
     const std::string missing = "Secret " + rendezvousSecret_ + " is missing (deleted?): worker " + waiting +
                                 " cannot start; creating it again with a new token";
-    if (!started) {
+    if (!oldToken) {
       event(EventType::kWarning, reasons::kRendezvousSecretRecreated, missing);
       return false;
     }
@@ -437,6 +443,7 @@ class JobReconciler {
       if (pod == nullptr || pod->terminating() || deleting_.count(pod->name)) continue;
       deleting_.insert(pod->name);
       action.podNames.push_back(pod->name);
+      action.podUids.push_back(pod->uid);
     }
     if (!action.podNames.empty()) deletions_.push_back(std::move(action));
     ++status_.generation;
@@ -671,14 +678,14 @@ class JobReconciler {
         for (const ObservedPod* pod : current_)
           if (pod != nullptr) deletePod(*pod, why);
         for (const ObservedPod* pod : stale_) deletePod(*pod, why);
-        if (ownChild(observed_.services, serviceName(job_.name)))
-          deletions_.push_back(DeleteChild{ChildKind::kService, serviceName(job_.name)});
-        if (ownConfigMap() != nullptr)
-          deletions_.push_back(DeleteChild{ChildKind::kConfigMap, configMapName(job_.name)});
+        if (const ObservedService* service = ownChild(observed_.services, serviceName(job_.name)))
+          deletions_.push_back(DeleteChild{ChildKind::kService, service->name, service->uid});
+        if (const ObservedConfigMap* configMap = ownConfigMap())
+          deletions_.push_back(DeleteChild{ChildKind::kConfigMap, configMap->name, configMap->uid});
         deleteJob_ = DeleteJob{why};
         event(EventType::kNormal, reasons::kTtlExpired,
-              why + " since completion: deleting the job, its pods, Service and ConfigMap (its Secret goes with "
-                    "the job)");
+              why + " since completion: deleting the job and the pods, Service and ConfigMap it controls (its "
+                    "Secret goes with the job)");
       }
     }
     return finish();

@@ -276,6 +276,8 @@ class PodRunner:
             seen[item["metadata"]["uid"]] = item
         for uid in [uid for uid in self._pods if uid not in seen]:
             self._forget(self._pods[uid], "vanished from the API")
+        for uid in [uid for uid in self._waiting if uid not in seen]:
+            del self._waiting[uid]
         for pod in seen.values():
             try:
                 self._sync_pod(pod)

@@ -271,6 +271,26 @@ class OperatorEndToEnd(OperatorTestCase):
         job = self.job(ns, "lost")
         self.assertEqual(job["status"]["restarts"], 1, job["status"])  # the kill's; the wait for the Secret is free
 
+    def test_ttl_deletes_the_finished_job_and_what_it_controls_but_not_a_users_service(self):
+        # A headless Service of the job's name that a user made serves the workers (it is not created
+        # again) and stays the user's. Every delete of the clean-up names the uid the operator saw (a
+        # precondition the real API server checks): a refused one would stop the plan before the job's.
+        ns = self.namespace("ttl")
+        service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "brief"},
+                   "spec": {"clusterIP": "None", "selector": {"tandem.dev/job": "brief"}}}
+        status, body = self.kube.request("POST", f"/api/v1/namespaces/{ns}/services", service)
+        self.assertEqual(status, 201, body)
+        service_uid = body["metadata"]["uid"]
+        self.create_job(ns, synthetic_job("brief", workers=2, epochs=1,
+                                          runPolicy={"ttlSecondsAfterFinished": 4, "cleanPodPolicy": "None"}))
+        self.wait_phase(ns, "brief", "Succeeded", 180, self.operator)
+        self.wait_for(lambda: self.job(ns, "brief") is None, 60, "the job deleted once its TTL elapsed", interval=0.5)
+        self.wait_for(lambda: not self.children(ns, "brief"), 60, "its pods, Secret and ConfigMap gone", interval=0.5)
+        status, body = self.kube.request("GET", f"/api/v1/namespaces/{ns}/services/brief")
+        self.assertEqual(status, 200, "the user's Service was deleted with the job")
+        self.assertEqual(body["metadata"]["uid"], service_uid)
+        self.assertIn("TTLExpired", self.event_reasons(ns, "brief"))
+
     def test_spec_edits_of_a_started_job_are_ignored_except_run_policy(self):
         ns = self.namespace("edit")
         self.create_job(ns, synthetic_job("edited", workers=2, epochs=1000))

@@ -889,7 +889,7 @@ TEST(ApiConvert, StatusRoundTripsAndMergeKeepsForeignFields) {
 TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
   using namespace operator_core;
   const json pod = json::parse(R"({
-    "metadata": {"name": "j-worker-1", "labels": {"tandem.dev/job": "j", "tandem.dev/rank": "1"},
+    "metadata": {"name": "j-worker-1", "uid": "pod-uid", "labels": {"tandem.dev/job": "j", "tandem.dev/rank": "1"},
                  "ownerReferences": [{"uid": "other", "kind": "ReplicaSet", "controller": false},
                                      {"uid": "job-uid", "kind": "DistributedTrainingJob", "controller": true}],
                  "creationTimestamp": "2026-11-27T04:00:00Z", "deletionTimestamp": "2026-11-27T04:10:00Z"},
@@ -902,6 +902,7 @@ TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
                                                                                   "finishedAt": "2026-11-27T04:05:00Z"}}}]}})");
   const ObservedPod observed = podFromJson(pod);
   EXPECT_EQ(observed.name, "j-worker-1");
+  EXPECT_EQ(observed.uid, "pod-uid");  // each delete's precondition
   EXPECT_EQ(observed.labels.at("tandem.dev/rank"), "1");
   EXPECT_EQ(observed.controllerUid, "job-uid");
   EXPECT_EQ(observed.controllerKind, "DistributedTrainingJob");
@@ -930,6 +931,22 @@ TEST(ApiConvert, PodsCarryExitCodesDisruptionsAndNodeLoss) {
                                        "message": "secret \"j-rendezvous-uid\" not found"}}}]}})"));
   EXPECT_EQ(waiting.waitingReason, "CreateContainerConfigError");
   EXPECT_EQ(waiting.waitingMessage, "secret \"j-rendezvous-uid\" not found");
+  EXPECT_FALSE(waiting.startedAt.has_value());
+  const ObservedPod running = podFromJson(json::parse(R"({"metadata": {"name": "j-worker-0"},
+    "status": {"phase": "Running", "containerStatuses": [{"state": {"running": {"startedAt": "2026-11-27T04:01:00Z"}}}]}})"));
+  EXPECT_EQ(running.startedAt, parseTime("2026-11-27T04:01:00Z"));
+  EXPECT_TRUE(running.waitingReason.empty());
+}
+
+TEST(ApiConvert, ChildrenCarryTheirUidAndTheirController) {
+  using namespace operator_core;
+  const ObservedChild child = childFromJson(json::parse(R"({"metadata": {"name": "j-config", "uid": "cm-uid",
+    "deletionTimestamp": "2026-11-27T04:10:00Z",
+    "ownerReferences": [{"uid": "job-uid", "kind": "DistributedTrainingJob", "controller": true}]}})"));
+  EXPECT_EQ(child.name, "j-config");
+  EXPECT_EQ(child.uid, "cm-uid");  // TTL clean-up's delete precondition
+  EXPECT_EQ(child.controllerUid, "job-uid");
+  EXPECT_EQ(child.deletionTimestamp, parseTime("2026-11-27T04:10:00Z"));
 }
 
 TEST(ApiConvert, NodesAreUnreachableByReadyUnknownOrTheUnreachableTaint) {

@@ -103,14 +103,20 @@ Plan plan(const World& world, Clock::time_point now) {
 // Plays the executor and the API server: creations appear (pods as Pending), deletions mark the object
 // terminating (force deletion removes it), status and job deletion are recorded.
 void apply(World& world, const Plan& plan, Clock::time_point now) {
-  auto markDeleted = [&](const std::string& name) {
+  // As the API server: a delete names the uid it observed (a precondition), and that pod must be there.
+  auto deletedPod = [&](const std::string& name, const std::string& uid) -> ObservedPod* {
     for (ObservedPod& pod : world.observed.pods)
-      if (pod.name == name && !pod.deletionTimestamp) pod.deletionTimestamp = now;
+      if (pod.name == name && pod.uid == uid) return &pod;
+    ADD_FAILURE() << "delete of pod " << name << " with uid '" << uid << "': no such pod";
+    return nullptr;
+  };
+  auto markDeleted = [&](const std::string& name, const std::string& uid) {
+    if (ObservedPod* pod = deletedPod(name, uid); pod != nullptr && !pod->deletionTimestamp) pod->deletionTimestamp = now;
   };
   for (const Action& action : plan.actions) {
     if (const auto* update = std::get_if<UpdateStatus>(&action)) world.job.status = update->status;
     if (const auto* create = std::get_if<CreateService>(&action))
-      world.observed.services.push_back({{create->name, kUid, std::nullopt}});
+      world.observed.services.push_back({{create->name, kUid, std::nullopt, "uid-of-service-" + create->name}});
     if (const auto* secret = std::get_if<CreateSecret>(&action)) {
       if (secret->recreation)
         world.observed.rendezvousSecretRecreatedAt = now;  // the controller's memory of it
@@ -122,13 +128,15 @@ void apply(World& world, const Plan& plan, Clock::time_point now) {
                                      [&](const ObservedConfigMap& configMap) { return configMap.name == create->name; });
       if (!taken) {  // (else the API server answers 409, which the executor counts as done)
         world.observed.configMaps.push_back(
-            {{create->name, kUid, std::nullopt}, create->object["metadata"]["annotations"][kRendezvousSecretAnnotation]});
+            {{create->name, kUid, std::nullopt, "uid-of-configmap-" + create->name},
+             create->object["metadata"]["annotations"][kRendezvousSecretAnnotation]});
         world.observed.rendezvousSecretCreated = false;  // the controller forgets once it sees the ConfigMap
       }
     }
     if (const auto* create = std::get_if<CreatePod>(&action)) {
       ObservedPod pod;
       pod.name = create->object["metadata"]["name"].get<std::string>();
+      pod.uid = pod.name + "-g" + std::to_string(create->generation) + "-" + std::to_string(world.observed.pods.size());
       for (const auto& [key, value] : create->object["metadata"]["labels"].items()) pod.labels[key] = value.get<std::string>();
       pod.controllerUid = create->object["metadata"]["ownerReferences"][0]["uid"].get<std::string>();
       pod.phase = PodPhase::kPending;
@@ -136,15 +144,20 @@ void apply(World& world, const Plan& plan, Clock::time_point now) {
       world.observed.pods.push_back(pod);
     }
     if (const auto* remove = std::get_if<DeletePod>(&action)) {
-      if (remove->force)
-        std::erase_if(world.observed.pods, [&](const ObservedPod& pod) { return pod.name == remove->name; });
-      else
-        markDeleted(remove->name);
+      if (remove->force) {
+        if (deletedPod(remove->name, remove->uid) != nullptr)
+          std::erase_if(world.observed.pods, [&](const ObservedPod& pod) { return pod.uid == remove->uid && pod.name == remove->name; });
+      } else {
+        markDeleted(remove->name, remove->uid);
+      }
     }
-    if (const auto* remove = std::get_if<DeleteGeneration>(&action))
-      for (const std::string& name : remove->podNames) markDeleted(name);
+    if (const auto* remove = std::get_if<DeleteGeneration>(&action)) {
+      EXPECT_EQ(remove->podUids.size(), remove->podNames.size());
+      for (size_t i = 0; i < remove->podNames.size() && i < remove->podUids.size(); ++i)
+        markDeleted(remove->podNames[i], remove->podUids[i]);
+    }
     if (const auto* remove = std::get_if<DeleteChild>(&action)) {
-      auto byName = [&](const ObservedChild& child) { return child.name == remove->name; };
+      auto byName = [&](const ObservedChild& child) { return child.name == remove->name && child.uid == remove->uid; };
       if (remove->kind == ChildKind::kService) std::erase_if(world.observed.services, byName);
       if (remove->kind == ChildKind::kConfigMap) std::erase_if(world.observed.configMaps, byName);
     }
@@ -1414,10 +1427,13 @@ TEST(Reconcile, TtlAfterFinishedDeletesTheJobOnceElapsed) {
   const Plan expired = plan(world, now);
   EXPECT_EQ(deletedPodNames(expired),
             (std::set<std::string>{"fmnist-worker-0", "fmnist-worker-1", "fmnist-worker-2", "fmnist-worker-3"}));
+  // Each delete carries the uid it observed, a precondition: an object made again under the name since
+  // (by a user) is not deleted.
   std::set<std::string> children;
   for (const DeleteChild* child : expired.all<DeleteChild>())
-    children.insert(std::string(childKindName(child->kind)) + "/" + child->name);
-  EXPECT_EQ(children, (std::set<std::string>{"Service/fmnist", "ConfigMap/fmnist-config"}));
+    children.insert(std::string(childKindName(child->kind)) + "/" + child->name + "@" + child->uid);
+  EXPECT_EQ(children, (std::set<std::string>{"Service/fmnist@uid-of-service-fmnist",
+                                             "ConfigMap/fmnist-config@uid-of-configmap-fmnist-config"}));
   EXPECT_EQ(expired.all<DeleteJob>().size(), 1u);
   EXPECT_EQ(eventReasons(expired), std::vector<std::string>{reasons::kTtlExpired});
   EXPECT_FALSE(expired.requeueAfter);
@@ -1654,9 +1670,11 @@ TEST(Reconcile, ASecretDeletedBeforeTheGangStartedIsCreatedAgain) {
 }
 
 TEST(Reconcile, AGangPartlyStartedWithTheOldTokenRestartsWhenItsSecretIsCreatedAgain) {
-  // Ranks 0, 1 and 3 run with the old token; rank 2 was re-created (say by a restart the kubelet did) and
-  // waits for the deleted Secret. The new token would split the gang: it restarts, counted nowhere.
-  World world = runningWorld();
+  // Ranks 0, 1 and 3 started with the old token; rank 2's node was slower, and the Secret was deleted
+  // before it started. The new token would split the gang: it restarts, counted nowhere.
+  World world = makeWorld();
+  step(world, kT0);
+  for (int rank : {0, 1, 3}) livePod(world, rank).phase = PodPhase::kRunning;
   const std::string secret = std::string("fmnist-rendezvous-") + kUid;
   waitForSecret(livePod(world, 2), secret, "secrets");
   const JobStatus before = world.job.status;
@@ -1678,13 +1696,51 @@ TEST(Reconcile, AGangPartlyStartedWithTheOldTokenRestartsWhenItsSecretIsCreatedA
   EXPECT_TRUE(created.all<CreateSecret>().empty()) << describe(created);
 }
 
+TEST(Reconcile, WorkersThatStartedAfterTheSecretWasCreatedAgainHoldTheNewToken) {
+  // A minute after the re-creation rank 2 still waits (a kubelet that caches Secrets retries late), while
+  // ranks 0, 1 and 3 started after it: the Secret is created again (made anew only if it is gone), but the
+  // gang, all on the new token, is not restarted. A rank that started before it would restart the gang.
+  World world = makeWorld();
+  step(world, kT0);
+  const std::string secret = std::string("fmnist-rendezvous-") + kUid;
+  world.observed.rendezvousSecretRecreatedAt = kT0 + seconds(10);
+  for (int rank : {0, 1, 3}) {
+    livePod(world, rank).phase = PodPhase::kRunning;
+    livePod(world, rank).startedAt = kT0 + seconds(12);
+  }
+  waitForSecret(livePod(world, 2), secret);
+  const Plan late = plan(world, kT0 + seconds(75));
+  ASSERT_EQ(late.all<CreateSecret>().size(), 1u) << describe(late);
+  EXPECT_TRUE(late.all<DeleteGeneration>().empty()) << describe(late);
+  livePod(world, 3).startedAt = kT0 + seconds(5);
+  const Plan split = plan(world, kT0 + seconds(75));
+  EXPECT_EQ(split.all<DeleteGeneration>().size(), 1u) << describe(split);
+  EXPECT_EQ(split.status.phase, JobPhase::kRestarting);
+}
+
+TEST(Reconcile, AFailedWorkerBesideOneWaitingForTheSecretRestartsByTheFailureRules) {
+  // Rank 1 exited permanently under restartPolicy Never while rank 2 waits for the deleted Secret: the
+  // job fails for rank 1's exit, not restarted (uncounted) for the Secret.
+  JobOptions options;
+  options.restartPolicy = "Never";
+  World world = runningWorld(options);
+  exitWith(livePod(world, 1), 2);
+  waitForSecret(livePod(world, 2), std::string("fmnist-rendezvous-") + kUid);
+  const Plan result = plan(world, kT0 + seconds(70));
+  EXPECT_EQ(result.status.phase, JobPhase::kFailed) << describe(result);
+  EXPECT_TRUE(result.all<DeleteGeneration>().empty()) << describe(result);
+  EXPECT_EQ(findEvent(result, reasons::kRendezvousSecretRecreated), nullptr) << describe(result);
+}
+
 TEST(Reconcile, OnlyTheJobsOwnMissingSecretIsCreatedAgain) {
   World world = makeWorld();
   step(world, kT0);
   // Another Secret the user's template reads, and an image that cannot be pulled: not ours to create.
   waitForSecret(livePod(world, 0), "registry-credentials");
   livePod(world, 1).waitingReason = "ImagePullBackOff";
-  livePod(world, 1).waitingMessage = std::string("Back-off pulling image \"fmnist-rendezvous-") + kUid + "\" not found";
+  livePod(world, 1).waitingMessage = std::string("secret \"fmnist-rendezvous-") + kUid + "\" not found";
+  livePod(world, 2).waitingReason = "CreateContainerConfigError";  // a ConfigMap of the same name
+  livePod(world, 2).waitingMessage = std::string("configmap \"fmnist-rendezvous-") + kUid + "\" not found";
   EXPECT_TRUE(plan(world, kT0 + seconds(30)).all<CreateSecret>().empty());
   // A job an earlier operator started reads <job>-rendezvous: that is the one created again.
   World legacy = makeWorld();

@@ -65,18 +65,23 @@ class Controller {
   Observed observe(const JobObject& job) const;
   // Whether this operator created the job's Secret and has not seen its ConfigMap since (then forgets it).
   bool secretCreatedSinceConfigMap(const JobObject& job, const Observed& observed);
-  // When this operator created the job's deleted Secret again, within kSecretRecreationSettle (then forgets).
+  // When this operator made the job's deleted Secret anew, within kSecretRecreationMemory (then forgets).
   std::optional<Clock::time_point> secretRecreatedAt(const JobObject& job);
+  // A deleted job's entries in both Secret memories (they would otherwise stay until a job of its name).
+  void forgetSecrets(const std::string& key);
   Status execute(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan);
   // The plan's actions in order, stopping at the first failure; statusWritten: its UpdateStatus landed.
   Status executeActions(const JobObject& job, const nlohmann::json& jobJson, const Plan& plan, bool& statusWritten);
+  // madeAnew (optional): set when the API server created it (false when it was already there: 409).
   Status createChild(const kube::Resource& resource, const JobObject& job, const nlohmann::json& object,
-                     Informer* cache);
+                     Informer* cache, bool* madeAnew = nullptr);
   Status createGang(const JobObject& job, const std::vector<const CreatePod*>& gang);
   // A create the API server refused (quota, admission, validation): a Warning Event, since the job's
   // status cannot say why it makes no progress. Retries of the same refusal aggregate into one Event.
   void reportRefusedCreate(const JobObject& job, const std::string& what, const Status& status);
-  Status deletePod(const JobObject& job, const std::string& name, std::optional<int64_t> grace);
+  // uid (empty: none) is a precondition: the API server refuses (409) to delete a newer pod of the name.
+  Status deletePod(const JobObject& job, const std::string& name, const std::string& uid,
+                   std::optional<int64_t> grace);
   void emitEvent(const JobObject& job, const EmitEvent& event);
   // True once per job uid and metadata.generation: one SpecChangeIgnored Event per edit, not per pass.
   bool firstWarningOf(const JobObject& job);

@@ -19,6 +19,7 @@ const char* podPhaseName(PodPhase phase);
 
 struct ObservedPod {
   std::string name;
+  std::string uid;
   std::map<std::string, std::string> labels;  // tandem.dev/job, tandem.dev/rank, tandem.dev/generation
   std::string controllerUid;  // uid of the ownerReference with controller=true; empty when none
   std::string controllerKind;  // its kind (DistributedTrainingJob for ours and a deleted namesake's)
@@ -37,6 +38,7 @@ struct ObservedPod {
   // `secret "<name>" not found` says the Secret its token comes from is gone.
   std::string waitingReason;
   std::string waitingMessage;
+  std::optional<Clock::time_point> startedAt;  // state.running.startedAt: when it read its token
   bool nodeUnreachable = false;  // its node's Ready condition is Unknown (node.kubernetes.io/unreachable)
   // When that node stopped reporting, read from the Node; unset when only the pod's status.reason
   // (NodeLost) said so.
@@ -52,6 +54,7 @@ struct ObservedChild {
   std::string name;
   std::string controllerUid;
   std::optional<Clock::time_point> deletionTimestamp;
+  std::string uid;
 };
 struct ObservedService : ObservedChild {};
 struct ObservedConfigMap : ObservedChild {
@@ -64,12 +67,13 @@ struct Observed {
   std::vector<ObservedConfigMap> configMaps;
   // This operator created the job's Secret (or found it there) and has not seen its ConfigMap since.
   bool rendezvousSecretCreated = false;
-  // When this operator last created the job's deleted Secret again, for kSecretRecreationSettle: until
-  // then pods may still show the kubelet's earlier wait for it, and a worker that started since read the
-  // new token.
+  // When this operator last made the job's deleted Secret anew (remembered kSecretRecreationMemory): a
+  // worker that started since read the new token, and for kSecretRecreationSettle pods may still show the
+  // kubelet's earlier wait for it.
   std::optional<Clock::time_point> rendezvousSecretRecreatedAt;
 };
 
 inline constexpr std::chrono::seconds kSecretRecreationSettle{60};
+inline constexpr std::chrono::minutes kSecretRecreationMemory{10};
 
 }  // namespace tandem::operator_core

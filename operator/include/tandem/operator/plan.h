@@ -46,6 +46,9 @@ struct DeletePod {
   // Grace 0 and no wait for the kubelet: for pods stuck terminating on an unreachable node.
   bool force = false;
   std::string why;
+  // The observed pod's uid, a precondition of the delete: pod names repeat across generations, and a
+  // stale view must not delete the next gang's pod of the same name.
+  std::string uid;
 };
 
 // Deletes every pod of one generation (labels tandem.dev/job=<job>, tandem.dev/generation=<n>); podNames
@@ -54,6 +57,7 @@ struct DeleteGeneration {
   int64_t generation = 0;
   std::vector<std::string> podNames;
   std::string why;
+  std::vector<std::string> podUids;  // podNames[i]'s uid, a precondition of its delete (as DeletePod's)
 };
 
 enum class ChildKind { kService, kConfigMap };  // (Secrets go with their job: the operator may not delete them)
@@ -61,6 +65,9 @@ const char* childKindName(ChildKind kind);
 struct DeleteChild {
   ChildKind kind = ChildKind::kService;
   std::string name;
+  // The observed object's uid, a precondition of the delete: one made again under the name since (by a
+  // user, say) is not ours and stays.
+  std::string uid;
 };
 // Deletes the DistributedTrainingJob itself (ttlSecondsAfterFinished elapsed).
 struct DeleteJob {
