@@ -11,8 +11,9 @@ A background thread lists every pod about five times a second and:
   root), together with a runner-wide hosts file
   over /etc/hosts that names every live pod the way cluster DNS would (`<hostname>.<subdomain>.<ns>.svc`);
 - writes pod status (Running, then Succeeded/Failed with the exit code) through pods/status; a pod whose
-  Secret or ConfigMap does not exist stays Pending, waiting in CreateContainerConfigError with the kubelet's
-  words (`secret "<name>" not found`), and starts once it does;
+  Secret or ConfigMap (or key) does not exist stays Pending, its container waiting in
+  CreateContainerConfigError (environment) or ContainerCreating (volumes) with the kubelet's words
+  (`secret "<name>" not found`), and starts once it does;
 - on deletion sends SIGTERM to the pod's process group, SIGKILL after the grace period, and then finalises
   the deletion; a pod that vanished from the API (force-deleted) has its process killed at once.
 
@@ -97,9 +98,11 @@ class ConfigError(RuntimeError):
 
 
 class MissingObject(ConfigError):
-    """A Secret or ConfigMap the pod reads does not exist (yet): like the kubelet, the runner leaves the pod
-    Pending with its container waiting in CreateContainerConfigError (`secret "<name>" not found`) and tries
-    again about once a second, starting it once the object is there."""
+    """A Secret or ConfigMap the pod reads, or a key of one, does not exist (yet): like the kubelet, the
+    runner leaves the pod Pending with its container waiting, in CreateContainerConfigError for the
+    environment (`secret "<name>" not found`, `couldn't find key <key> in Secret <ns>/<name>`) and in
+    ContainerCreating for a volume (`MountVolume.SetUp failed for volume ...`), and tries again about once
+    a second, starting it once the object is there."""
 
 
 class RunnerError(RuntimeError):
@@ -462,10 +465,10 @@ class PodRunner:
                 if ref.get("key") not in data:
                     if ref.get("optional"):
                         return None
-                    kind = "secret" if resource == "secrets" else "configmap"
-                    raise ConfigError("CreateContainerConfigError",
-                                      f"{where}: couldn't find key {ref.get('key')} in {kind} "
-                                      f"{pod['metadata']['namespace']}/{ref.get('name')}")
+                    kind = "Secret" if resource == "secrets" else "ConfigMap"
+                    raise MissingObject("CreateContainerConfigError",  # the key may yet be added
+                                        f"couldn't find key {ref.get('key')} in {kind} "
+                                        f"{pod['metadata']['namespace']}/{ref.get('name')}")
                 return data[ref["key"]]
         raise ConfigError("CreateContainerConfigError", f"{where}: unsupported valueFrom {sorted(source)}")
 
@@ -499,8 +502,12 @@ class PodRunner:
                 secret = "secret" in volume
                 spec = volume["secret" if secret else "configMap"]
                 object_name = spec.get("secretName" if secret else "name")
-                data = self._object_bytes(pod, "secrets" if secret else "configmaps", object_name,
-                                          spec.get("optional"), where) or {}  # optional and missing: empty
+                try:
+                    data = self._object_bytes(pod, "secrets" if secret else "configmaps", object_name,
+                                              spec.get("optional"), where) or {}  # optional and missing: empty
+                except MissingObject as error:  # the kubelet's volume manager retries the mount
+                    raise MissingObject("ContainerCreating",
+                                        f'MountVolume.SetUp failed for volume "{name}" : {error}') from None
                 path = os.path.join(directory, "volumes", name)
                 os.makedirs(path, exist_ok=True)
                 items = spec.get("items") or [{"key": k, "path": k} for k in data]
@@ -508,9 +515,10 @@ class PodRunner:
                     if item["key"] not in data:
                         if spec.get("optional"):
                             continue
-                        raise ConfigError("CreateContainerConfigError",
-                                          f"{where}: key {item['key']} not found in "
-                                          f"{'secret' if secret else 'configmap'} {object_name}")
+                        raise MissingObject("ContainerCreating",
+                                            f'MountVolume.SetUp failed for volume "{name}" : '
+                                            f"{'references non-existent secret' if secret else 'configmap references non-existent config'} "
+                                            f"key: {item['key']}")
                     file_path = os.path.join(path, item.get("path", item["key"]))
                     os.makedirs(os.path.dirname(file_path), exist_ok=True)
                     with open(file_path, "wb") as f:

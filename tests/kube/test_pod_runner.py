@@ -17,6 +17,7 @@ from pod_runner import PodRunner
 NS = "default"
 PODS = f"/api/v1/namespaces/{NS}/pods"
 SECRETS = f"/api/v1/namespaces/{NS}/secrets"
+CONFIGMAPS = f"/api/v1/namespaces/{NS}/configmaps"
 TIMEOUT = 30
 
 
@@ -85,7 +86,7 @@ class PodRunnerTest(kube_fixture.KubeTestCase):
         self.create(f"/api/v1/namespaces/{NS}/secrets", {
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "env-secret"},
             "data": {"token": base64.b64encode(b"s3cret").decode()}})
-        self.create(f"/api/v1/namespaces/{NS}/configmaps", {
+        self.create(CONFIGMAPS, {
             "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "env-config"},
             "data": {"job.yaml": "workers: 2\n", "other": "x"}})
         mount = os.path.join(self.temporary_directory("tandem-runner-test-"), "config")
@@ -129,32 +130,56 @@ class PodRunnerTest(kube_fixture.KubeTestCase):
         # The mount lived only in the pod's private mount namespace.
         self.assertEqual(os.listdir(mount), [])
 
-    def test_missing_secret_key_fails_the_pod_naming_it(self):
+    def wait_waiting(self, name, reason):
+        """The pod, once Pending with its container waiting for `reason`; asserts it is still so after a retry."""
+        def waiting():
+            pod = self.get_pod(name) or {}
+            states = [s["state"].get("waiting", {}) for s in pod.get("status", {}).get("containerStatuses", [])]
+            return pod if states and states[0].get("reason") == reason else None
+        pod = self.wait_for(waiting, TIMEOUT, f"pod {name} never waited in {reason}")
+        self.assertEqual(pod["status"]["phase"], "Pending")
+        time.sleep(1.5)  # tried again at least once: still waiting, not failed
+        self.assertEqual(self.get_pod(name)["status"]["phase"], "Pending")
+        return pod
+
+    def test_a_missing_secret_key_keeps_the_pod_waiting_until_it_is_added(self):
         self.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keyless", "namespace": NS},
                               "stringData": {"other": "x"}})
         self.create(PODS, pod_manifest(
-            "bad-ref", ["true"],
+            "bad-ref", ["/bin/sh", "-c", 'echo "X=$X"'],
             env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "keyless", "key": "k"}}}]))
-        pod = self.wait_phase("bad-ref", ("Failed",))
-        self.assertEqual(pod["status"]["reason"], "CreateContainerConfigError")
-        self.assertIn("couldn't find key k in secret default/keyless", pod["status"]["message"])
-        self.assertIn("default/bad-ref", pod["status"]["message"])
+        pod = self.wait_waiting("bad-ref", "CreateContainerConfigError")
+        self.assertEqual(pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"],
+                         "couldn't find key k in Secret default/keyless")
+        status, body = self.kube.request("PATCH", f"{SECRETS}/keyless", {"stringData": {"k": "added"}},
+                                         content_type="application/merge-patch+json")
+        self.assertEqual(status, 200, body)
+        self.wait_phase("bad-ref", ("Succeeded",))
+        self.assertIn("X=added", self.runner.log_of(NS, "bad-ref"))
+
+    def test_a_missing_config_map_volume_keeps_the_pod_creating_until_it_is_created(self):
+        # The kubelet's volume manager retries the mount: ContainerCreating, not a config error.
+        self.create(PODS, pod_manifest(
+            "unmounted", ["/bin/sh", "-c", "cat /etc/late/job.yaml"],
+            volumes=[{"name": "config", "configMap": {"name": "late-config"}}],
+            volumeMounts=[{"name": "config", "mountPath": "/etc/late"}]))
+        pod = self.wait_waiting("unmounted", "ContainerCreating")
+        self.assertEqual(pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"],
+                         'MountVolume.SetUp failed for volume "config" : configmap "late-config" not found')
+        self.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                 "metadata": {"name": "late-config", "namespace": NS},
+                                 "data": {"job.yaml": "arrived: true"}})
+        self.wait_phase("unmounted", ("Succeeded",))
+        self.assertIn("arrived: true", self.runner.log_of(NS, "unmounted"))
 
     def test_a_missing_secret_keeps_the_pod_waiting_until_it_is_created(self):
         # As the kubelet does: Pending, the container waiting with the kubelet's words; then it starts.
         self.create(PODS, pod_manifest(
             "early", ["/bin/sh", "-c", 'echo "X=$X"'],
             env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "late-secret", "key": "k"}}}]))
-        def waiting():
-            pod = self.get_pod("early") or {}
-            states = [s["state"].get("waiting", {}) for s in pod.get("status", {}).get("containerStatuses", [])]
-            return pod if states and states[0].get("reason") == "CreateContainerConfigError" else None
-        pod = self.wait_for(waiting, TIMEOUT, "pod early never waited for its Secret")
-        self.assertEqual(pod["status"]["phase"], "Pending")
+        pod = self.wait_waiting("early", "CreateContainerConfigError")
         self.assertEqual(pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"],
                          'secret "late-secret" not found')
-        time.sleep(1.5)  # tried again at least once: still waiting, not failed
-        self.assertEqual(self.get_pod("early")["status"]["phase"], "Pending")
         self.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late-secret", "namespace": NS},
                               "stringData": {"k": "arrived"}})
         self.wait_phase("early", ("Succeeded",))
@@ -245,7 +270,7 @@ class PodRunnerTest(kube_fixture.KubeTestCase):
         bin_dir = os.environ.get("TANDEM_BIN_DIR")
         if not bin_dir or not os.access(os.path.join(bin_dir, "tandem-worker"), os.X_OK):
             self.skipTest("no tandem-worker in TANDEM_BIN_DIR")
-        self.create(f"/api/v1/namespaces/{NS}/configmaps", {
+        self.create(CONFIGMAPS, {
             "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "pair-config"},
             "data": {"job.yaml": "apiVersion: tandem.dev/v1alpha1\nkind: DistributedTrainingJob\n"
                                  "metadata: {name: pair}\nspec:\n  workers: 2\n"
