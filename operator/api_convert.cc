@@ -205,7 +205,6 @@ ObservedPod podFromJson(const json& pod) {
       if (!worker.empty() && container.value("name", "") != worker) continue;
       out.waitingReason = stringAt(container, "/state/waiting/reason");
       out.waitingMessage = stringAt(container, "/state/waiting/message");
-      out.startedAt = timeAt(container, "/state/running/startedAt");
       const json::json_pointer terminated("/state/terminated");
       if (container.contains(terminated)) {
         const json& state = container.at(terminated);

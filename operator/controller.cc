@@ -305,7 +305,7 @@ std::optional<Clock::time_point> Controller::secretRecreatedAt(const JobObject& 
   const auto recreated = secretsRecreated_.find(jobKey(job.nameSpace, job.name));
   if (recreated == secretsRecreated_.end()) return std::nullopt;
   const auto& [uid, when] = recreated->second;
-  if (uid == job.uid && Clock::now() - when < kSecretRecreationMemory) return when;
+  if (uid == job.uid && Clock::now() - when < kSecretRecreationSettle) return when;
   secretsRecreated_.erase(recreated);
   return std::nullopt;
 }
@@ -451,11 +451,9 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
       bool madeAnew = false;
       TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr, &madeAnew));
       std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
-      if (secret->recreation) {
-        // Only a Secret made anew has a new token (409: it was there, the pods' waits were stale).
-        if (madeAnew) secretsRecreated_[jobKey(job.nameSpace, job.name)] = {job.uid, Clock::now()};
-      } else
-        secretsCreated_[jobKey(job.nameSpace, job.name)] = job.uid;
+      secretsCreated_[jobKey(job.nameSpace, job.name)] = job.uid;  // (forgotten once the ConfigMap is seen)
+      // A re-creation settles only when the Secret was made anew (409: it was there, the waits were stale).
+      if (secret->recreation && madeAnew) secretsRecreated_[jobKey(job.nameSpace, job.name)] = {job.uid, Clock::now()};
     } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
     } else if (std::holds_alternative<CreatePod>(action)) {

@@ -365,37 +365,41 @@ class JobReconciler {
   // A Secret deleted by hand: the operator may not read Secrets and learns it from the kubelet, which cannot
   // start a worker whose token it names (CreateContainerConfigError, `secret "<name>" not found`, or
   // `secrets "<name>"` from a kubelet that asks the API server). The Secret is created again with a new
-  // token. Workers that already run may hold the old one, and a gang split across two tokens refuses
-  // itself at the rendezvous (a permanent error): if any current worker started before the Secret was
-  // created again (before now, when this operator has not), the gang restarts, counted nowhere, as a
-  // suspension is. Runs after failure handling: a failed worker restarts the gang by its own rules.
-  // True when it restarted (the plan is then complete).
+  // token. Workers that have started hold a token that is gone, and a gang split across two tokens
+  // refuses itself at the rendezvous (a permanent error): if any current worker has started, the gang
+  // restarts, counted nowhere, as a suspension is. For kSecretRecreationSettle after this operator made
+  // the Secret anew a wait is taken for the kubelet's earlier one (it retries every ten seconds or so);
+  // past it, for a new deletion: without reading Secrets the two cannot be told apart, and only taking a
+  // new deletion for a slow kubelet costs the job (a split gang), while the other way costs one restart.
+  // Runs after failure handling: a failed worker restarts the gang by its own rules. True when it
+  // restarted (the plan is then complete).
   bool recreateDeletedSecret() {
     if (rendezvousSecret_.empty()) return false;
     const std::string notFound = "\"" + rendezvousSecret_ + "\" not found";
-    const std::optional<Clock::time_point> recreatedAt = observed_.rendezvousSecretRecreatedAt;
     std::string waiting;  // the first worker that waits for it
-    bool oldToken = false;
+    bool started = false;
     for (const ObservedPod* pod : current_) {
       if (pod == nullptr || pod->terminating()) continue;
       if (pod->waitingReason == "CreateContainerConfigError" && pod->waitingMessage.find("secret") != std::string::npos &&
           pod->waitingMessage.find(notFound) != std::string::npos) {
         if (waiting.empty()) waiting = pod->name;
-      } else if (pod->phase == PodPhase::kRunning) {
-        oldToken |= !recreatedAt || !pod->startedAt || *pod->startedAt < *recreatedAt;
+      } else if (pod->phase != PodPhase::kPending) {
+        started = true;
       }
     }
     if (waiting.empty()) return false;
-    // Just created again: the kubelet has not retried yet (its retries back off).
-    if (recreatedAt && now_ - *recreatedAt < kSecretRecreationSettle) {
+    if (const auto& recreatedAt = observed_.rendezvousSecretRecreatedAt;
+        recreatedAt && now_ - *recreatedAt < kSecretRecreationSettle) {
       requeueIn(*recreatedAt + kSecretRecreationSettle - now_);
       return false;
     }
-    const bool queued = std::any_of(childCreations_.begin(), childCreations_.end(), [&](const Action& creation) {
-      const auto* secret = std::get_if<CreateSecret>(&creation);  // ensureChildren's, with a missing ConfigMap
-      return secret != nullptr && secret->name == rendezvousSecret_;
-    });
-    if (!queued) {
+    CreateSecret* queued = nullptr;  // ensureChildren's, when the ConfigMap is missing too
+    for (Action& creation : childCreations_)
+      if (auto* secret = std::get_if<CreateSecret>(&creation); secret != nullptr && secret->name == rendezvousSecret_)
+        queued = secret;
+    if (queued != nullptr) {
+      queued->recreation = true;
+    } else {
       if (options_.rendezvousToken.empty()) {
         missingToken_ = true;
         event(EventType::kWarning, reasons::kMissingRendezvousToken,
@@ -409,7 +413,7 @@ class JobReconciler {
     }
     const std::string missing = "Secret " + rendezvousSecret_ + " is missing (deleted?): worker " + waiting +
                                 " cannot start; creating it again with a new token";
-    if (!oldToken) {
+    if (!started) {
       event(EventType::kWarning, reasons::kRendezvousSecretRecreated, missing);
       return false;
     }

@@ -12,8 +12,8 @@ A background thread lists every pod about five times a second and:
   over /etc/hosts that names every live pod the way cluster DNS would (`<hostname>.<subdomain>.<ns>.svc`);
 - writes pod status (Running, then Succeeded/Failed with the exit code) through pods/status; a pod whose
   Secret or ConfigMap (or key) does not exist stays Pending, its container waiting in
-  CreateContainerConfigError (environment) or ContainerCreating (volumes) with the kubelet's words
-  (`secret "<name>" not found`), and starts once it does;
+  CreateContainerConfigError (environment, with the kubelet's words: `secret "<name>" not found`) or
+  ContainerCreating (volumes, a FailedMount Event), and starts once it does;
 - on deletion sends SIGTERM to the pod's process group, SIGKILL after the grace period, and then finalises
   the deletion; a pod that vanished from the API (force-deleted) has its process killed at once.
 
@@ -101,8 +101,9 @@ class MissingObject(ConfigError):
     """A Secret or ConfigMap the pod reads, or a key of one, does not exist (yet): like the kubelet, the
     runner leaves the pod Pending with its container waiting, in CreateContainerConfigError for the
     environment (`secret "<name>" not found`, `couldn't find key <key> in Secret <ns>/<name>`) and in
-    ContainerCreating for a volume (`MountVolume.SetUp failed for volume ...`), and tries again about once
-    a second, starting it once the object is there."""
+    ContainerCreating for a volume (no message; a FailedMount Event says `MountVolume.SetUp failed for
+    volume ...`), and tries again about once a second, starting it once the object is there. Volumes come
+    first, as with the kubelet."""
 
 
 class RunnerError(RuntimeError):
@@ -161,7 +162,8 @@ class PodRunner:
         self._lock = threading.RLock()
         self._pods = {}  # uid -> _Pod, live and finished pods still in the API
         self._latest = {}  # (namespace, name) -> the _Pod started last under that name
-        self._waiting = {}  # uid -> monotonic time of the last try, for pods waiting for a Secret or ConfigMap
+        # uid -> (monotonic time of the last try, reason, message), for pods waiting for a Secret or ConfigMap
+        self._waiting = {}
         self._stop = threading.Event()
         self._thread = None
         self._fatal = None
@@ -310,10 +312,12 @@ class PodRunner:
             elif phase in ("Succeeded", "Failed"):
                 pass
             elif meta["uid"] in self._waiting:
-                if time.monotonic() - self._waiting[meta["uid"]] >= 1.0:
+                if time.monotonic() - self._waiting[meta["uid"]][0] >= 1.0:
                     self._start(pod)
-            elif pod.get("status", {}).get("containerStatuses"):
-                # Started by an earlier runner with this node name, whose processes died with it.
+            elif any("waiting" not in status.get("state", {"waiting": {}})
+                     for status in pod.get("status", {}).get("containerStatuses") or []):
+                # Started by an earlier runner with this node name, whose processes died with it (a pod
+                # that only ever waited for a Secret or ConfigMap never ran: it is tried again).
                 self._adopt_lost(pod)
             else:
                 self._start(pod)
@@ -356,18 +360,24 @@ class PodRunner:
         pod.setdefault("status", {})["podIP"] = record.ip  # for the downward API
         try:
             container = self._first_container(pod)
+            mounts = self._volumes(pod, container, directory)  # as the kubelet: volumes, then the environment
             env = self._environment(pod, container, record)
-            mounts = self._volumes(pod, container, directory)
             argv = self._argv(pod, container, env, mounts, record.hostname)
         except MissingObject as error:
-            if record.uid not in self._waiting:
+            # The status again whenever the wait changes (a ConfigMap that arrived, a Secret that went).
+            # The kubelet's ContainerCreating has no message: the mount's failure is a FailedMount Event.
+            message = "" if error.reason == "ContainerCreating" else str(error)
+            previous = self._waiting.get(record.uid)
+            if previous is None or previous[1:] != (error.reason, str(error)):
                 self._log(f"{record.key}: waiting: {error.reason}: {error}")
-                waiting = {"waiting": {"reason": error.reason, "message": str(error)}}
+                if error.reason == "ContainerCreating":
+                    self._pod_event(pod, "Warning", "FailedMount", str(error))
+                waiting = {"waiting": {"reason": error.reason, **({"message": message} if message else {})}}
                 record.pending_status = {"phase": "Pending", "hostIP": "127.0.0.1", "startTime": _now(),
                                          "conditions": self._conditions(False, _now(), "ContainersNotReady"),
                                          "containerStatuses": self._container_status(record, False, waiting)}
                 self._send_status(record)
-            self._waiting[record.uid] = time.monotonic()
+            self._waiting[record.uid] = (time.monotonic(), error.reason, str(error))
             return
         except ConfigError as error:
             self._log(f"{record.key}: {error.reason}: {error}")
@@ -655,6 +665,18 @@ class PodRunner:
         self._send_status(record)
 
     # --- status ------------------------------------------------------------------------------------------
+
+    def _pod_event(self, pod, event_type, reason, message):
+        """An Event about the pod, from this node's kubelet."""
+        meta = pod["metadata"]
+        event = {"apiVersion": "v1", "kind": "Event",
+                 "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                 "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                                    "namespace": meta["namespace"], "uid": meta["uid"]},
+                 "type": event_type, "reason": reason, "message": message,
+                 "source": {"component": "kubelet", "host": self.node_name},
+                 "firstTimestamp": _now(), "lastTimestamp": _now(), "count": 1}
+        self._request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event, ok=(200, 201, 403, 404))
 
     def _send_status(self, record):
         path = f"/api/v1/namespaces/{record.namespace}/pods/{urllib.parse.quote(record.name)}/status"

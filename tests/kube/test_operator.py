@@ -273,8 +273,9 @@ class OperatorEndToEnd(OperatorTestCase):
 
     def test_ttl_deletes_the_finished_job_and_what_it_controls_but_not_a_users_service(self):
         # A headless Service of the job's name that a user made serves the workers (it is not created
-        # again) and stays the user's. Every delete of the clean-up names the uid the operator saw (a
-        # precondition the real API server checks): a refused one would stop the plan before the job's.
+        # again) and stays the user's: TTL clean-up deletes only what the job controls. Every delete names
+        # the uid the operator saw as a precondition; a body the real API server refused would stop the
+        # plan before the job's own delete, and the job would stay.
         ns = self.namespace("ttl")
         service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "brief"},
                    "spec": {"clusterIP": "None", "selector": {"tandem.dev/job": "brief"}}}

@@ -164,13 +164,59 @@ class PodRunnerTest(kube_fixture.KubeTestCase):
             volumes=[{"name": "config", "configMap": {"name": "late-config"}}],
             volumeMounts=[{"name": "config", "mountPath": "/etc/late"}]))
         pod = self.wait_waiting("unmounted", "ContainerCreating")
-        self.assertEqual(pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"],
-                         'MountVolume.SetUp failed for volume "config" : configmap "late-config" not found')
+        self.assertNotIn("message", pod["status"]["containerStatuses"][0]["state"]["waiting"])  # as the kubelet's
+        status, events = self.kube.request("GET", f"/api/v1/namespaces/{NS}/events?fieldSelector="
+                                                  f"involvedObject.uid%3D{pod['metadata']['uid']}")
+        self.assertEqual(status, 200, events)
+        self.assertIn(("FailedMount", 'MountVolume.SetUp failed for volume "config" : configmap "late-config" not found'),
+                      [(event["reason"], event["message"]) for event in events["items"]])
         self.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
                                  "metadata": {"name": "late-config", "namespace": NS},
                                  "data": {"job.yaml": "arrived: true"}})
         self.wait_phase("unmounted", ("Succeeded",))
         self.assertIn("arrived: true", self.runner.log_of(NS, "unmounted"))
+
+    def test_a_changed_wait_is_reported_again(self):
+        # Waiting for its volume's ConfigMap, then (it arrived) for its environment's Secret: the status
+        # follows, as the operator reads the Secret's wait from it.
+        self.create(PODS, pod_manifest(
+            "two-waits", ["/bin/sh", "-c", 'echo "X=$X"'],
+            env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "second-secret", "key": "k"}}}],
+            volumes=[{"name": "config", "configMap": {"name": "first-config"}}],
+            volumeMounts=[{"name": "config", "mountPath": "/etc/first"}]))
+        self.wait_waiting("two-waits", "ContainerCreating")
+        self.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                 "metadata": {"name": "first-config", "namespace": NS}, "data": {"a": "b"}})
+        pod = self.wait_waiting("two-waits", "CreateContainerConfigError")
+        self.assertEqual(pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"],
+                         'secret "second-secret" not found')
+        self.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "second-secret", "namespace": NS},
+                              "stringData": {"k": "v"}})
+        self.wait_phase("two-waits", ("Succeeded",))
+
+    def test_a_restarted_runner_fails_the_pods_it_ran_but_starts_those_that_only_waited(self):
+        # A node's kubelet restarted: the worker it ran is gone (Failed, 137), a pod that was waiting for its
+        # Secret never ran and still starts once the Secret is there.
+        bin_dir = os.environ.get("TANDEM_BIN_DIR")
+        node = "restarting-node"
+        first = PodRunner(self.kube, bin_dirs=[bin_dir] if bin_dir else [], node_name=node).start()
+        self.addCleanup(first.stop)
+        self.create(PODS, pod_manifest("ran", ["sleep", "600"], nodeName=node))
+        self.create(PODS, pod_manifest(
+            "waited", ["/bin/sh", "-c", 'echo "X=$X"'], nodeName=node,
+            env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "after-restart", "key": "k"}}}]))
+        self.wait_phase("ran", ("Running",))
+        self.wait_waiting("waited", "CreateContainerConfigError")
+        first.stop()
+        second = PodRunner(self.kube, bin_dirs=[bin_dir] if bin_dir else [], node_name=node).start()
+        self.addCleanup(second.stop)
+        pod = self.wait_phase("ran", ("Failed",))
+        self.assertEqual(pod["status"]["containerStatuses"][0]["state"]["terminated"]["reason"], "ContainerStatusUnknown")
+        self.assertEqual(self.get_pod("waited")["status"]["phase"], "Pending")
+        self.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "after-restart", "namespace": NS},
+                              "stringData": {"k": "v"}})
+        self.wait_phase("waited", ("Succeeded",))
+        self.assertIn("X=v", second.log_of(NS, "waited"))
 
     def test_a_missing_secret_keeps_the_pod_waiting_until_it_is_created(self):
         # As the kubelet does: Pending, the container waiting with the kubelet's words; then it starts.

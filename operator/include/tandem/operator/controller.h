@@ -65,7 +65,7 @@ class Controller {
   Observed observe(const JobObject& job) const;
   // Whether this operator created the job's Secret and has not seen its ConfigMap since (then forgets it).
   bool secretCreatedSinceConfigMap(const JobObject& job, const Observed& observed);
-  // When this operator made the job's deleted Secret anew, within kSecretRecreationMemory (then forgets).
+  // When this operator made the job's deleted Secret anew, within kSecretRecreationSettle (then forgets).
   std::optional<Clock::time_point> secretRecreatedAt(const JobObject& job);
   // A deleted job's entries in both Secret memories (they would otherwise stay until a job of its name).
   void forgetSecrets(const std::string& key);
@@ -99,7 +99,7 @@ class Controller {
   // Jobs (namespace/name -> uid) whose Secret this operator created and whose ConfigMap it has not yet
   // seen: a ConfigMap create that failed must not make the next pass create the Secret again.
   std::map<std::string, std::string> secretsCreated_;
-  // Jobs whose deleted Secret this operator created again: (uid, when).
+  // Jobs whose deleted Secret this operator made anew: (uid, when), for kSecretRecreationSettle.
   std::map<std::string, std::pair<std::string, Clock::time_point>> secretsRecreated_;
   std::mutex secretsCreatedMutex_;  // both maps
   std::set<std::string> warnedEdits_;  // "<uid>/<generation>" whose ignored edit was reported

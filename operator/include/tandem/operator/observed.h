@@ -38,7 +38,6 @@ struct ObservedPod {
   // `secret "<name>" not found` says the Secret its token comes from is gone.
   std::string waitingReason;
   std::string waitingMessage;
-  std::optional<Clock::time_point> startedAt;  // state.running.startedAt: when it read its token
   bool nodeUnreachable = false;  // its node's Ready condition is Unknown (node.kubernetes.io/unreachable)
   // When that node stopped reporting, read from the Node; unset when only the pod's status.reason
   // (NodeLost) said so.
@@ -67,13 +66,11 @@ struct Observed {
   std::vector<ObservedConfigMap> configMaps;
   // This operator created the job's Secret (or found it there) and has not seen its ConfigMap since.
   bool rendezvousSecretCreated = false;
-  // When this operator last made the job's deleted Secret anew (remembered kSecretRecreationMemory): a
-  // worker that started since read the new token, and for kSecretRecreationSettle pods may still show the
-  // kubelet's earlier wait for it.
+  // When this operator last made the job's deleted Secret anew, for kSecretRecreationSettle: pods may
+  // still show the kubelet's earlier wait for it until the kubelet tries again.
   std::optional<Clock::time_point> rendezvousSecretRecreatedAt;
 };
 
 inline constexpr std::chrono::seconds kSecretRecreationSettle{60};
-inline constexpr std::chrono::minutes kSecretRecreationMemory{10};
 
 }  // namespace tandem::operator_core

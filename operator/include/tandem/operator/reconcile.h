@@ -16,10 +16,7 @@
 //  5. The Service is created when missing (also while suspended); the Secret and, just after it, the
 //     ConfigMap that names it (kRendezvousSecretAnnotation) when the ConfigMap is missing and the job is
 //     not suspended. Secrets are not read: our ConfigMap existing is what says our Secret does. A
-//     <job>-config with no owner is not ours: the gang waits for it to go (Warning ConfigMapNameTaken). A
-//     Secret deleted by hand shows as current pods waiting in CreateContainerConfigError (`secret "<name>"
-//     not found`): it is created again with a new token, and when part of the gang had already started
-//     with the old one, the gang restarts (generation + 1, counted nowhere) so that all read the same.
+//     <job>-config with no owner is not ours: the gang waits for it to go (Warning ConfigMapNameTaken).
 //  6. spec.runPolicy.suspend: the current gang is deleted (generation + 1, counted nowhere), phase
 //     Suspended; Service, Secret, ConfigMap and checkpoints stay. Resuming resets startTime and creates
 //     the gang again; the workers resume from their checkpoint.
@@ -34,11 +31,15 @@
 //     none (like `tandem run`). A restart deletes the generation and records generation + 1 with
 //     restarts + 1, or preemptions + 1 for disruptions, which never consume backoffLimit; a counted
 //     restart beyond backoffLimit fails the job with reason BackoffLimitExceeded instead.
-//  9. Gang creation: the missing ranks of the current generation are created together, but only once no
+//  9. A Secret deleted by hand shows as current pods waiting in CreateContainerConfigError (`secret
+//     "<name>" not found`): it is created again with a new token, and when part of the gang has started
+//     (with a token that is gone) the gang restarts (generation + 1, counted nowhere) so that all read the
+//     same. For a minute after the operator made it anew a wait is taken for the kubelet's earlier one.
+// 10. Gang creation: the missing ranks of the current generation are created together, but only once no
 //     stale pod is left (old workers may still be writing their SIGTERM checkpoint, and names are
 //     reused); a pod force-deleted in the same plan counts as gone, since the executor deletes before it
 //     creates. An operator restarted half-way creates only the missing ranks.
-// 10. Phase from the pods: all running -> Running; all succeeded -> Succeeded (completionTime).
+// 11. Phase from the pods: all running -> Running; all succeeded -> Succeeded (completionTime).
 // Every phase change sets its condition (the previous one goes False) and emits an Event with the
 // condition's reason; pod creation, stale deletion and force deletion emit Events too.
 #pragma once
