@@ -1,6 +1,7 @@
 // The operator's runtime pieces that need no API server: kubeconfig loading, the REST client against a
-// local HTTP server (retries, error mapping, paging, watch streams), JSON <-> reconcile values, and the
-// work queue's semantics.
+// local HTTP server (retries, error mapping, paging, watch streams), JSON <-> reconcile values, the
+// Controller's executor over a fake API server (delete preconditions, 409 as done, the first failure
+// stopping the plan), and the work queue's semantics.
 #include <httplib.h>
 
 #include <atomic>
@@ -15,6 +16,7 @@
 #include "tandem/kube/client.h"
 #include "tandem/kube/config.h"
 #include "tandem/operator/api_convert.h"
+#include "tandem/operator/controller.h"
 #include "tandem/operator/event_recorder.h"
 #include "tandem/operator/informer.h"
 #include "tandem/operator/leader_election.h"
@@ -1034,6 +1036,144 @@ TEST(ApiConvert, JobsParseWithServerMetadataAndStatus) {
   const auto errors = jobFromJson(badTemplate).specErrors;
   ASSERT_FALSE(errors.empty());
   EXPECT_EQ(errors.front().path, "spec.template.spec.containers[0]") << errors.front().toString();
+}
+
+// ---------------------------------------------------------------------------------------------- controller
+
+// An API server for one Controller pass: lists from fixed collections (watches are quiet streams it
+// ends), answers each DELETE by the status set for its path (200 when none), and records the DELETEs
+// with their bodies in order. Status writes and Events are accepted and echoed.
+class FakeApiServer {
+ public:
+  FakeApiServer() {
+    local_.server().Get(R"(/.*)", [this](const httplib::Request& request, httplib::Response& response) {
+      if (request.get_param_value("watch") == "1") {
+        std::this_thread::sleep_for(100ms);
+        response.set_content("", "application/json");
+        return;
+      }
+      json list = {{"kind", "List"}, {"metadata", {{"resourceVersion", "10"}}}, {"items", json::array()}};
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (auto found = collections_.find(request.path); found != collections_.end()) list["items"] = found->second;
+      response.set_content(list.dump(), "application/json");
+    });
+    local_.server().Delete(R"(/.*)", [this](const httplib::Request& request, httplib::Response& response) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      deletes_.emplace_back(request.path, request.body.empty() ? json::object() : json::parse(request.body));
+      const auto answer = answers_.find(request.path);
+      response.status = answer == answers_.end() ? 200 : answer->second;
+      const std::string reason = response.status == 409 ? "Conflict" : response.status == 403 ? "Forbidden" : "";
+      response.set_content(response.status == 200 ? R"({"kind":"Status","status":"Success"})"
+                                                  : json{{"kind", "Status"}, {"status", "Failure"}, {"reason", reason},
+                                                         {"code", response.status}, {"message", "refused here"}}.dump(),
+                           "application/json");
+    });
+    auto echo = [](const httplib::Request& request, httplib::Response& response) {
+      response.status = request.method == "POST" ? 201 : 200;
+      response.set_content(request.body.empty() ? "{}" : request.body, "application/json");
+    };
+    local_.server().Post(R"(/.*)", echo);
+    local_.server().Put(R"(/.*)", echo);
+    local_.server().Patch(R"(/.*)", echo);
+  }
+  void serve(const std::string& collection, json items) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    collections_[collection] = std::move(items);
+  }
+  void answerDelete(const std::string& path, int status) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    answers_[path] = status;
+  }
+  std::vector<std::pair<std::string, json>> deletes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return deletes_;
+  }
+  kube::KubeConfig config() const { return local_.config(); }
+
+ private:
+  LocalServer local_;
+  std::mutex mutex_;
+  std::map<std::string, json> collections_;
+  std::map<std::string, int> answers_;
+  std::vector<std::pair<std::string, json>> deletes_;
+};
+
+// A job that succeeded long ago with ttlSecondsAfterFinished 0, its two pods kept (cleanPodPolicy None),
+// its Service and ConfigMap: one pass deletes them all, then the job.
+void serveFinishedJob(FakeApiServer& api) {
+  const json owner = json::array({{{"apiVersion", "tandem.dev/v1alpha1"}, {"kind", "DistributedTrainingJob"},
+                                   {"name", "done"}, {"uid", "job-uid"}, {"controller", true}}});
+  api.serve("/apis/tandem.dev/v1alpha1/distributedtrainingjobs", json::array({json::parse(R"({
+    "apiVersion": "tandem.dev/v1alpha1", "kind": "DistributedTrainingJob",
+    "metadata": {"name": "done", "namespace": "ns", "uid": "job-uid", "generation": 1, "resourceVersion": "3",
+                 "creationTimestamp": "2026-11-27T04:00:00Z"},
+    "spec": {"workers": 2, "model": {"kind": "mlp", "mlp": {"hidden": [16]}},
+             "data": {"kind": "synthetic", "samples": 512}, "training": {"globalBatchSize": 32, "epochs": 1},
+             "runPolicy": {"ttlSecondsAfterFinished": 0, "cleanPodPolicy": "None"}},
+    "status": {"phase": "Succeeded", "generation": 0, "startTime": "2026-11-27T04:00:01Z",
+               "completionTime": "2026-11-27T04:10:00Z"}})")}));
+  json pods = json::array();
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string name = "done-worker-" + std::to_string(rank);
+    pods.push_back({{"metadata", {{"name", name}, {"namespace", "ns"}, {"uid", "pod-uid-" + std::to_string(rank)},
+                                  {"resourceVersion", "4"}, {"creationTimestamp", "2026-11-27T04:00:02Z"},
+                                  {"labels", {{"tandem.dev/job", "done"}, {"tandem.dev/rank", std::to_string(rank)},
+                                              {"tandem.dev/generation", "0"}}},
+                                  {"ownerReferences", owner}}},
+                    {"status", {{"phase", "Succeeded"}}}});
+  }
+  api.serve("/api/v1/pods", pods);
+  api.serve("/api/v1/services", json::array({{{"metadata", {{"name", "done"}, {"namespace", "ns"}, {"uid", "svc-uid"},
+                                                            {"resourceVersion", "2"}, {"labels", {{"tandem.dev/job", "done"}}},
+                                                            {"ownerReferences", owner}}}}}));
+  api.serve("/api/v1/configmaps", json::array({{{"metadata", {{"name", "done-config"}, {"namespace", "ns"},
+                                                              {"uid", "cm-uid"}, {"resourceVersion", "2"},
+                                                              {"labels", {{"tandem.dev/job", "done"}}},
+                                                              {"ownerReferences", owner}}}}}));
+}
+
+// One reconcile of ns/done by a Controller over `api`; returns its status.
+Status reconcileOnce(FakeApiServer& api) {
+  kube::KubeClient client(api.config(), fastRetries());
+  operator_core::OperatorMetrics metrics;
+  operator_core::ControllerOptions options;
+  options.watchTimeoutSeconds = 10;
+  operator_core::Controller controller(client, options, metrics);
+  controller.startInformers();
+  EXPECT_TRUE(controller.waitForSync(5s));
+  Status status = controller.reconcileKey("ns/done");
+  controller.stop();
+  return status;
+}
+
+TEST(Controller, DeletesNameTheUidTheyObservedAndAConflictCountsAsDone) {
+  // Rank 0's name now belongs to a newer pod (the uid precondition fails: 409): not ours to delete, and
+  // the clean-up goes on to the job itself.
+  FakeApiServer api;
+  serveFinishedJob(api);
+  api.answerDelete("/api/v1/namespaces/ns/pods/done-worker-0", 409);
+  ASSERT_TRUE(reconcileOnce(api).ok());
+  std::map<std::string, std::string> preconditions;  // path -> uid
+  for (const auto& [path, body] : api.deletes())
+    preconditions[path] = body.value("/preconditions/uid"_json_pointer, std::string("(none)"));
+  EXPECT_EQ(preconditions, (std::map<std::string, std::string>{
+                               {"/api/v1/namespaces/ns/pods/done-worker-0", "pod-uid-0"},
+                               {"/api/v1/namespaces/ns/pods/done-worker-1", "pod-uid-1"},
+                               {"/api/v1/namespaces/ns/services/done", "svc-uid"},
+                               {"/api/v1/namespaces/ns/configmaps/done-config", "cm-uid"},
+                               {"/apis/tandem.dev/v1alpha1/namespaces/ns/distributedtrainingjobs/done", "job-uid"}}));
+  EXPECT_EQ(api.deletes().back().first, "/apis/tandem.dev/v1alpha1/namespaces/ns/distributedtrainingjobs/done");
+}
+
+TEST(Controller, AFailedDeleteStopsThePlanBeforeTheJobIsDeleted) {
+  // The ConfigMap's delete is refused (403): the pass fails and the job stays, for the next pass to retry.
+  FakeApiServer api;
+  serveFinishedJob(api);
+  api.answerDelete("/api/v1/namespaces/ns/configmaps/done-config", 403);
+  EXPECT_FALSE(reconcileOnce(api).ok());
+  for (const auto& [path, body] : api.deletes())
+    EXPECT_EQ(path.find("/distributedtrainingjobs/"), std::string::npos) << "deleted " << path;
+  EXPECT_FALSE(api.deletes().empty());
 }
 
 // ---------------------------------------------------------------------------------------------- queue
