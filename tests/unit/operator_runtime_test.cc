@@ -4,6 +4,7 @@
 // stopping the plan), and the work queue's semantics.
 #include <httplib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
@@ -1068,8 +1069,19 @@ class FakeApiServer {
                                                          {"code", response.status}, {"message", "refused here"}}.dump(),
                            "application/json");
     });
-    auto echo = [](const httplib::Request& request, httplib::Response& response) {
+    auto echo = [this](const httplib::Request& request, httplib::Response& response) {
+      std::lock_guard<std::mutex> lock(mutex_);
       response.status = request.method == "POST" ? 201 : 200;
+      if (request.method == "POST") {
+        posts_.push_back(request.path);
+        if (auto answer = answers_.find("POST " + request.path); answer != answers_.end()) {
+          response.status = answer->second;
+          response.set_content(json{{"kind", "Status"}, {"status", "Failure"}, {"reason", "AlreadyExists"},
+                                    {"code", response.status}, {"message", "already there"}}.dump(),
+                               "application/json");
+          return;
+        }
+      }
       response.set_content(request.body.empty() ? "{}" : request.body, "application/json");
     };
     local_.server().Post(R"(/.*)", echo);
@@ -1084,6 +1096,15 @@ class FakeApiServer {
     std::lock_guard<std::mutex> lock(mutex_);
     answers_[path] = status;
   }
+  void answerPost(const std::string& path, int status) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    answers_["POST " + path] = status;
+  }
+  // How many POSTs went to `path`.
+  int posts(const std::string& path) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int>(std::count(posts_.begin(), posts_.end(), path));
+  }
   std::vector<std::pair<std::string, json>> deletes() {
     std::lock_guard<std::mutex> lock(mutex_);
     return deletes_;
@@ -1094,8 +1115,9 @@ class FakeApiServer {
   LocalServer local_;
   std::mutex mutex_;
   std::map<std::string, json> collections_;
-  std::map<std::string, int> answers_;
+  std::map<std::string, int> answers_;  // DELETE by path, POST by "POST <path>"
   std::vector<std::pair<std::string, json>> deletes_;
+  std::vector<std::string> posts_;
 };
 
 // A job that succeeded long ago with ttlSecondsAfterFinished 0, its two pods kept (cleanPodPolicy None),
@@ -1132,8 +1154,8 @@ void serveFinishedJob(FakeApiServer& api) {
                                                               {"ownerReferences", owner}}}}}));
 }
 
-// One reconcile of ns/done by a Controller over `api`; returns its status.
-Status reconcileOnce(FakeApiServer& api) {
+// `passes` reconciles of `key` by one Controller over `api`; returns the first failure, else Ok.
+Status reconcile(FakeApiServer& api, const std::string& key = "ns/done", int passes = 1) {
   kube::KubeClient client(api.config(), fastRetries());
   operator_core::OperatorMetrics metrics;
   operator_core::ControllerOptions options;
@@ -1141,7 +1163,8 @@ Status reconcileOnce(FakeApiServer& api) {
   operator_core::Controller controller(client, options, metrics);
   controller.startInformers();
   EXPECT_TRUE(controller.waitForSync(5s));
-  Status status = controller.reconcileKey("ns/done");
+  Status status = Status::Ok();
+  for (int pass = 0; pass < passes && status.ok(); ++pass) status = controller.reconcileKey(key);
   controller.stop();
   return status;
 }
@@ -1152,7 +1175,7 @@ TEST(Controller, DeletesNameTheUidTheyObservedAndAConflictCountsAsDone) {
   FakeApiServer api;
   serveFinishedJob(api);
   api.answerDelete("/api/v1/namespaces/ns/pods/done-worker-0", 409);
-  ASSERT_TRUE(reconcileOnce(api).ok());
+  ASSERT_TRUE(reconcile(api).ok());
   std::map<std::string, std::string> preconditions;  // path -> uid
   for (const auto& [path, body] : api.deletes())
     preconditions[path] = body.value("/preconditions/uid"_json_pointer, std::string("(none)"));
@@ -1170,10 +1193,62 @@ TEST(Controller, AFailedDeleteStopsThePlanBeforeTheJobIsDeleted) {
   FakeApiServer api;
   serveFinishedJob(api);
   api.answerDelete("/api/v1/namespaces/ns/configmaps/done-config", 403);
-  EXPECT_FALSE(reconcileOnce(api).ok());
+  EXPECT_FALSE(reconcile(api).ok());
   for (const auto& [path, body] : api.deletes())
     EXPECT_EQ(path.find("/distributedtrainingjobs/"), std::string::npos) << "deleted " << path;
   EXPECT_FALSE(api.deletes().empty());
+}
+
+// A gang of two, Pending: rank 0 waits for its rendezvous Secret, which someone deleted.
+void serveGangWaitingForItsSecret(FakeApiServer& api) {
+  const json owner = json::array({{{"apiVersion", "tandem.dev/v1alpha1"}, {"kind", "DistributedTrainingJob"},
+                                   {"name", "lost"}, {"uid", "job-uid"}, {"controller", true}}});
+  api.serve("/apis/tandem.dev/v1alpha1/distributedtrainingjobs", json::array({json::parse(R"({
+    "apiVersion": "tandem.dev/v1alpha1", "kind": "DistributedTrainingJob",
+    "metadata": {"name": "lost", "namespace": "ns", "uid": "job-uid", "generation": 1, "resourceVersion": "3",
+                 "creationTimestamp": "2026-11-27T04:00:00Z"},
+    "spec": {"workers": 2, "model": {"kind": "mlp", "mlp": {"hidden": [16]}},
+             "data": {"kind": "synthetic", "samples": 512}, "training": {"globalBatchSize": 32, "epochs": 1}},
+    "status": {"phase": "Created", "generation": 0}})")}));
+  json pods = json::array();
+  for (int rank = 0; rank < 2; ++rank) {
+    json pod = {{"metadata", {{"name", "lost-worker-" + std::to_string(rank)}, {"namespace", "ns"},
+                              {"uid", "pod-uid-" + std::to_string(rank)}, {"resourceVersion", "4"},
+                              {"creationTimestamp", "2026-11-27T04:00:02Z"},
+                              {"labels", {{"tandem.dev/job", "lost"}, {"tandem.dev/rank", std::to_string(rank)},
+                                          {"tandem.dev/generation", "0"}}},
+                              {"ownerReferences", owner}}},
+                {"status", {{"phase", "Pending"}}}};
+    if (rank == 0)
+      pod["status"]["containerStatuses"] = {{{"name", "worker"}, {"state", {{"waiting", {
+          {"reason", "CreateContainerConfigError"}, {"message", "secret \"lost-rendezvous-job-uid\" not found"}}}}}}};
+    pods.push_back(pod);
+  }
+  api.serve("/api/v1/pods", pods);
+  api.serve("/api/v1/services", json::array({{{"metadata", {{"name", "lost"}, {"namespace", "ns"}, {"uid", "svc-uid"},
+                                                            {"resourceVersion", "2"}, {"labels", {{"tandem.dev/job", "lost"}}},
+                                                            {"ownerReferences", owner}}}}}));
+  api.serve("/api/v1/configmaps", json::array({{{"metadata", {{"name", "lost-config"}, {"namespace", "ns"},
+                                                              {"uid", "cm-uid"}, {"resourceVersion", "2"},
+                                                              {"labels", {{"tandem.dev/job", "lost"}}},
+                                                              {"annotations", {{"tandem.dev/rendezvous-secret",
+                                                                                "lost-rendezvous-job-uid"}}},
+                                                              {"ownerReferences", owner}}}}}));
+}
+
+TEST(Controller, ASecretMadeAnewIsNotMadeAgainWhileThePodsCatchUp) {
+  // Made anew (201): the next pass, with rank 0 still showing the kubelet's earlier wait, leaves it be.
+  const std::string secrets = "/api/v1/namespaces/ns/secrets";
+  FakeApiServer made;
+  serveGangWaitingForItsSecret(made);
+  ASSERT_TRUE(reconcile(made, "ns/lost", 2).ok());
+  EXPECT_EQ(made.posts(secrets), 1);
+  // There already (409): its token is not new, nothing to wait for; the next pass asks again.
+  FakeApiServer there;
+  serveGangWaitingForItsSecret(there);
+  there.answerPost(secrets, 409);
+  ASSERT_TRUE(reconcile(there, "ns/lost", 2).ok());
+  EXPECT_EQ(there.posts(secrets), 2);
 }
 
 // ---------------------------------------------------------------------------------------------- queue
