@@ -450,10 +450,20 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
       // the ConfigMap after it is seen, the next pass must not create it again (observe).
       bool madeAnew = false;
       TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr, &madeAnew));
-      std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
-      secretsCreated_[jobKey(job.nameSpace, job.name)] = job.uid;  // (forgotten once the ConfigMap is seen)
-      // A re-creation settles only when the Secret was made anew (409: it was there, the waits were stale).
-      if (secret->recreation && madeAnew) secretsRecreated_[jobKey(job.nameSpace, job.name)] = {job.uid, Clock::now()};
+      {
+        std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
+        secretsCreated_[jobKey(job.nameSpace, job.name)] = job.uid;  // (forgotten once the ConfigMap is seen)
+        // A re-creation settles only when the Secret was made anew (409: it was there, the waits were stale).
+        if (secret->recreation && madeAnew) secretsRecreated_[jobKey(job.nameSpace, job.name)] = {job.uid, Clock::now()};
+      }
+      if (secret->recreation && madeAnew) {
+        emitEvent(job, EmitEvent{EventType::kWarning, reasons::kRendezvousSecretRecreated,
+                                 "Secret " + secret->name + " was missing (deleted?): " + secret->recreatedBecause +
+                                     "; created it again with a new token"});
+      } else if (secret->recreation) {
+        log::info() << "Secret " << secret->name << " of " << job.nameSpace << "/" << job.name
+                    << " is there (409): the pods' wait for it was from before it was created again";
+      }
     } else if (const auto* configMap = std::get_if<CreateConfigMap>(&action)) {
       TANDEM_RETURN_IF_ERROR(createChild(resources::kConfigMaps, job, configMap->object, configMaps_.get()));
     } else if (std::holds_alternative<CreatePod>(action)) {

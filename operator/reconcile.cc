@@ -337,7 +337,7 @@ class JobReconciler {
         if (!observed_.rendezvousSecretCreated)
           childCreations_.push_back(
               CreateSecret{secretName(job_.name, job_.uid),
-                           buildSecret(job_, secretName(job_.name, job_.uid), options_.rendezvousToken)});
+                           buildSecret(job_, secretName(job_.name, job_.uid), options_.rendezvousToken), false, {}});
         childCreations_.push_back(CreateConfigMap{configMapName(job_.name), configMap_});
       }
     }
@@ -397,8 +397,10 @@ class JobReconciler {
     for (Action& creation : childCreations_)
       if (auto* secret = std::get_if<CreateSecret>(&creation); secret != nullptr && secret->name == rendezvousSecret_)
         queued = secret;
+    const std::string because = "worker " + waiting + " cannot start";
     if (queued != nullptr) {
       queued->recreation = true;
+      queued->recreatedBecause = because;
     } else {
       if (options_.rendezvousToken.empty()) {
         missingToken_ = true;
@@ -409,14 +411,11 @@ class JobReconciler {
       }
       childCreations_.push_back(CreateSecret{rendezvousSecret_,
                                              buildSecret(job_, rendezvousSecret_, options_.rendezvousToken),
-                                             /*recreation=*/true});
+                                             /*recreation=*/true, because});
     }
-    const std::string missing = "Secret " + rendezvousSecret_ + " is missing (deleted?): worker " + waiting +
-                                " cannot start; creating it again with a new token";
-    if (!started) {
-      event(EventType::kWarning, reasons::kRendezvousSecretRecreated, missing);
-      return false;
-    }
+    if (!started) return false;  // (the executor's Warning says it once the Secret is made anew)
+    const std::string missing = "Secret " + rendezvousSecret_ + " is missing (deleted?): " + because +
+                                "; creating it again with a new token";
     const int64_t split = status_.generation;
     retireGeneration(missing);
     transition(JobPhase::kRestarting, reasons::kRendezvousSecretRecreated,
@@ -442,7 +441,7 @@ class JobReconciler {
 
   // Deletes the current gang and moves to the next generation: its pods become stale from here on.
   void retireGeneration(const std::string& why) {
-    DeleteGeneration action{status_.generation, {}, why};
+    DeleteGeneration action{status_.generation, {}, why, {}};
     for (const ObservedPod* pod : current_) {
       if (pod == nullptr || pod->terminating() || deleting_.count(pod->name)) continue;
       deleting_.insert(pod->name);

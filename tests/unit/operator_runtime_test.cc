@@ -1074,6 +1074,7 @@ class FakeApiServer {
       response.status = request.method == "POST" ? 201 : 200;
       if (request.method == "POST") {
         posts_.push_back(request.path);
+        if (request.path.find("/events") != std::string::npos) events_.push_back(json::parse(request.body));
         if (auto answer = answers_.find("POST " + request.path); answer != answers_.end()) {
           response.status = answer->second;
           response.set_content(json{{"kind", "Status"}, {"status", "Failure"}, {"reason", "AlreadyExists"},
@@ -1100,6 +1101,11 @@ class FakeApiServer {
     std::lock_guard<std::mutex> lock(mutex_);
     answers_["POST " + path] = status;
   }
+  // The Events posted, as sent.
+  std::vector<json> events() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return events_;
+  }
   // How many POSTs went to `path`.
   int posts(const std::string& path) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -1118,6 +1124,7 @@ class FakeApiServer {
   std::map<std::string, int> answers_;  // DELETE by path, POST by "POST <path>"
   std::vector<std::pair<std::string, json>> deletes_;
   std::vector<std::string> posts_;
+  std::vector<json> events_;
 };
 
 // A job that succeeded long ago with ttlSecondsAfterFinished 0, its two pods kept (cleanPodPolicy None),
@@ -1243,12 +1250,22 @@ TEST(Controller, ASecretMadeAnewIsNotMadeAgainWhileThePodsCatchUp) {
   serveGangWaitingForItsSecret(made);
   ASSERT_TRUE(reconcile(made, "ns/lost", 2).ok());
   EXPECT_EQ(made.posts(secrets), 1);
+  auto recreatedEvents = [](FakeApiServer& api) {
+    std::vector<std::string> messages;
+    for (const json& event : api.events())
+      if (event.value("reason", "") == "RendezvousSecretRecreated") messages.push_back(event.value("message", event.value("note", "")));
+    return messages;
+  };
+  EXPECT_EQ(recreatedEvents(made), (std::vector<std::string>{
+      "Secret lost-rendezvous-job-uid was missing (deleted?): worker lost-worker-0 cannot start; created it "
+      "again with a new token"}));
   // There already (409): its token is not new, nothing to wait for; the next pass asks again.
   FakeApiServer there;
   serveGangWaitingForItsSecret(there);
   there.answerPost(secrets, 409);
   ASSERT_TRUE(reconcile(there, "ns/lost", 2).ok());
   EXPECT_EQ(there.posts(secrets), 2);
+  EXPECT_TRUE(recreatedEvents(there).empty()) << "a Secret that was there was not created again";
 }
 
 // ---------------------------------------------------------------------------------------------- queue

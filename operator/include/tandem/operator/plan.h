@@ -27,6 +27,9 @@ struct CreateSecret {
   std::string name;
   nlohmann::json object;
   bool recreation = false;  // the workers' Secret was deleted (the executor remembers when: Observed)
+  // For a re-creation, what showed it missing ("worker <pod> cannot start"): the executor's Warning
+  // RendezvousSecretRecreated says it once the Secret was made anew (not when it was there: 409).
+  std::string recreatedBecause;
 };
 struct CreateConfigMap {
   std::string name;
