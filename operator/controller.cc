@@ -450,17 +450,18 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
       // the ConfigMap after it is seen, the next pass must not create it again (observe).
       bool madeAnew = false;
       TANDEM_RETURN_IF_ERROR(createChild(resources::kSecrets, job, secret->object, nullptr, &madeAnew));
+      // A re-creation settles only when the Secret was made anew (409: it was there, the waits were stale).
+      const bool recreated = secret->recreation() && madeAnew;
       {
         std::lock_guard<std::mutex> lock(secretsCreatedMutex_);
         secretsCreated_[jobKey(job.nameSpace, job.name)] = job.uid;  // (forgotten once the ConfigMap is seen)
-        // A re-creation settles only when the Secret was made anew (409: it was there, the waits were stale).
-        if (secret->recreation && madeAnew) secretsRecreated_[jobKey(job.nameSpace, job.name)] = {job.uid, Clock::now()};
+        if (recreated) secretsRecreated_[jobKey(job.nameSpace, job.name)] = {job.uid, Clock::now()};
       }
-      if (secret->recreation && madeAnew) {
+      if (recreated) {
         emitEvent(job, EmitEvent{EventType::kWarning, reasons::kRendezvousSecretRecreated,
                                  "Secret " + secret->name + " was missing (deleted?): " + secret->recreatedBecause +
                                      "; created it again with a new token"});
-      } else if (secret->recreation) {
+      } else if (secret->recreation()) {
         log::info() << "Secret " << secret->name << " of " << job.nameSpace << "/" << job.name
                     << " is there (409): the pods' wait for it was from before it was created again";
       }
@@ -475,9 +476,8 @@ Status Controller::executeActions(const JobObject& job, const json& jobJson, con
     } else if (const auto* remove = std::get_if<DeletePod>(&action)) {
       TANDEM_RETURN_IF_ERROR(deletePod(job, remove->name, remove->uid, remove->force ? std::optional<int64_t>(0) : remove->gracePeriodSeconds));
     } else if (const auto* generation = std::get_if<DeleteGeneration>(&action)) {
-      TANDEM_RETURN_IF_ERROR(parallelFor(generation->podNames.size(), options_.createParallelism, [&](size_t index) {
-        const std::string uid = index < generation->podUids.size() ? generation->podUids[index] : std::string();
-        return deletePod(job, generation->podNames[index], uid, std::nullopt);
+      TANDEM_RETURN_IF_ERROR(parallelFor(generation->pods.size(), options_.createParallelism, [&](size_t index) {
+        return deletePod(job, generation->pods[index].name, generation->pods[index].uid, std::nullopt);
       }));
     } else if (const auto* child = std::get_if<DeleteChild>(&action)) {
       const kube::Resource& resource =

@@ -82,7 +82,7 @@ struct Describer {
   }
   std::string operator()(const DeleteGeneration& action) const {
     std::string text = "DeleteGeneration " + std::to_string(action.generation) + " [";
-    for (size_t i = 0; i < action.podNames.size(); ++i) text += (i ? " " : "") + action.podNames[i];
+    for (size_t i = 0; i < action.pods.size(); ++i) text += (i ? " " : "") + action.pods[i].name;
     return text + "]: " + action.why;
   }
   std::string operator()(const CreatePod& action) const {

@@ -337,7 +337,7 @@ class JobReconciler {
         if (!observed_.rendezvousSecretCreated)
           childCreations_.push_back(
               CreateSecret{secretName(job_.name, job_.uid),
-                           buildSecret(job_, secretName(job_.name, job_.uid), options_.rendezvousToken), false, {}});
+                           buildSecret(job_, secretName(job_.name, job_.uid), options_.rendezvousToken), {}});
         childCreations_.push_back(CreateConfigMap{configMapName(job_.name), configMap_});
       }
     }
@@ -399,7 +399,6 @@ class JobReconciler {
         queued = secret;
     const std::string because = "worker " + waiting + " cannot start";
     if (queued != nullptr) {
-      queued->recreation = true;
       queued->recreatedBecause = because;
     } else {
       if (options_.rendezvousToken.empty()) {
@@ -411,7 +410,7 @@ class JobReconciler {
       }
       childCreations_.push_back(CreateSecret{rendezvousSecret_,
                                              buildSecret(job_, rendezvousSecret_, options_.rendezvousToken),
-                                             /*recreation=*/true, because});
+                                             because});
     }
     if (!started) return false;  // (the executor's Warning says it once the Secret is made anew)
     const std::string missing = "Secret " + rendezvousSecret_ + " is missing (deleted?): " + because +
@@ -441,14 +440,13 @@ class JobReconciler {
 
   // Deletes the current gang and moves to the next generation: its pods become stale from here on.
   void retireGeneration(const std::string& why) {
-    DeleteGeneration action{status_.generation, {}, why, {}};
+    DeleteGeneration action{status_.generation, {}, why};
     for (const ObservedPod* pod : current_) {
       if (pod == nullptr || pod->terminating() || deleting_.count(pod->name)) continue;
       deleting_.insert(pod->name);
-      action.podNames.push_back(pod->name);
-      action.podUids.push_back(pod->uid);
+      action.pods.push_back({pod->name, pod->uid});
     }
-    if (!action.podNames.empty()) deletions_.push_back(std::move(action));
+    if (!action.pods.empty()) deletions_.push_back(std::move(action));
     ++status_.generation;
     std::fill(current_.begin(), current_.end(), nullptr);
   }

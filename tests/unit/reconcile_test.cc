@@ -118,7 +118,7 @@ void apply(World& world, const Plan& plan, Clock::time_point now) {
     if (const auto* create = std::get_if<CreateService>(&action))
       world.observed.services.push_back({{create->name, kUid, std::nullopt, "uid-of-service-" + create->name}});
     if (const auto* secret = std::get_if<CreateSecret>(&action)) {
-      if (secret->recreation)
+      if (secret->recreation())
         world.observed.rendezvousSecretRecreatedAt = now;  // the controller's memory of it
       else
         world.observed.rendezvousSecretCreated = true;
@@ -152,9 +152,7 @@ void apply(World& world, const Plan& plan, Clock::time_point now) {
       }
     }
     if (const auto* remove = std::get_if<DeleteGeneration>(&action)) {
-      EXPECT_EQ(remove->podUids.size(), remove->podNames.size());
-      for (size_t i = 0; i < remove->podNames.size() && i < remove->podUids.size(); ++i)
-        markDeleted(remove->podNames[i], remove->podUids[i]);
+      for (const PodRef& pod : remove->pods) markDeleted(pod.name, pod.uid);
     }
     if (const auto* remove = std::get_if<DeleteChild>(&action)) {
       auto byName = [&](const ObservedChild& child) { return child.name == remove->name && child.uid == remove->uid; };
@@ -230,7 +228,7 @@ std::set<std::string> deletedPodNames(const Plan& plan) {
   std::set<std::string> names;
   for (const DeletePod* remove : plan.all<DeletePod>()) names.insert(remove->name);
   for (const DeleteGeneration* remove : plan.all<DeleteGeneration>())
-    names.insert(remove->podNames.begin(), remove->podNames.end());
+    for (const PodRef& pod : remove->pods) names.insert(pod.name);
   return names;
 }
 
@@ -658,7 +656,9 @@ TEST_P(OneWorkerFails, RestartsOrFailsTheGang) {
     std::set<std::string> expected{"fmnist-worker-0", "fmnist-worker-1", "fmnist-worker-2", "fmnist-worker-3"};
     for (const ObservedPod& pod : world.observed.pods)
       if (pod.deletionTimestamp) expected.erase(pod.name);
-    EXPECT_EQ(std::set<std::string>(generations[0]->podNames.begin(), generations[0]->podNames.end()), expected);
+    std::set<std::string> deleted;
+    for (const PodRef& pod : generations[0]->pods) deleted.insert(pod.name);
+    EXPECT_EQ(deleted, expected);
     EXPECT_TRUE(result.all<DeletePod>().empty());
   } else {
     EXPECT_EQ(status.phase, JobPhase::kFailed);
@@ -895,7 +895,7 @@ TEST(Reconcile, MissingRankInRunningGangRestartsWithoutCounting) {
   EXPECT_EQ(result.status.restarts, 0);
   EXPECT_TRUE(result.all<CreatePod>().empty());
   ASSERT_EQ(result.all<DeleteGeneration>().size(), 1u);
-  EXPECT_EQ(result.all<DeleteGeneration>()[0]->podNames.size(), 3u);
+  EXPECT_EQ(result.all<DeleteGeneration>()[0]->pods.size(), 3u);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1271,7 +1271,7 @@ TEST(Reconcile, SuspendDeletesTheGangAndResumeRecreatesIt) {
   EXPECT_EQ(suspend.status.preemptions, 0);
   EXPECT_EQ(suspend.status.generation, 1);
   ASSERT_EQ(suspend.all<DeleteGeneration>().size(), 1u);
-  EXPECT_EQ(suspend.all<DeleteGeneration>()[0]->podNames.size(), 4u);
+  EXPECT_EQ(suspend.all<DeleteGeneration>()[0]->pods.size(), 4u);
   EXPECT_TRUE(suspend.all<DeleteChild>().empty()) << "Service, Secret and ConfigMap are kept";
   EXPECT_TRUE(suspend.all<CreatePod>().empty());
   EXPECT_EQ(eventReasons(suspend), std::vector<std::string>{reasons::kJobSuspended});
@@ -1646,7 +1646,7 @@ TEST(Reconcile, ASecretDeletedBeforeTheGangStartedIsCreatedAgain) {
   EXPECT_EQ(result.status.generation, generation);
   // The Warning is the executor's, once the Secret was made anew (Controller tests); the plan says why.
   EXPECT_EQ(findEvent(result, reasons::kRendezvousSecretRecreated), nullptr) << describe(result);
-  EXPECT_TRUE(result.all<CreateSecret>()[0]->recreation);
+  EXPECT_TRUE(result.all<CreateSecret>()[0]->recreation());
   EXPECT_EQ(result.all<CreateSecret>()[0]->recreatedBecause, "worker fmnist-worker-0 cannot start");
   apply(world, result, kT0 + seconds(30));
   // The kubelet starts rank 0 first; rank 2 still shows its earlier wait. Rank 0 read the new token: no
@@ -1680,7 +1680,7 @@ TEST(Reconcile, AGangPartlyStartedWithTheOldTokenRestartsWhenItsSecretIsCreatedA
   ASSERT_EQ(result.all<CreateSecret>().size(), 1u) << describe(result);
   EXPECT_EQ(result.all<CreateSecret>()[0]->name, secret);
   ASSERT_EQ(result.all<DeleteGeneration>().size(), 1u) << describe(result);
-  EXPECT_EQ(result.all<DeleteGeneration>()[0]->podNames.size(), 4u);
+  EXPECT_EQ(result.all<DeleteGeneration>()[0]->pods.size(), 4u);
   EXPECT_EQ(result.status.phase, JobPhase::kRestarting);
   EXPECT_EQ(result.status.generation, before.generation + 1);
   EXPECT_EQ(result.status.restarts, before.restarts);
@@ -1713,7 +1713,7 @@ TEST(Reconcile, AWaitPastTheSettleMinuteIsTakenForANewDeletion) {
   const JobStatus before = world.job.status;
   const Plan late = plan(world, kT0 + seconds(75));
   ASSERT_EQ(late.all<CreateSecret>().size(), 1u) << describe(late);
-  EXPECT_TRUE(late.all<CreateSecret>()[0]->recreation);
+  EXPECT_TRUE(late.all<CreateSecret>()[0]->recreation());
   ASSERT_EQ(late.all<DeleteGeneration>().size(), 1u) << describe(late);
   EXPECT_EQ(late.status.phase, JobPhase::kRestarting);
   EXPECT_EQ(late.status.generation, before.generation + 1);
@@ -1731,7 +1731,7 @@ TEST(Reconcile, ASecretDeletedWithItsConfigMapIsCreatedAgainAsARecreation) {
   world.observed.rendezvousSecretCreated = false;
   const Plan result = plan(world, kT0 + seconds(30));
   ASSERT_EQ(result.all<CreateSecret>().size(), 1u) << describe(result);
-  EXPECT_TRUE(result.all<CreateSecret>()[0]->recreation);
+  EXPECT_TRUE(result.all<CreateSecret>()[0]->recreation());
   EXPECT_EQ(result.all<CreateSecret>()[0]->recreatedBecause, "worker fmnist-worker-0 cannot start");
   EXPECT_EQ(result.all<CreateConfigMap>().size(), 1u) << describe(result);
   EXPECT_TRUE(result.all<DeleteGeneration>().empty()) << describe(result);

@@ -26,10 +26,11 @@ struct CreateService {
 struct CreateSecret {
   std::string name;
   nlohmann::json object;
-  bool recreation = false;  // the workers' Secret was deleted (the executor remembers when: Observed)
-  // For a re-creation, what showed it missing ("worker <pod> cannot start"): the executor's Warning
-  // RendezvousSecretRecreated says it once the Secret was made anew (not when it was there: 409).
+  // Set for a re-creation (the workers' Secret was deleted), to what showed it missing ("worker <pod>
+  // cannot start"): the executor remembers when (Observed) and says it in a Warning
+  // RendezvousSecretRecreated, once the Secret was made anew (not when it was there: 409).
   std::string recreatedBecause;
+  bool recreation() const { return !recreatedBecause.empty(); }
 };
 struct CreateConfigMap {
   std::string name;
@@ -54,13 +55,17 @@ struct DeletePod {
   std::string uid;
 };
 
-// Deletes every pod of one generation (labels tandem.dev/job=<job>, tandem.dev/generation=<n>); podNames
+// A pod by name and the uid observed, a precondition of its delete (as DeletePod's).
+struct PodRef {
+  std::string name;
+  std::string uid;
+};
+// Deletes every pod of one generation (labels tandem.dev/job=<job>, tandem.dev/generation=<n>); pods
 // lists the ones observed, for executors that delete one by one.
 struct DeleteGeneration {
   int64_t generation = 0;
-  std::vector<std::string> podNames;
+  std::vector<PodRef> pods;
   std::string why;
-  std::vector<std::string> podUids;  // podNames[i]'s uid, a precondition of its delete (as DeletePod's)
 };
 
 enum class ChildKind { kService, kConfigMap };  // (Secrets go with their job: the operator may not delete them)
