@@ -343,6 +343,20 @@ TEST(CheckpointStore, KeepCountsBackFromTheStepJustWritten) {
   EXPECT_EQ((*found)->step, 25);
 }
 
+// A pipeline stage spares the newest step every stage holds (another stage's writes may have failed
+// since): it stays beyond `keep` until a newer one is named.
+TEST(CheckpointStore, PruningSparesTheStepItIsToldToKeep) {
+  TempDir dir;
+  CheckpointStore store(dir / "job", 2);
+  for (int64_t step : {10, 20}) writeOrFail(store, makeState(step));
+  for (int64_t step : {30, 40, 50}) ASSERT_TRUE(store.write(makeState(step), /*alsoKeep=*/20).ok());
+  EXPECT_EQ(store.listSteps(), (std::vector<int64_t>{50, 40, 20}));
+  ASSERT_TRUE(store.write(makeState(60), /*alsoKeep=*/50).ok());
+  EXPECT_EQ(store.listSteps(), (std::vector<int64_t>{60, 50}));
+  ASSERT_TRUE(store.write(makeState(70), /*alsoKeep=*/50).ok());
+  EXPECT_EQ(store.listSteps(), (std::vector<int64_t>{70, 60, 50}));
+}
+
 TEST(CheckpointStore, KeepBelowOneStillKeepsTheNewest) {
   TempDir dir;
   CheckpointStore store(dir / "job", 0);
@@ -720,6 +734,17 @@ TEST(AsyncCheckpointer, KeepTwoLeavesTheLastTwo) {
   EXPECT_EQ(recorder.snapshot().size(), 5u);
   EXPECT_EQ(checkpointer.store().listSteps(), (std::vector<int64_t>{5, 4}));
   EXPECT_EQ(entries(dir / "job"), (std::set<std::string>{"step-00000004", "step-00000005", "latest"}));
+}
+
+TEST(AsyncCheckpointer, PruningSparesTheStepSubmittedWithTheState) {
+  TempDir dir;
+  Recorder recorder;
+  AsyncCheckpointer checkpointer(CheckpointStore(dir / "job", 1), kNoHang, 0, recorder.callback());
+  ASSERT_TRUE(checkpointer.submit(makeState(1)).ok());
+  for (int64_t step = 2; step <= 4; ++step)
+    ASSERT_TRUE(checkpointer.submit(makeState(step), AsyncCheckpointer::Clock::time_point::max(), 1).ok());
+  drained(checkpointer);
+  EXPECT_EQ(checkpointer.store().listSteps(), (std::vector<int64_t>{4, 1}));
 }
 
 TEST(AsyncCheckpointer, ReportsAFailureAndKeepsWriting) {

@@ -104,6 +104,16 @@ void faultInjectionPause(int stage) {
     std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(delay)));
 }
 
+// Test-only fault injection: the writer of stage TANDEM_FAULT_CHECKPOINT_FAIL_STAGE fails every checkpoint
+// from step TANDEM_FAULT_CHECKPOINT_FAIL_FROM_STEP on, after its shard is written (a disk that filled up).
+Status faultInjectionFailure(int stage, int64_t step) {
+  const char* failStage = std::getenv("TANDEM_FAULT_CHECKPOINT_FAIL_STAGE");
+  const char* fromStep = std::getenv("TANDEM_FAULT_CHECKPOINT_FAIL_FROM_STEP");
+  if (failStage != nullptr && fromStep != nullptr && std::atoi(failStage) == stage && step >= std::atoll(fromStep))
+    return TANDEM_ERROR(StatusCode::kResourceUnavailable, "injected failure (TANDEM_FAULT_CHECKPOINT_FAIL_STAGE)");
+  return Status::Ok();
+}
+
 }  // namespace
 
 std::string stepDirectoryName(int64_t step) {
@@ -114,7 +124,7 @@ std::string stepDirectoryName(int64_t step) {
 
 CheckpointStore::CheckpointStore(std::string root, int64_t keep) : root_(std::move(root)), keep_(std::max<int64_t>(1, keep)) {}
 
-StatusOr<int64_t> CheckpointStore::write(const CheckpointState& state) {
+StatusOr<int64_t> CheckpointStore::write(const CheckpointState& state, int64_t alsoKeep) {
   std::error_code error;
   fs::create_directories(root_, error);
   if (error) return TANDEM_ERROR(StatusCode::kPermissionDenied, "cannot create checkpoint directory " + root_ + ": " + error.message());
@@ -146,6 +156,7 @@ StatusOr<int64_t> CheckpointStore::write(const CheckpointState& state) {
                                             {{state.parameters.data(), parameterBytes},
                                              {state.optimizerState.data(), optimizerBytes}}));
     faultInjectionPause(state.stage);
+    TANDEM_RETURN_IF_ERROR(faultInjectionFailure(state.stage, state.step));
     nlohmann::json manifest = {
         {"formatVersion", kFormatVersion},
         {"job", state.job},
@@ -188,7 +199,7 @@ StatusOr<int64_t> CheckpointStore::write(const CheckpointState& state) {
     fs::remove_all(temporary, error);
     return written.status().withContext("checkpoint " + stepDirectoryName(state.step) + " not written");
   }
-  Status pruned = removeOld(state.step);
+  Status pruned = removeOld(state.step, alsoKeep);
   if (!pruned.ok()) return pruned;
   return written;
 }
@@ -208,7 +219,7 @@ std::vector<int64_t> CheckpointStore::listSteps() const {
   return steps;
 }
 
-Status CheckpointStore::removeOld(int64_t written) const {
+Status CheckpointStore::removeOld(int64_t written, int64_t alsoKeep) const {
   // Retention counts back from the checkpoint just written. A newer step can only be one that resume
   // skipped as unverifiable: it neither counts against `keep` nor is deleted here (writing that step
   // again replaces it), so it cannot push the fresh checkpoints out.
@@ -217,6 +228,7 @@ Status CheckpointStore::removeOld(int64_t written) const {
     if (step <= written) steps.push_back(step);
   std::error_code error;
   for (size_t i = static_cast<size_t>(keep_); i < steps.size(); ++i) {
+    if (steps[i] == alsoKeep) continue;
     fs::remove_all(root_ + "/" + stepDirectoryName(steps[i]), error);
     if (error) return TANDEM_ERROR(StatusCode::kInternal, "cannot delete old checkpoint " + stepDirectoryName(steps[i]) + ": " + error.message());
   }
@@ -279,6 +291,15 @@ StatusOr<CheckpointState> CheckpointStore::read(int64_t step, int stage) const {
   } catch (const nlohmann::json::exception& error) {
     return TANDEM_ERROR(StatusCode::kDataLoss, directory + "/manifest.json: " + error.what());
   }
+}
+
+StatusOr<std::string> CheckpointStore::readModelDescription(int64_t step) const {
+  const std::string path = root_ + "/" + stepDirectoryName(step) + "/manifest.json";
+  TANDEM_ASSIGN_OR_RETURN(std::string text, readWholeFile(path));
+  const nlohmann::json manifest = nlohmann::json::parse(text, nullptr, false);
+  if (!manifest.is_object() || !manifest.contains("modelDescription") || !manifest["modelDescription"].is_string())
+    return TANDEM_ERROR(StatusCode::kDataLoss, path + ": no model description (truncated?)");
+  return manifest["modelDescription"].get<std::string>();
 }
 
 StatusOr<std::optional<CheckpointState>> CheckpointStore::readMatching(
@@ -403,10 +424,11 @@ Status AsyncCheckpointer::checkWriter() {
   return hung() ? hungError() : Status::Ok();
 }
 
-Status AsyncCheckpointer::submit(CheckpointState state, Clock::time_point deadline) {
+Status AsyncCheckpointer::submit(CheckpointState state, Clock::time_point deadline, int64_t alsoKeep) {
   std::unique_lock<std::mutex> lock(shared_->mutex);
   TANDEM_RETURN_IF_ERROR(waitIdle(lock, deadline, "the snapshot of " + stepDirectoryName(state.step)));
   shared_->pending = std::move(state);
+  shared_->pendingAlsoKeep = alsoKeep;
   shared_->changed.notify_all();
   return Status::Ok();
 }
@@ -420,11 +442,13 @@ StatusOr<std::optional<AsyncCheckpointer::Result>> AsyncCheckpointer::drain(Cloc
 void AsyncCheckpointer::run(const std::shared_ptr<Shared>& shared) {
   for (;;) {
     CheckpointState state;
+    int64_t alsoKeep = 0;
     {
       std::unique_lock<std::mutex> lock(shared->mutex);
       shared->changed.wait(lock, [&] { return shared->stopping || shared->pending.has_value(); });
       if (!shared->pending || shared->abandoned) return;  // stopping with nothing queued, or left behind
       state = std::move(*shared->pending);
+      alsoKeep = shared->pendingAlsoKeep;
       shared->pending.reset();
       shared->writingStep = state.step;
       shared->writeStart = Clock::now();
@@ -432,7 +456,7 @@ void AsyncCheckpointer::run(const std::shared_ptr<Shared>& shared) {
     shared->changed.notify_all();  // waiters now wait for this write, until it turns hung
     Result result;
     result.step = state.step;
-    auto written = shared->store.write(state);
+    auto written = shared->store.write(state, alsoKeep);
     result.seconds = std::chrono::duration<double>(Clock::now() - shared->writeStart).count();
     result.status = written.status();
     result.bytes = written.ok() ? *written : 0;

@@ -4,9 +4,12 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -26,6 +29,15 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double secondsSince(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// This process's peak resident memory so far (VmHWM), in bytes; 0 where /proc does not tell.
+int64_t peakResidentBytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtoll(line.c_str() + 6, nullptr, 10) * 1024;  // "VmHWM: N kB"
+  return 0;
+}
 
 // The layout of this rank in the job: rank = replica * stages + stage (DESIGN.md §6).
 struct Topology {
@@ -225,6 +237,14 @@ optim::OptimizerOptions optimizerOptionsOf(const manifest::JobSpec& spec) {
 // One training step of this rank: its forwards and backwards in the schedule's order, the microbatches'
 // inputs, activations and gradients, the neighbours' messages and the microbatch gradient sums. Times
 // go to the summary: compute as forward/backward, waits on a neighbour as idle.
+//
+// Buffers are slots reused from one microbatch to the next, so that a stage holds what its schedule
+// keeps in flight and no more: the activations of at most `activationSlots_` microbatches (the schedule's
+// peak, M under GPipe, min(P - stage, M) under 1F1B), microbatch m in slot m mod activationSlots_. Both
+// schedules run forwards and backwards in microbatch order, so m's slot was freed by m - slots's backward.
+// Received inputs and gradients have one slot more: the receive for a later microbatch is posted as soon
+// as a backward frees its slot, a whole op before that microbatch needs it, so messages still arrive
+// while the stage computes.
 class StageStep {
  public:
   StageStep(model::Sequential& network, const Topology& topology, const data::Dataset& train,
@@ -233,9 +253,12 @@ class StageStep {
             parallel::GradientAccumulator::Summing gradientSums)
       : network_(network), topology_(topology), train_(train), operations_(std::move(operations)),
         microBatches_(topology.microBatches), microBatchSize_(microBatchSize), globalBatch_(globalBatch),
-        allReduce_(allReduce), summary_(summary), inputs_(microBatches_), gradOutputs_(microBatches_),
-        gradInputs_(microBatches_), activations_(microBatches_), labels_(microBatches_),
-        activationRecvs_(microBatches_), gradientRecvs_(microBatches_) {
+        allReduce_(allReduce), summary_(summary),
+        activationSlots_(parallel::peakMicroBatchesInFlight(operations_)),
+        receiveSlots_(std::min(microBatches_, activationSlots_ + 1)), inputs_(receiveSlots_),
+        gradOutputs_(receiveSlots_), gradInputs_(activationSlots_), activations_(activationSlots_),
+        labels_(activationSlots_), activationSlotHolder_(activationSlots_, -1), activationRecvs_(microBatches_),
+        gradientRecvs_(microBatches_), outputSends_(activationSlots_), gradInputSends_(activationSlots_) {
     // Several microbatches: their gradients are summed on the accumulator's thread (or inline).
     if (microBatches_ > 1) accumulator_.emplace(network.gradientBufferSize(), gradientSums);
     // TANDEM_LOG_LEVEL=debug: every pipeline step's timeline, to see which neighbour a stage waits on.
@@ -251,8 +274,7 @@ class StageStep {
     lossSum_ = 0.0;
     stopVote_ = stopVote;
     live_ = 0;
-    liveBytes_ = 0;
-    postReceives();
+    for (int m = 0; m < receiveSlots_; ++m) postReceives(m);
     if (timeline_) timeline_->begin(stepStart);
     for (const parallel::PipelineOp& op : operations_) {
       const auto opStart = Clock::now();
@@ -261,8 +283,8 @@ class StageStep {
                                                                   : backward(op.microBatch));
       if (timeline_) timeline_->record(op, opStart, computeStart);
     }
-    for (auto& send : sends_) TANDEM_RETURN_IF_ERROR(waitIdle(send));
-    sends_.clear();
+    for (auto* sends : {&outputSends_, &gradInputSends_})
+      for (auto& send : *sends) TANDEM_RETURN_IF_ERROR(waitForSend(send));
     if (timeline_) log::debug() << "stage " << topology_.stage << " timeline " << timeline_->finish();
     return lossSum_;
   }
@@ -280,76 +302,89 @@ class StageStep {
   }
 
  private:
-  // Post every receive of the step up front: Gloo moves a message once its receive is posted, so a
-  // neighbour's activations and gradients arrive while this stage computes instead of on demand.
-  void postReceives() {
+  // Posts microbatch m's receives (none without a pipeline) into its slots: Gloo moves a message once its
+  // receive is posted, so a neighbour's activations and gradients arrive while this stage computes
+  // instead of on demand.
+  void postReceives(int m) {
     if (topology_.stages == 1) return;
-    const int64_t inFeatures = network_.layer(0).inputFeatures();
-    const int64_t outFeatures = network_.layer(network_.layerCount() - 1).outputFeatures();
-    for (int m = 0; m < microBatches_; ++m) {
-      if (!topology_.firstStage()) {
-        inputs_[m].reshape({microBatchSize_, inFeatures});
-        activationRecvs_[m] = topology_.pipeline->recvAsync(inputs_[m].data(), inputs_[m].size() * 4,
-                                                            topology_.stage - 1, activationTag(m));
-      }
-      if (!topology_.lastStage()) {
-        gradOutputs_[m].reshape({microBatchSize_, outFeatures});
-        gradientRecvs_[m] = topology_.pipeline->recvAsync(gradOutputs_[m].data(), gradOutputs_[m].size() * 4,
-                                                          topology_.stage + 1, gradientTag(m));
-      }
+    const int slot = m % receiveSlots_;
+    if (!topology_.firstStage()) {
+      inputs_[slot].reshape({microBatchSize_, network_.layer(0).inputFeatures()});
+      activationRecvs_[m] = topology_.pipeline->recvAsync(inputs_[slot].data(), inputs_[slot].size() * 4,
+                                                          topology_.stage - 1, activationTag(m));
+    }
+    if (!topology_.lastStage()) {
+      gradOutputs_[slot].reshape({microBatchSize_, network_.layer(network_.layerCount() - 1).outputFeatures()});
+      gradientRecvs_[m] = topology_.pipeline->recvAsync(gradOutputs_[slot].data(), gradOutputs_[slot].size() * 4,
+                                                        topology_.stage + 1, gradientTag(m));
     }
   }
 
   // Returns when its compute started (after any wait on the previous stage).
   StatusOr<Clock::time_point> forward(int m, const std::vector<int64_t>& shard) {
+    const int slot = m % activationSlots_, received = m % receiveSlots_;
+    if (activationSlotHolder_[slot] >= 0)
+      return TANDEM_ERROR(StatusCode::kInternal, "pipeline schedule: microbatch " + std::to_string(m) +
+                                                     " goes forward while microbatch " +
+                                                     std::to_string(activationSlotHolder_[slot]) + " holds its slot");
     if (!topology_.firstStage()) TANDEM_RETURN_IF_ERROR(waitIdle(activationRecvs_[m]));
+    // The slot's previous output may still be on its way to the next stage (in practice it has arrived:
+    // that stage has sent back its gradient).
+    TANDEM_RETURN_IF_ERROR(waitForSend(outputSends_[slot]));
     const auto start = Clock::now();
     // Loading the microbatch is the stage's work, timed with its forward: labels for the last stage,
     // inputs for the first (gather fills both).
     microIndices_.assign(shard.begin() + m * microBatchSize_, shard.begin() + (m + 1) * microBatchSize_);
     if (topology_.firstStage())
-      train_.gather(microIndices_, inputs_[m], labels_[m]);
+      train_.gather(microIndices_, inputs_[received], labels_[slot]);
     else if (topology_.lastStage())
-      train_.gatherLabels(microIndices_, labels_[m]);
-    const Tensor& output = network_.forward(inputs_[m], activations_[m]);
+      train_.gatherLabels(microIndices_, labels_[slot]);
+    const Tensor& output = network_.forward(inputs_[received], activations_[slot]);
+    activationSlotHolder_[slot] = m;
     ++live_;
-    liveBytes_ += activations_[m].bytes();
     summary_.peakMicroBatchesInFlight = std::max(summary_.peakMicroBatchesInFlight, live_);
-    summary_.peakActivationBytes = std::max(summary_.peakActivationBytes, liveBytes_);
+    summary_.peakActivationBytes = std::max(summary_.peakActivationBytes, heldActivationBytes());
     if (topology_.lastStage()) {
-      gradOutputs_[m].reshape(output.shape());
-      lossSum_ += kernels::softmax_cross_entropy(output.rows(), output.cols(), output.data(), labels_[m].data(),
-                                                 1.0f / static_cast<float>(globalBatch_), gradOutputs_[m].data(),
-                                                 nullptr);
+      gradOutputs_[received].reshape(output.shape());
+      lossSum_ += kernels::softmax_cross_entropy(output.rows(), output.cols(), output.data(), labels_[slot].data(),
+                                                 1.0f / static_cast<float>(globalBatch_),
+                                                 gradOutputs_[received].data(), nullptr);
     }
     summary_.forwardSeconds += secondsSince(start);
     if (!topology_.lastStage())
-      sends_.push_back(
-          topology_.pipeline->sendAsync(output.data(), output.size() * 4, topology_.stage + 1, activationTag(m)));
+      outputSends_[slot] =
+          topology_.pipeline->sendAsync(output.data(), output.size() * 4, topology_.stage + 1, activationTag(m));
     return start;
   }
 
   StatusOr<Clock::time_point> backward(int m) {
+    const int slot = m % activationSlots_, received = m % receiveSlots_;
+    if (activationSlotHolder_[slot] != m)
+      return TANDEM_ERROR(StatusCode::kInternal,
+                          "pipeline schedule: microbatch " + std::to_string(m) + " goes backward before its forward");
     if (!topology_.lastStage()) TANDEM_RETURN_IF_ERROR(waitIdle(gradientRecvs_[m]));
+    TANDEM_RETURN_IF_ERROR(waitForSend(gradInputSends_[slot]));
     const auto start = Clock::now();
-    Tensor* gradInput = topology_.firstStage() ? nullptr : &gradInputs_[m];
+    Tensor* gradInput = topology_.firstStage() ? nullptr : &gradInputs_[slot];
     if (microBatches_ == 1) {
       setTrailingSlots();
       // One microbatch: its backward finalises the gradients and launches the buckets as it goes.
-      network_.backward(activations_[m], gradOutputs_[m],
+      network_.backward(activations_[slot], gradOutputs_[received],
                         [this](int64_t offset) { allReduce_.onGradientsReady(offset); }, gradInput);
       sendGradInput(m);
     } else {
-      network_.backward(activations_[m], gradOutputs_[m], {}, gradInput);
+      network_.backward(activations_[slot], gradOutputs_[received], {}, gradInput);
       sendGradInput(m);
+      // The microbatch's input and output gradient are spent: their slot takes a later microbatch's.
+      if (m + receiveSlots_ < microBatches_) postReceives(m + receiveSlots_);
       // This microbatch's gradients go to the accumulator's thread; the next backward gets a spare buffer.
       FloatBuffer filled = accumulator_->spareBuffer();
       TANDEM_RETURN_IF_ERROR(network_.exchangeGradients(filled));
       accumulator_->add(std::move(filled));
     }
     summary_.backwardSeconds += secondsSince(start);
+    activationSlotHolder_[slot] = -1;
     --live_;
-    liveBytes_ -= activations_[m].bytes();
     return start;
   }
 
@@ -357,8 +392,16 @@ class StageStep {
   // bookkeeping: that stage is waiting for it.
   void sendGradInput(int m) {
     if (topology_.firstStage()) return;
-    sends_.push_back(topology_.pipeline->sendAsync(gradInputs_[m].data(), gradInputs_[m].size() * 4,
-                                                   topology_.stage - 1, gradientTag(m)));
+    Tensor& gradInput = gradInputs_[m % activationSlots_];
+    gradInputSends_[m % activationSlots_] = topology_.pipeline->sendAsync(gradInput.data(), gradInput.size() * 4,
+                                                                        topology_.stage - 1, gradientTag(m));
+  }
+
+  // The activations this stage holds for backward: every slot's, used or not, i.e. its real footprint.
+  int64_t heldActivationBytes() const {
+    int64_t bytes = 0;
+    for (const model::Activations& slot : activations_) bytes += slot.bytes();
+    return bytes;
   }
 
   void setTrailingSlots() {
@@ -375,6 +418,14 @@ class StageStep {
     return status;
   }
 
+  // Waits for a slot's earlier send, if any, before the slot is written again.
+  Status waitForSend(std::shared_ptr<comm::Work>& send) {
+    if (send == nullptr) return Status::Ok();
+    Status status = waitIdle(send);
+    send.reset();
+    return status;
+  }
+
   model::Sequential& network_;
   const Topology& topology_;
   const data::Dataset& train_;
@@ -383,19 +434,22 @@ class StageStep {
   const int64_t microBatchSize_, globalBatch_;
   parallel::BucketedAllReduce& allReduce_;
   TrainingSummary& summary_;
-  // Per microbatch: inputs (data or the previous stage's activations), activations kept for backward,
-  // dL/doutput (from the loss or the next stage), dL/dinput (sent back), labels.
+  const int activationSlots_, receiveSlots_;
+  // Per receive slot: inputs (data or the previous stage's activations, kept for backward), dL/doutput
+  // (from the loss or the next stage). Per activation slot: dL/dinput (sent back), the activations kept
+  // for backward, labels, and which microbatch holds the slot (-1: none).
   std::vector<Tensor> inputs_, gradOutputs_, gradInputs_;
   std::vector<model::Activations> activations_;
   std::vector<std::vector<int32_t>> labels_;
-  std::vector<std::shared_ptr<comm::Work>> activationRecvs_, gradientRecvs_, sends_;
+  std::vector<int> activationSlotHolder_;
+  // Receives per microbatch; sends per activation slot (a slot is not written again before its send is done).
+  std::vector<std::shared_ptr<comm::Work>> activationRecvs_, gradientRecvs_, outputSends_, gradInputSends_;
   std::vector<int64_t> microIndices_;
   std::optional<parallel::GradientAccumulator> accumulator_;
   std::optional<StageTimeline> timeline_;
   double lossSum_ = 0.0;
   bool stopVote_ = false;
-  int live_ = 0;             // microbatches whose activations are held
-  int64_t liveBytes_ = 0;
+  int live_ = 0;  // microbatches whose activations are held
 };
 
 // Where a stage keeps its checkpoints: <dir>/<job name> without pipelines, <dir>/<job name>/stage-<s>
@@ -417,6 +471,100 @@ int64_t checkpointsKept(const manifest::JobSpec& spec, const Topology& topology)
 checkpoint::CheckpointStore checkpointStore(const manifest::JobSpec& spec, const Topology& topology) {
   return checkpoint::CheckpointStore(checkpointRoot(spec, topology), checkpointsKept(spec, topology));
 }
+
+// Checkpoints of this job written with another number of pipeline stages. Each stage's shard holds its
+// own layers, so they cannot be resumed from; and since every layout looks only in its own directories
+// (<job>/step-* without stages, <job>/stage-<s>/step-* with them), ignoring them would silently start
+// the job over. Returns why, naming the directory, or "" when there are none.
+std::string checkpointsOfAnotherLayout(const manifest::JobSpec& spec, const Topology& topology,
+                                       const checkpoint::CheckpointStore& store) {
+  const std::string jobRoot = spec.checkpoint.dir + "/" + spec.name;
+  const std::string now = ", but spec.parallelism.pipelineStages is " + std::to_string(topology.stages) +
+                          ": a job cannot resume with another number of stages (set it back, or use another "
+                          "spec.checkpoint.dir or job name to start over)";
+  if (topology.stages > 1) {
+    const std::vector<int64_t> unstaged = checkpoint::CheckpointStore(jobRoot, 1).listSteps();
+    if (!unstaged.empty())
+      return jobRoot + "/" + checkpoint::stepDirectoryName(unstaged.front()) + " was written without pipeline stages" +
+             now;
+  }
+  std::set<int> otherStages;  // stage-<k> directories this layout does not have, lowest first
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(jobRoot, error)) {
+    int stage = -1;
+    char tail = 0;
+    if (entry.is_directory() && std::sscanf(entry.path().filename().c_str(), "stage-%d%c", &stage, &tail) == 1 &&
+        stage >= (topology.stages > 1 ? topology.stages : 0))
+      otherStages.insert(stage);
+  }
+  for (int stage : otherStages) {
+    const checkpoint::CheckpointStore other(jobRoot + "/stage-" + std::to_string(stage), 1);
+    const std::vector<int64_t> steps = other.listSteps();
+    if (!steps.empty())
+      return other.root() + "/" + checkpoint::stepDirectoryName(steps.front()) + " was written by pipeline stage " +
+             std::to_string(stage) + " of a job with " + (topology.stages > 1 ? "more stages" : "pipeline stages") +
+             now;
+  }
+  // Fewer stages before: this stage's directory holds shards of another split ("..., stage 0 of 2").
+  const std::vector<int64_t> mine = store.listSteps();
+  if (topology.stages > 1 && !mine.empty()) {
+    StatusOr<std::string> description = store.readModelDescription(mine.front());
+    const std::string ofStages = " of " + std::to_string(topology.stages);
+    if (description.ok() && (description->size() < ofStages.size() ||
+                             description->compare(description->size() - ofStages.size(), ofStages.size(), ofStages) != 0))
+      return store.root() + "/" + checkpoint::stepDirectoryName(mine.front()) + " was written by a job with another " +
+             "number of pipeline stages (model \"" + *description + "\")" + now;
+  }
+  return "";
+}
+
+// The newest checkpoint every pipeline stage holds. Each stage's writer prunes its own directory, and a
+// stage whose writes fail (a full disk) keeps only older steps: pruning by `keep` alone could leave the
+// stages no step in common, and a restart would begin again at step 0. So each writer reports the steps
+// it made durable, one per training step, in that step's all-reduce (two floats per stage: the step's
+// high and low 20 bits, exact in float); a step is common once every stage has reported it, and every
+// writer's pruning spares the newest common step.
+class CommonCheckpoint {
+ public:
+  static constexpr int kFloatsPerStage = 2;
+
+  CommonCheckpoint(int stages, int64_t resumedStep) : stages_(stages), newest_(resumedStep) {}
+
+  // The writer thread: a checkpoint made durable.
+  void durable(int64_t step) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    unreported_.push_back(step);
+  }
+
+  // Before the all-reduce: at most one unreported step into this stage's slots (zero elsewhere).
+  void report(int stage, float* slots) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (unreported_.empty()) return;
+    const int64_t step = unreported_.front();
+    unreported_.erase(unreported_.begin());
+    slots[stage * kFloatsPerStage] = static_cast<float>(step >> 20);
+    slots[stage * kFloatsPerStage + 1] = static_cast<float>(step & ((int64_t{1} << 20) - 1));
+  }
+
+  // After the all-reduce: every stage's report (each slot summed from its one writer).
+  void heard(const float* slots) {
+    for (int stage = 0; stage < stages_; ++stage) {
+      const int64_t step = (static_cast<int64_t>(slots[stage * kFloatsPerStage]) << 20) +
+                           static_cast<int64_t>(slots[stage * kFloatsPerStage + 1]);
+      if (step > 0 && ++reports_[step] == stages_) newest_ = std::max(newest_, step);
+    }
+    reports_.erase(reports_.begin(), reports_.upper_bound(newest_));
+  }
+
+  int64_t newest() const { return newest_; }
+
+ private:
+  const int stages_;
+  int64_t newest_;                   // 0: none yet
+  std::map<int64_t, int> reports_;   // steps newer than newest_: how many stages hold them
+  std::mutex mutex_;
+  std::vector<int64_t> unreported_;  // this writer's durable steps not yet reported
+};
 
 // This writer's shard of `step`, checked against this job: nullopt when it does not verify (logged:
 // an older one may), an error when it belongs to another model or optimizer (no older one would do).
@@ -477,9 +625,19 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
   Status refusal;
   std::optional<checkpoint::CheckpointState> loaded;
   if (topology.writesCheckpoints()) {
-    const std::vector<int64_t> listed = store.listSteps();
+    std::string otherLayout = checkpointsOfAnotherLayout(options.spec, topology, store);
+    if (topology.stages > 1) {  // the writers refuse together: each alone sees its own directory
+      float found = otherLayout.empty() ? 0.0f : 1.0f;
+      TANDEM_RETURN_IF_ERROR(
+          topology.pipeline->allReduce(&found, 1).withContext("checking the checkpoints' pipeline stages"));
+      if (found > 0.0f && otherLayout.empty())
+        otherLayout = "another stage found checkpoints written with another number of pipeline stages (its log says "
+                      "where): refusing to resume";
+    }
+    if (!otherLayout.empty()) refusal = TANDEM_ERROR(StatusCode::kFailedPrecondition, otherLayout);
+    const std::vector<int64_t> listed = otherLayout.empty() ? store.listSteps() : std::vector<int64_t>{};
     std::vector<int64_t> candidates = listed;
-    if (topology.stages > 1) {
+    if (topology.stages > 1 && otherLayout.empty()) {
       TANDEM_ASSIGN_OR_RETURN(candidates, stepsAllStagesList(topology, listed));
     }
     for (int64_t step : candidates) {
@@ -634,6 +792,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   summary.steps = firstStep;
   // Failures are logged; training goes on and the earlier checkpoints stay.
   std::atomic<double> lastWriteSeconds{0.0};
+  CommonCheckpoint commonCheckpoint(stages, firstStep);  // with pipeline stages: spared by every writer's pruning
   std::atomic<int64_t> checkpointsWritten{0};
   std::unique_ptr<checkpoint::AsyncCheckpointer> checkpointer;
   if (checkpointing && topology.writesCheckpoints()) {
@@ -646,6 +805,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
         firstStep, [&](const checkpoint::AsyncCheckpointer::Result& result) {
           if (result.status.ok()) {
             lastWriteSeconds = result.seconds;
+            commonCheckpoint.durable(result.step);
             ++checkpointsWritten;
             if (options.metrics != nullptr) options.metrics->observeCheckpoint(result.seconds, result.bytes);
             log::info() << "checkpoint " << checkpoint::stepDirectoryName(result.step) << " written: " << result.bytes
@@ -673,7 +833,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     state.seed = static_cast<uint64_t>(spec.training.seed);
     state.parameters.assign(network->parameters(), network->parameters() + network->parameterCount());
     state.optimizerState.assign(optimizer.state(), optimizer.state() + optimizer.stateSize());
-    return checkpointer->submit(std::move(state), deadline);
+    return checkpointer->submit(std::move(state), deadline, stages > 1 ? commonCheckpoint.newest() : 0);
   };
 
   StageStep stageStep(*network, topology, data.train, operations, microBatchSize, globalBatch, allReduce, summary,
@@ -695,15 +855,21 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     const bool checkpointDue = spec.checkpoint.everySteps > 0 && (step + 1) % spec.checkpoint.everySteps == 0;
     // The third slot: stages whose previous checkpoint is still being written. With a pipeline, each
     // stage's writer keeps its own shards; they skip a checkpoint together, or one would hold a step
-    // the others lack, and pruning could leave them no step in common to resume from.
-    float metrics[3] = {static_cast<float>(lossSum), stopVote ? 1.0f : 0.0f,
-                        checkpointDue && checkpointer && checkpointer->stepInFlight() ? 1.0f : 0.0f};
+    // the others lack (of use to none: a resume needs every stage's shard of its step).
+    // With pipeline stages, the writers' durable checkpoints follow (CommonCheckpoint).
+    std::vector<float> metrics(stages > 1 ? 3 + stages * CommonCheckpoint::kFloatsPerStage : 3, 0.0f);
+    metrics[0] = static_cast<float>(lossSum);
+    metrics[1] = stopVote ? 1.0f : 0.0f;
+    metrics[2] = checkpointDue && checkpointer && checkpointer->stepInFlight() ? 1.0f : 0.0f;
+    if (stages > 1 && checkpointer) commonCheckpoint.report(topology.stage, metrics.data() + 3);
     if (!metricsInGradients && topology.world != nullptr) {
       // The pipeline's flush: when this all-reduce returns, every stage has run all its microbatches. A
       // stage's wait here for the slower ones is bubble, as in the theory's (P-1)/(M+P-1).
       const auto flushStart = Clock::now();
-      TANDEM_RETURN_IF_ERROR(topology.world->allReduce(metrics, 3).withContext("step " + std::to_string(step + 1)));
+      TANDEM_RETURN_IF_ERROR(topology.world->allReduce(metrics.data(), static_cast<int64_t>(metrics.size()))
+                                 .withContext("step " + std::to_string(step + 1)));
       summary.idleSeconds += secondsSince(flushStart);  // !metricsInGradients: a pipeline
+      if (stages > 1) commonCheckpoint.heard(metrics.data() + 3);
     }
     // Outside the pipeline's timing, like the optimizer step: the flush is over.
     TANDEM_RETURN_IF_ERROR(stageStep.finishGradients());
@@ -819,7 +985,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     log::info() << "stage " << topology.stage << ": forward " << summary.forwardSeconds << " s, backward "
                 << summary.backwardSeconds << " s, idle " << summary.idleSeconds << " s, bubble ratio "
                 << summary.bubbleRatio << ", peak activations " << summary.peakMicroBatchesInFlight << " microbatches ("
-                << summary.peakActivationBytes << " bytes)";
+                << summary.peakActivationBytes << " bytes), peak resident memory " << peakResidentBytes() << " bytes";
   TANDEM_ASSIGN_OR_RETURN(summary.finalEval, evaluate(*network, data.test, topology));
   summary.finalEval.step = summary.steps;
   if (options.metrics != nullptr) options.metrics->setEvalAccuracy(summary.finalEval.accuracy);

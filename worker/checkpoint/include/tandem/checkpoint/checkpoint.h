@@ -45,14 +45,19 @@ class CheckpointStore {
   const std::string& root() const { return root_; }
 
   // Writes durably (see the file comment); on failure nothing earlier is touched and the temporary
-  // directory is removed. Returns the bytes written.
-  StatusOr<int64_t> write(const CheckpointState& state);
+  // directory is removed. Returns the bytes written. Pruning spares step `alsoKeep` (0: none) beyond
+  // `keep`: with pipeline stages, the newest step every stage holds, which a stage whose writes failed
+  // may still need.
+  StatusOr<int64_t> write(const CheckpointState& state, int64_t alsoKeep = 0);
 
   // Steps of the complete checkpoint directories present, newest first (`latest` is not needed).
   std::vector<int64_t> listSteps() const;
 
   // Reads and verifies one checkpoint: manifest, sizes, SHA-256 of every shard.
   StatusOr<CheckpointState> read(int64_t step, int stage = 0) const;
+
+  // The model description in one checkpoint's manifest, read without its shards (nor verifying them).
+  StatusOr<std::string> readModelDescription(int64_t step) const;
 
   // `step` when it verifies and holds `modelDescription`; nullopt (reported through `warn`) when it does
   // not verify; FAILED_PRECONDITION naming both models when it holds another model.
@@ -66,8 +71,9 @@ class CheckpointStore {
                                                            const std::function<void(const std::string&)>& warn) const;
 
  private:
-  // Deletes the checkpoints beyond `keep`, counting back from `written` (the step just written).
-  Status removeOld(int64_t written) const;
+  // Deletes the checkpoints beyond `keep`, counting back from `written` (the step just written), except
+  // `alsoKeep`.
+  Status removeOld(int64_t written, int64_t alsoKeep) const;
   std::string root_;
   int64_t keep_;
 };
@@ -108,8 +114,9 @@ class AsyncCheckpointer {
   // UNAVAILABLE once the write in flight has run longer than writeTimeout.
   Status checkWriter();
   // Queues the state once no write is in flight, waiting until `deadline` at most (then
-  // DEADLINE_EXCEEDED) or until the write in flight is hung (UNAVAILABLE).
-  Status submit(CheckpointState state, Clock::time_point deadline = Clock::time_point::max());
+  // DEADLINE_EXCEEDED) or until the write in flight is hung (UNAVAILABLE). Its pruning spares `alsoKeep`
+  // (see CheckpointStore::write).
+  Status submit(CheckpointState state, Clock::time_point deadline = Clock::time_point::max(), int64_t alsoKeep = 0);
   // Waits until nothing is in flight; the same errors as submit(). Returns the last attempt's result
   // (nullopt before the first).
   StatusOr<std::optional<Result>> drain(Clock::time_point deadline = Clock::time_point::max());
@@ -123,6 +130,7 @@ class AsyncCheckpointer {
     std::mutex mutex;
     std::condition_variable changed;
     std::optional<CheckpointState> pending;
+    int64_t pendingAlsoKeep = 0;
     std::optional<int64_t> writingStep;  // the step being written now
     Clock::time_point writeStart;
     bool stopping = false;
