@@ -90,6 +90,18 @@ class Divergence(TempDirTest):
         self.assertIn("restartPolicy ExitCode: exit code 2 is permanent (1-127), not restarting", result.stderr)
 
 
+class TooLargeForTheMachine(TempDirTest):
+    def test_a_dataset_larger_than_memory_is_a_permanent_error_naming_the_fields(self):
+        # 10^10 synthetic samples of 784 floats: 31 TB. The allocation fails at once (not the OOM killer);
+        # retrying would ask for the same, so the exit is permanent, with the likely fields named.
+        config = self.write("job.yaml", manifest(data_kind="synthetic", samples=10000000000,
+                                                 extra_spec="  runPolicy: {restartPolicy: ExitCode}\n"))
+        result = tandem("run", config, "--quiet", timeout=120)
+        self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, result.stderr[-2000:])
+        self.assertIn("out of memory: an allocation failed (is spec.data.samples", result.stderr)
+        self.assertIn("exit code 2 is permanent", result.stderr)
+
+
 class DatasetErrors(TempDirTest):
     def test_missing_dataset_directory(self):
         path = self.write("job.yaml", manifest(data_path="/nonexistent/fashion-mnist"))

@@ -111,6 +111,16 @@ class Launcher(TempDirTest):
         self.assertEqual(process.returncode, 143, err[-2000:])
         self.assertEqual(out.count("CHECKPOINTED"), 2, "a worker was killed inside its grace period: " + err[-2000:])
 
+    def test_a_closed_terminal_stops_the_workers_as_sigterm_does(self):
+        # SIGHUP (the terminal or SSH session went away): the workers, in process groups of their own, do
+        # not get it; tandem stops them with their grace period instead of taking them down with it.
+        process = self.start(self.SLOW_STOP.format(seconds=1), "--grace-seconds", "10")
+        process.send_signal(signal.SIGHUP)
+        out, err = process.communicate(timeout=30)
+        self.assertIn("Hangup: stopping all workers", err)
+        self.assertEqual(out.count("CHECKPOINTED"), 2, "a worker did not get its grace period: " + err[-2000:])
+        self.assertEqual(process.returncode, 143, err[-2000:])
+
     def test_a_second_ctrl_c_kills_at_once(self):
         process = self.start(self.SLOW_STOP.format(seconds=60))
         process.send_signal(signal.SIGINT)

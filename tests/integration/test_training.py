@@ -38,6 +38,18 @@ class ExampleAccuracy(TempDirTest):
         self.check(4)
 
 
+class StepCount(TempDirTest):
+    """`epochs` as a mere upper bound ("train until maxSteps"): a huge count trains exactly the steps
+    --max-steps asks for; epochs x steps per epoch saturates instead of wrapping into zero steps."""
+
+    def test_a_huge_epoch_count_trains_until_max_steps(self):
+        config = self.write("job.yaml", manifest(data_kind="synthetic", samples=1024, global_batch=64,
+                                                 epochs=40000000000000000))
+        result = tandem("run", config, "--max-steps", "3", timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("steps 3", result.stdout)
+
+
 class DataParallelEquivalence(TempDirTest):
     """Same seed and global batch: 2 and 4 workers end 50 steps where 1 worker does (rel. error <= 1e-5)."""
 

@@ -300,6 +300,9 @@ TEST(ParseManifest, NeverThrowsOnOddDocuments) {
                            "spec: {workers: 1, {a: b}: c}\n"}) {
     const ParseResult result = parseManifest(text, "odd.yaml");
     EXPECT_FALSE(result.ok()) << "accepted: " << text;
+    // Each is reported as what is wrong with it, not caught by parseManifest's backstop.
+    for (const auto& error : result.errors)
+      EXPECT_EQ(error.message.rfind("cannot read the manifest: ", 0), std::string::npos) << text << ": " << error.message;
   }
 }
 

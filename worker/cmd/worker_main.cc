@@ -14,6 +14,7 @@
 #include <cstring>
 #include <iostream>
 #include <memory>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -458,5 +459,16 @@ int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   kernels::restartWithBetterGemmCore(argv);  // before anything else: a restart must not repeat side effects
-  return run(argc, argv);
+  try {
+    return run(argc, argv);
+  } catch (const std::bad_alloc&) {
+    // Not the kernel's OOM killer (that is SIGKILL): one allocation larger than the machine allows, i.e.
+    // a size in the manifest. A restart would ask for the same size: permanent.
+    log::error() << "out of memory: an allocation failed (is spec.data.samples or a width in "
+                    "spec.model.mlp.hidden too large for this machine?)";
+    return kExitInvalidConfig;
+  } catch (const std::exception& error) {
+    log::error() << "internal error: " << error.what();
+    return kExitInternal;
+  }
 }

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -127,7 +128,10 @@ model::ActivationKind activationOf(const manifest::JobSpec& spec) {
 }  // namespace
 
 int64_t plannedSteps(const manifest::JobSpec& spec, int64_t trainSamples, int64_t maxStepsOverride) {
-  int64_t steps = spec.training.epochs * (trainSamples / spec.training.globalBatchSize);
+  // Saturating: a huge `epochs` with maxSteps as the real bound ("train until maxSteps") must not wrap.
+  int64_t steps = 0;
+  if (__builtin_mul_overflow(spec.training.epochs, trainSamples / spec.training.globalBatchSize, &steps))
+    steps = std::numeric_limits<int64_t>::max();
   if (spec.training.maxSteps > 0) steps = std::min(steps, spec.training.maxSteps);
   if (maxStepsOverride > 0) steps = std::min(steps, maxStepsOverride);
   return steps;
@@ -912,7 +916,7 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
       progress.step = step + 1;
       progress.totalSteps = totalSteps;
       progress.epoch = step / batches.stepsPerEpoch() + 1;
-      progress.epochs = (totalSteps + batches.stepsPerEpoch() - 1) / batches.stepsPerEpoch();
+      progress.epochs = totalSteps / batches.stepsPerEpoch() + (totalSteps % batches.stepsPerEpoch() != 0 ? 1 : 0);
       progress.loss = loss;
       progress.learningRate = lr;
       const double trainSeconds = secondsSince(loopStart) - evalSeconds;

@@ -170,6 +170,7 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   setpgid(0, 0);
   signal(SIGINT, SIG_DFL);
   signal(SIGTERM, SIG_DFL);
+  signal(SIGHUP, SIG_DFL);
   // Not tandem's terminal: a worker in a background process group that read it would be stopped
   // (SIGTTIN) and hang the job. A custom command that reads stdin sees end of file instead.
   const int devNull = open("/dev/null", O_RDONLY | O_CLOEXEC);  // the dup2'd copy stays open, not this one
@@ -316,11 +317,15 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   action.sa_handler = onInterrupt;
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
+  // A closed terminal or SSH session: the same graceful stop (the workers, in process groups of their
+  // own, do not get the hangup; without this they would die with tandem, without their checkpoint).
+  sigaction(SIGHUP, &action, nullptr);
   interruptSignal = 0;
   interruptCount = 0;
   auto restoreSignals = [] {
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
   };
 
   std::vector<Worker> group(workers);
@@ -558,7 +563,9 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   }
   display.finish();
   restoreSignals();
-  if (result.interrupted && result.exitCode == 0) result.exitCode = 128 + interruptSignal;
+  // A hangup is stopped as SIGTERM is, and says so: 129 (128 + SIGHUP) would read as "peer lost".
+  if (result.interrupted && result.exitCode == 0)
+    result.exitCode = 128 + (interruptSignal == SIGHUP ? SIGTERM : static_cast<int>(interruptSignal));
   result.wallSeconds = std::chrono::duration<double>(Clock::now() - start).count();
   return result;
 }
