@@ -365,6 +365,49 @@ class PipelineFaultTolerance(TempDirTest):
         for stage in range(4):
             self.assertTrue(os.listdir(os.path.join(self.tmp, "ckpt", "pipe", f"stage-{stage}")))
 
+    def test_a_hybrid_job_resumes_exactly_after_a_preemption_and_after_a_kill(self):
+        # P=2 x D=2. A SIGTERM to replica 1's stage 0: every rank votes to stop after the same step and each
+        # stage's writer checkpoints it; a SIGKILL of replica 1's stage 1: the group restarts from the last
+        # periodic checkpoint. Either way the restored state reaches replica 1 by broadcast, and the run
+        # ends on the uninterrupted run's parameters and losses, bitwise.
+        extra = f"  checkpoint: {{dir: {self.tmp}/CKPT, everySteps: 20, keep: 2}}\n"
+        reference = self.run_to_end("reference", pipeline_job(4, 2, 2, extra=extra.replace("CKPT", "ref")))
+        rng = random.Random()
+        # More than everySteps/2 past a periodic checkpoint, so that the stop writes its own.
+        cases = (("preempted", signal.SIGTERM, 2, 20 * rng.randint(1, 5) + 12), ("killed", signal.SIGKILL, 3,
+                                                                               rng.randint(30, 120)))
+        for name, signum, rank, at_step in cases:
+            print(f"{signal.Signals(signum).name} of rank {rank} at step {at_step}")
+
+            def interfere(process, loss_log, rank=rank, signum=signum, at_step=at_step):
+                def reached():
+                    try:
+                        with open(loss_log) as f:
+                            lines = f.read().splitlines()
+                        return bool(lines) and int(lines[-1].split()[0]) >= at_step
+                    except (OSError, ValueError):
+                        return False
+                self.assertTrue(wait_for(reached, 120))
+                for pid in children_of(process.pid):
+                    if rank_of(pid) == rank:
+                        os.kill(pid, signum)
+
+            params, loss, out, err = self.run_to_end(name, pipeline_job(4, 2, 2, extra=extra.replace("CKPT", name)),
+                                                     interfere)
+            self.assertEqual(params.tobytes(), reference[0].tobytes(), name)
+            self.assertEqual(loss.splitlines(), reference[1].splitlines(), name)
+            resumed = int(re.search(r"generation 1 resumed from step (\d+)", err).group(1))
+            if signum == signal.SIGTERM:
+                self.assertIn("restarts 1 (1 preemptions)", out, err[-6000:])
+                stop = int(re.search(r"stopped by request after step (\d+)", err).group(1))
+                for writer in (0, 1):  # replica 0's stages
+                    self.assertRegex(err, rf"rank={writer} .*stop requested: writing a checkpoint of step {stop}")
+                self.assertEqual(resumed, stop)
+            else:
+                self.assertIn("restarts 1 (0 preemptions)", out, err[-6000:])
+                self.assertEqual(resumed % 20, 0)
+                self.assertGreater(resumed, 0)
+
     def test_a_stage_whose_writes_keep_failing_still_shares_a_step_with_the_others(self):
         # Stage 1's disk is full from step 30 on: its writes fail while stage 0's succeed. Each stage prunes
         # its own directory (keep 2); stage 0 must spare step 20, the newest step both hold, or the next run
