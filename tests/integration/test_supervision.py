@@ -11,7 +11,7 @@ import threading
 import time
 import unittest
 
-from tandem_testlib import TANDEM, TempDirTest, children_of, custom_manifest, manifest, rank_of, wait_for, worker_pids
+from tandem_testlib import TANDEM, TempDirTest, children_of, custom_manifest, manifest, rank_of, run, wait_for, worker_pids
 
 
 class Supervision(TempDirTest):
@@ -120,6 +120,27 @@ class Launcher(TempDirTest):
         self.assertIn("Hangup: stopping all workers", err)
         self.assertEqual(out.count("CHECKPOINTED"), 2, "a worker did not get its grace period: " + err[-2000:])
         self.assertEqual(process.returncode, 143, err[-2000:])
+
+    def test_the_active_deadline_stops_the_workers_and_ends_the_job(self):
+        # spec.runPolicy.activeDeadlineSeconds bounds a local run as the operator bounds a job: the workers get
+        # their grace period to checkpoint, then the job fails with 124 (timeout(1)'s code), not restarted.
+        text = custom_manifest(self.SLOW_STOP.format(seconds=1), 2).replace(
+            "runPolicy: {restartPolicy: Never}", "runPolicy: {restartPolicy: OnFailure, activeDeadlineSeconds: 2}")
+        started = time.monotonic()
+        result = run([TANDEM, "run", self.write("deadline.yaml", text), "--grace-seconds", "10"], timeout=60)
+        self.assertGreaterEqual(time.monotonic() - started, 2)
+        self.assertEqual(result.returncode, 124, result.stderr[-2000:])
+        self.assertIn("spec.runPolicy.activeDeadlineSeconds (2 s) passed: stopping all workers", result.stderr)
+        self.assertEqual(result.stdout.count("CHECKPOINTED"), 2, result.stderr[-2000:])
+        self.assertIn("DeadlineExceeded: not restarting", result.stderr)
+
+    def test_a_suspended_job_does_not_run(self):
+        text = custom_manifest("print('RAN')", 1).replace("runPolicy: {restartPolicy: Never}",
+                                                         "runPolicy: {suspend: true}")
+        result = run([TANDEM, "run", self.write("suspended.yaml", text)], timeout=60)
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        self.assertIn("spec.runPolicy.suspend: true: nothing runs", result.stderr)
+        self.assertNotIn("RAN", result.stdout)
 
     def test_a_second_ctrl_c_kills_at_once(self):
         process = self.start(self.SLOW_STOP.format(seconds=60))

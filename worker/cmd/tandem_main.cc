@@ -70,6 +70,15 @@ RunOutcome runWithRestarts(launch::LocalJobOptions options) {
     if (previousLastStep >= 0) outcome.stepsLost += std::max<int64_t>(0, previousLastStep - result.resumedFromStep);
     previousLastStep = result.lastStep;
     if (result.exitCode == 0 || result.interrupted) return outcome;
+    const bool pastDeadline =
+        options.activeDeadline && (result.deadlineExceeded || std::chrono::steady_clock::now() >= *options.activeDeadline);
+    if (pastDeadline) {
+      outcome.verdict = "DeadlineExceeded: not restarting";
+      if (!result.deadlineExceeded) {  // failed on its own just before the deadline: the deadline still ends the job
+        outcome.last.failure += "; spec.runPolicy.activeDeadlineSeconds has passed";
+      }
+      return outcome;
+    }
 
     const bool preempted = result.exitCode == kExitTerminated;
     if (policy.restartPolicy == "Never") {
@@ -216,8 +225,17 @@ int run(const std::vector<std::string>& arguments) {
     options.workerArguments.assign(spec.customCommand.begin() + 1, spec.customCommand.end());
     options.customCommand = true;
   }
+  if (spec.runPolicy.suspend) {
+    std::cerr << "spec.runPolicy.suspend: true: nothing runs (the operator keeps a suspended job's workers "
+                 "deleted); set it to false to run the job\n";
+    return kExitInvalidConfig;
+  }
   std::cerr << "tandem: running " << spec.jobKey() << " with " << spec.workers << " local worker"
             << (spec.workers == 1 ? "" : "s") << "\n";
+  // As the operator counts it: from this start, across restarts (their back-off included).
+  if (spec.runPolicy.activeDeadlineSeconds > 0)
+    options.activeDeadline = std::chrono::steady_clock::now() +
+                             std::chrono::seconds(std::min<int64_t>(spec.runPolicy.activeDeadlineSeconds, int64_t{1} << 32));
   const RunOutcome outcome = runWithRestarts(options);
   const launch::LocalJobResult& result = outcome.last;
   if (result.summary) {

@@ -292,13 +292,6 @@ int run(int argc, char** argv) {
   std::signal(SIGTERM, onStopSignal);
   std::signal(SIGINT, onStopSignal);
 
-  StatusOr<data::TrainTest> dataset = data::TrainTest{};
-  if (spec.data.kind == "synthetic")
-    dataset = data::makeSynthetic(spec.data.samples, static_cast<uint64_t>(spec.training.seed));
-  else
-    dataset = data::loadFashionMnist(spec.data.path);
-  if (!dataset.ok()) return fail(dataset.status());
-
   const auto rendezvousTimeout =
       std::chrono::milliseconds(static_cast<int64_t>(arguments->rendezvousTimeoutSeconds * 1000));
   // Heartbeats let a rank whose collective timed out name the peer that went silent: silent after half
@@ -311,21 +304,31 @@ int run(int argc, char** argv) {
   std::shared_ptr<rendezvous::RendezvousClient> rendezvousClient;
   std::unique_ptr<comm::Communicator> communicator;
   std::unique_ptr<rendezvous::HeartbeatSender> heartbeats;
+  const std::string configHash = manifest::configHash(spec);
+  // Rank 0 holds its rendezvous port before anything slow (the dataset): `tandem run` found the port free
+  // a moment ago, and another process could take it in between (its peers would then be refused).
+  if (identity->worldSize > 1 && identity->rank == 0) {
+    rendezvous::ServerOptions serverOptions;
+    serverOptions.listenAddress = hostPort(identity->listenHost, portOf(identity->endpoint));
+    serverOptions.job = spec.jobKey();
+    serverOptions.generation = identity->generation;
+    serverOptions.worldSize = identity->worldSize;
+    serverOptions.token = identity->token;
+    serverOptions.configHash = configHash;
+    serverOptions.heartbeatTimeout = silentAfter;
+    auto started = rendezvous::RendezvousServer::start(serverOptions);
+    if (!started.ok()) return fail(started.status());
+    server = std::move(started).value();
+  }
+
+  StatusOr<data::TrainTest> dataset = data::TrainTest{};
+  if (spec.data.kind == "synthetic")
+    dataset = data::makeSynthetic(spec.data.samples, static_cast<uint64_t>(spec.training.seed));
+  else
+    dataset = data::loadFashionMnist(spec.data.path);
+  if (!dataset.ok()) return fail(dataset.status());
+
   if (identity->worldSize > 1) {
-    const std::string configHash = manifest::configHash(spec);
-    if (identity->rank == 0) {
-      rendezvous::ServerOptions serverOptions;
-      serverOptions.listenAddress = hostPort(identity->listenHost, portOf(identity->endpoint));
-      serverOptions.job = spec.jobKey();
-      serverOptions.generation = identity->generation;
-      serverOptions.worldSize = identity->worldSize;
-      serverOptions.token = identity->token;
-      serverOptions.configHash = configHash;
-      serverOptions.heartbeatTimeout = silentAfter;
-      auto started = rendezvous::RendezvousServer::start(serverOptions);
-      if (!started.ok()) return fail(started.status());
-      server = std::move(started).value();
-    }
     rendezvousClient =
         std::make_shared<rendezvous::RendezvousClient>(identity->endpoint, identity->token, identity->generation);
     rendezvous::JoinRequest join{spec.jobKey(), identity->generation, identity->rank, identity->worldSize,

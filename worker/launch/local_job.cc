@@ -526,6 +526,13 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
                 << " (again to kill them now)" << std::endl;
       beginStop(options.stopGrace);  // the workers' grace period: they finish the step and checkpoint
     }
+    if (options.activeDeadline && !stopDeadline && Clock::now() >= *options.activeDeadline) {
+      result.deadlineExceeded = true;
+      display.beforeOutput();
+      std::cerr << "tandem: spec.runPolicy.activeDeadlineSeconds (" << options.spec.runPolicy.activeDeadlineSeconds
+                << " s) passed: stopping all workers" << std::endl;
+      beginStop(options.stopGrace);  // as a preemption: they finish the step and checkpoint
+    }
     if (stopDeadline && !killed && interruptCount > interruptsHandled) {
       display.beforeOutput();
       std::cerr << "\ntandem: interrupted again: killing all workers" << std::endl;
@@ -566,6 +573,11 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   // A hangup is stopped as SIGTERM is, and says so: 129 (128 + SIGHUP) would read as "peer lost".
   if (result.interrupted && result.exitCode == 0)
     result.exitCode = 128 + (interruptSignal == SIGHUP ? SIGTERM : static_cast<int>(interruptSignal));
+  if (result.deadlineExceeded && !result.interrupted) {
+    result.exitCode = kExitDeadlineExceeded;
+    result.failure = "spec.runPolicy.activeDeadlineSeconds (" +
+                     std::to_string(options.spec.runPolicy.activeDeadlineSeconds) + " s) passed";
+  }
   result.wallSeconds = std::chrono::duration<double>(Clock::now() - start).count();
   return result;
 }

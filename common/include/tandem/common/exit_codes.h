@@ -10,6 +10,7 @@ constexpr int kExitInvalidConfig = 2;   // manifest, command line or environment
 constexpr int kExitBadData = 3;         // dataset missing, truncated or corrupt
 constexpr int kExitRefused = 4;         // the rendezvous refused us (token, config hash, rank)
 constexpr int kExitInternal = 5;        // a bug: retrying would fail the same way
+constexpr int kExitDeadlineExceeded = 124;  // tandem run: spec.runPolicy.activeDeadlineSeconds passed (timeout(1)'s code)
 constexpr int kExitPeerLost = 129;      // a peer died or timed out, rendezvous unreachable: retry
 constexpr int kExitInterrupted = 130;   // SIGINT (128 + 2)
 constexpr int kExitTerminated = 143;    // SIGTERM (128 + 15): preempted, retry

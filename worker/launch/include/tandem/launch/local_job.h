@@ -31,6 +31,9 @@ struct LocalJobOptions {
   std::vector<CoreSet> coreSets;
   // When the previous generation failed: the first step of this one reports the recovery time.
   std::optional<std::chrono::steady_clock::time_point> previousFailure;
+  // spec.runPolicy.activeDeadlineSeconds from the run's start: the group is then stopped as on SIGTERM
+  // (the workers checkpoint within their grace period) and the result says so.
+  std::optional<std::chrono::steady_clock::time_point> activeDeadline;
 };
 
 struct LocalJobResult {
@@ -38,6 +41,7 @@ struct LocalJobResult {
   int failedRank = -1;
   std::string failure;               // "worker rank 2 exited with code 137 (killed by signal 9)"
   bool interrupted = false;          // Ctrl-C / SIGTERM to tandem itself
+  bool deadlineExceeded = false;     // stopped at options.activeDeadline
   double wallSeconds = 0.0;
   std::optional<nlohmann::json> summary;  // rank 0's @summary
   int64_t lastStep = 0;              // the last step rank 0 reported finished
