@@ -60,6 +60,18 @@ class ManifestErrors(TempDirTest):
         self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, result.stderr)
         self.assertIn("spec.training.globalBatchSize: 250 is not divisible by 4 workers (with --workers 4)", result.stderr)
 
+    def test_out_of_range_flags_are_refused_before_any_worker_starts(self):
+        path = self.write("job.yaml", manifest())
+        for flags, line in ((["--rendezvous-timeout", "inf"],
+                             '--rendezvous-timeout: expected a positive number up to 1000000, got "inf"'),
+                            (["--collective-timeout", "1e10"], "--collective-timeout: expected a positive number"),
+                            (["--max-steps", "-5"], '--max-steps: expected an integer from 0 to'),
+                            (["--grace-seconds", "0"], "--grace-seconds: expected a positive number")):
+            result = tandem("run", path, *flags, timeout=60)
+            self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, (flags, result.stderr))
+            self.assertIn(line, result.stderr)
+            self.assertNotIn("local worker", result.stderr)  # "tandem: running ... with 1 local worker"
+
     def test_every_example_manifest_validates(self):
         examples = os.path.join(os.path.dirname(__file__), "..", "..", "manifests", "examples")
         names = sorted(n for n in os.listdir(examples) if n.endswith(".yaml"))

@@ -1,5 +1,5 @@
 // common: Status/StatusOr and the error macros, exit codes per status class, FNV-1a against its published
-// test vectors, the seeded Random (determinism, ranges, permutations) and cgroup CPU limits.
+// test vectors, the seeded Random (determinism, ranges, permutations), cgroup CPU limits and flag parsing.
 #include <gtest/gtest.h>
 
 #include <sched.h>
@@ -15,6 +15,7 @@
 
 #include "tandem/common/cpu_limit.h"
 #include "tandem/common/exit_codes.h"
+#include "tandem/common/flags.h"
 #include "tandem/common/hash.h"
 #include "tandem/common/random.h"
 #include "tandem/common/status.h"
@@ -242,6 +243,30 @@ TEST(CpusAvailable, CountsTheAffinityMaskNotTheMachine) {
   ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);  // this thread only
   EXPECT_EQ(cpusAvailable(), 1);
   ASSERT_EQ(sched_setaffinity(0, sizeof(saved), &saved), 0);
+}
+
+// Flags: the error names the flag and the range; values that would overflow a clock or a port are refused.
+TEST(Flags, IntegersInRangeOnly) {
+  EXPECT_EQ(parseIntegerFlag("--metrics-port", "9400", 0, 65535).value(), 9400);
+  EXPECT_EQ(parseIntegerFlag("--metrics-port", "0", 0, 65535).value(), 0);
+  for (const char* text : {"70000", "-1", "", "12x", "99999999999999999999"}) {
+    const auto parsed = parseIntegerFlag("--metrics-port", text, 0, 65535);
+    ASSERT_FALSE(parsed.ok()) << text;
+    EXPECT_EQ(parsed.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(parsed.status().message(),
+              std::string("--metrics-port: expected an integer from 0 to 65535, got \"") + text + "\"");
+  }
+}
+
+TEST(Flags, PositiveNumbersUpToTheirMaximum) {
+  EXPECT_DOUBLE_EQ(parsePositiveFlag("--grace-seconds", "2.5", kMaxFlagSeconds).value(), 2.5);
+  EXPECT_DOUBLE_EQ(parsePositiveFlag("--grace-seconds", "1e6", kMaxFlagSeconds).value(), 1e6);
+  for (const char* text : {"0", "-3", "inf", "nan", "1e7", "1e400", "", "5s"}) {
+    const auto parsed = parsePositiveFlag("--grace-seconds", text, kMaxFlagSeconds);
+    ASSERT_FALSE(parsed.ok()) << text;
+    EXPECT_EQ(parsed.status().message(),
+              std::string("--grace-seconds: expected a positive number up to 1000000, got \"") + text + "\"");
+  }
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "tandem/common/exit_codes.h"
+#include "tandem/common/flags.h"
 #include "tandem/config.h"
 #include "tandem/launch/local_job.h"
 #include "tandem/manifest/job_spec.h"
@@ -152,20 +153,33 @@ int run(const std::vector<std::string>& arguments) {
       bindCores = true;
     } else if (argument == "--grace-seconds") {
       const std::string text = value();
-      char* end = nullptr;
-      const double seconds = std::strtod(text.c_str(), &end);
-      if (end == text.c_str() || *end != '\0' || !(seconds > 0) || seconds > 1e6) {
-        std::cerr << "--grace-seconds: expected a positive number of seconds, got \"" << text << "\"\n";
+      StatusOr<double> seconds = parsePositiveFlag(argument, text, kMaxFlagSeconds);
+      if (!seconds.ok()) {
+        std::cerr << seconds.status().message() << "\n";
         return kExitInvalidConfig;
       }
-      graceSeconds = seconds;
+      graceSeconds = *seconds;
       options.workerArguments.push_back(argument);
       options.workerArguments.push_back(text);
     } else if (argument == "--max-steps" || argument == "--dump-params" || argument == "--loss-log" ||
                argument == "--rendezvous-timeout" || argument == "--collective-timeout" ||
                argument == "--bucket-cap-mb" || argument == "--checkpoint-timeout") {
+      // Checked here as the workers check them: a bad value is one error now, not one per worker and
+      // restart (OnFailure restarts even a permanent exit).
+      const std::string text = value();
+      Status checked = Status::Ok();
+      if (argument == "--max-steps")
+        checked = parseIntegerFlag(argument, text, 0, INT64_MAX).status();
+      else if (argument == "--bucket-cap-mb")
+        checked = parsePositiveFlag(argument, text, 1e6).status();
+      else if (argument != "--dump-params" && argument != "--loss-log")
+        checked = parsePositiveFlag(argument, text, kMaxFlagSeconds).status();
+      if (!checked.ok()) {
+        std::cerr << checked.message() << "\n";
+        return kExitInvalidConfig;
+      }
       options.workerArguments.push_back(argument);
-      options.workerArguments.push_back(value());
+      options.workerArguments.push_back(text);
     } else if (!argument.empty() && argument[0] == '-') {
       std::cerr << "unknown option " << argument << "\n" << kUsage;
       return kExitInvalidConfig;

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <atomic>
 #include <cmath>
 #include <csignal>
@@ -22,6 +23,7 @@
 #include "tandem/comm/communicator.h"
 #include "tandem/common/cpu_limit.h"
 #include "tandem/common/exit_codes.h"
+#include "tandem/common/flags.h"
 #include "tandem/common/log.h"
 #include "tandem/data/dataset.h"
 #include "tandem/engine/trainer.h"
@@ -75,31 +77,22 @@ std::optional<std::string> environment(const char* name) {
   return std::string(value);
 }
 
-StatusOr<int64_t> parseInteger(const std::string& name, const std::string& text) {
-  char* end = nullptr;
-  const long long value = std::strtoll(text.c_str(), &end, 10);
-  if (end == text.c_str() || *end != '\0')
-    return TANDEM_ERROR(StatusCode::kInvalidArgument, name + ": expected an integer, got \"" + text + "\"");
-  return static_cast<int64_t>(value);
+StatusOr<int64_t> parsePort(const std::string& name, const std::string& text) {
+  return parseIntegerFlag(name, text, 0, 65535);
 }
 
-// A positive number (seconds, megabytes).
-StatusOr<double> parsePositive(const std::string& name, const std::string& text) {
-  char* end = nullptr;
-  const double value = std::strtod(text.c_str(), &end);
-  if (end == text.c_str() || *end != '\0' || !(value > 0))
-    return TANDEM_ERROR(StatusCode::kInvalidArgument, name + ": expected a positive number, got \"" + text + "\"");
-  return value;
+StatusOr<double> parseSeconds(const std::string& name, const std::string& text) {
+  return parsePositiveFlag(name, text, kMaxFlagSeconds);
 }
 
 StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
   WorkerArguments arguments;
   if (auto config = environment("TANDEM_CONFIG")) arguments.configPath = *config;
   if (auto timeout = environment("TANDEM_RDZV_TIMEOUT_SECONDS")) {
-    TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parsePositive("TANDEM_RDZV_TIMEOUT_SECONDS", *timeout));
+    TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds("TANDEM_RDZV_TIMEOUT_SECONDS", *timeout));
   }
   if (auto port = environment("TANDEM_METRICS_PORT")) {
-    TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parseInteger("TANDEM_METRICS_PORT", *port));
+    TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parsePort("TANDEM_METRICS_PORT", *port));
   }
   if (auto level = environment("TANDEM_LOG_LEVEL")) {
     log::Level parsed;
@@ -116,10 +109,10 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
                           "TANDEM_GRADIENT_SUMS: expected background or inline, got \"" + *sums + "\"");
   }
   if (auto timeout = environment("TANDEM_COLLECTIVE_TIMEOUT_SECONDS")) {
-    TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parsePositive("TANDEM_COLLECTIVE_TIMEOUT_SECONDS", *timeout));
+    TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds("TANDEM_COLLECTIVE_TIMEOUT_SECONDS", *timeout));
   }
   if (auto timeout = environment("TANDEM_CHECKPOINT_TIMEOUT_SECONDS")) {
-    TANDEM_ASSIGN_OR_RETURN(arguments.checkpointTimeoutSeconds, parsePositive("TANDEM_CHECKPOINT_TIMEOUT_SECONDS", *timeout));
+    TANDEM_ASSIGN_OR_RETURN(arguments.checkpointTimeoutSeconds, parseSeconds("TANDEM_CHECKPOINT_TIMEOUT_SECONDS", *timeout));
   }
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -132,23 +125,23 @@ StatusOr<WorkerArguments> parseArguments(int argc, char** argv) {
     if (flag == "--config") {
       arguments.configPath = value;
     } else if (flag == "--max-steps") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.maxSteps, parseInteger(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.maxSteps, parseIntegerFlag(flag, value, 0, INT64_MAX));
     } else if (flag == "--dump-params") {
       arguments.dumpParametersPath = value;
     } else if (flag == "--loss-log") {
       arguments.lossLogPath = value;
     } else if (flag == "--rendezvous-timeout") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parsePositive(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.rendezvousTimeoutSeconds, parseSeconds(flag, value));
     } else if (flag == "--collective-timeout") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parsePositive(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.collectiveTimeoutSeconds, parseSeconds(flag, value));
     } else if (flag == "--metrics-port") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parseInteger(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.metricsPort, parsePort(flag, value));
     } else if (flag == "--grace-seconds") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.graceSeconds, parsePositive(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.graceSeconds, parseSeconds(flag, value));
     } else if (flag == "--checkpoint-timeout") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.checkpointTimeoutSeconds, parsePositive(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.checkpointTimeoutSeconds, parseSeconds(flag, value));
     } else if (flag == "--bucket-cap-mb") {
-      TANDEM_ASSIGN_OR_RETURN(arguments.bucketCapMegabytes, parsePositive(flag, value));
+      TANDEM_ASSIGN_OR_RETURN(arguments.bucketCapMegabytes, parsePositiveFlag(flag, value, 1e6));
     } else {
       return TANDEM_ERROR(StatusCode::kInvalidArgument, "unknown option " + flag + "\n" + kUsage);
     }
@@ -179,7 +172,7 @@ std::string hostPort(const std::string& host, const std::string& port) {
 StatusOr<Identity> readIdentity(manifest::JobSpec& spec) {
   Identity identity;
   if (auto rank = environment("TANDEM_RANK")) {
-    TANDEM_ASSIGN_OR_RETURN(int64_t value, parseInteger("TANDEM_RANK", *rank));
+    TANDEM_ASSIGN_OR_RETURN(int64_t value, parseIntegerFlag("TANDEM_RANK", *rank, INT64_MIN, INT64_MAX));
     if (value < 0 || value >= manifest::kMaxWorkers)  // before narrowing: 2^32 must not read as rank 0
       return TANDEM_ERROR(StatusCode::kInvalidArgument, "TANDEM_RANK " + *rank + " is outside 0.." +
                                                             std::to_string(manifest::kMaxWorkers - 1));
@@ -187,7 +180,7 @@ StatusOr<Identity> readIdentity(manifest::JobSpec& spec) {
   }
   identity.worldSize = static_cast<int>(spec.workers);
   if (auto worldSize = environment("TANDEM_WORLD_SIZE")) {
-    TANDEM_ASSIGN_OR_RETURN(int64_t value, parseInteger("TANDEM_WORLD_SIZE", *worldSize));
+    TANDEM_ASSIGN_OR_RETURN(int64_t value, parseIntegerFlag("TANDEM_WORLD_SIZE", *worldSize, INT64_MIN, INT64_MAX));
     if (value < 1) return TANDEM_ERROR(StatusCode::kInvalidArgument, "TANDEM_WORLD_SIZE must be at least 1");
     if (value != spec.workers) {
       spec.workers = value;
@@ -202,7 +195,7 @@ StatusOr<Identity> readIdentity(manifest::JobSpec& spec) {
     return TANDEM_ERROR(StatusCode::kInvalidArgument, "TANDEM_RANK " + std::to_string(identity.rank) +
                                                           " is outside 0.." + std::to_string(identity.worldSize - 1));
   if (auto generation = environment("TANDEM_GENERATION")) {
-    TANDEM_ASSIGN_OR_RETURN(identity.generation, parseInteger("TANDEM_GENERATION", *generation));
+    TANDEM_ASSIGN_OR_RETURN(identity.generation, parseIntegerFlag("TANDEM_GENERATION", *generation, 0, INT64_MAX));
   }
   if (auto address = environment("TANDEM_POD_IP"); address && !address->empty()) {
     identity.podAddress = *address;
