@@ -1,5 +1,5 @@
 // The launcher's port choice (launch::freePort): ports a worker binds moments later must not be ones an
-// outgoing connection can be handed in between.
+// outgoing connection can be handed in between. And the restart accounting's steps lost.
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -78,6 +78,21 @@ TEST(FreePort, APortAListenerHoldsOnEitherFamilyIsNotFree) {
     EXPECT_FALSE(portFree(port)) << "an IPv6-only listener on [::1]:" << port;
     close(ipv6);
   }
+}
+
+// Steps lost over restarts: only steps trained again count.
+TEST(StepsLostCounter, CountsOnlyStepsTrainedAgain) {
+  StepsLostCounter counter;
+  counter.addGeneration(0, 57);   // fresh start, killed after step 57
+  counter.addGeneration(0, 0);    // failed before training (its port was taken): nothing, and hides nothing
+  counter.addGeneration(40, 40);  // resumed from step 40, failed before a step: nothing yet
+  EXPECT_EQ(counter.stepsLost(), 0);
+  counter.addGeneration(40, 100);  // resumed from 40 and trained on: 41..57 again
+  EXPECT_EQ(counter.stepsLost(), 17);
+  counter.addGeneration(100, 150);  // resumed from a stop checkpoint at its last step: nothing again
+  EXPECT_EQ(counter.stepsLost(), 17);
+  counter.addGeneration(0, 30);  // checkpoints gone: a fresh start trains 1..30 again
+  EXPECT_EQ(counter.stepsLost(), 47);
 }
 
 }  // namespace

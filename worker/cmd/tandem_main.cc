@@ -61,15 +61,15 @@ struct RunOutcome {
 RunOutcome runWithRestarts(launch::LocalJobOptions options) {
   const auto& policy = options.spec.runPolicy;
   RunOutcome outcome;
-  int64_t previousLastStep = -1;
+  launch::StepsLostCounter stepsLost;
   for (int64_t generation = 0;; ++generation) {
     options.generation = generation;
     outcome.last = launch::runLocalJob(options);
     const auto& result = outcome.last;
     options.previousFailure = result.failureDetected;
     outcome.wallSeconds += result.wallSeconds;
-    if (previousLastStep >= 0) outcome.stepsLost += std::max<int64_t>(0, previousLastStep - result.resumedFromStep);
-    previousLastStep = result.lastStep;
+    stepsLost.addGeneration(result.resumedFromStep, result.lastStep);
+    outcome.stepsLost = stepsLost.stepsLost();
     if (result.exitCode == 0 || result.interrupted) return outcome;
     const bool pastDeadline =
         options.activeDeadline && (result.deadlineExceeded || std::chrono::steady_clock::now() >= *options.activeDeadline);

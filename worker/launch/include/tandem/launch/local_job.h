@@ -3,6 +3,8 @@
 // group when any worker dies or the user presses Ctrl-C (no orphans: children also die with us).
 #pragma once
 
+#include <algorithm>
+
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -34,6 +36,23 @@ struct LocalJobOptions {
   // spec.runPolicy.activeDeadlineSeconds from the run's start: the group is then stopped as on SIGTERM
   // (the workers checkpoint within their grace period) and the result says so.
   std::optional<std::chrono::steady_clock::time_point> activeDeadline;
+};
+
+// "Steps lost" over a restarted run: the steps a generation trains that an earlier generation had
+// already finished, i.e. its (resumedFromStep, lastStep] overlapping (0, the furthest step so far]. A
+// generation that failed before training (a port taken, a peer lost at the rendezvous) adds nothing,
+// whatever it reported, and does not hide the next generation's loss.
+class StepsLostCounter {
+ public:
+  void addGeneration(int64_t resumedFromStep, int64_t lastStep) {
+    lost_ += std::max<int64_t>(0, std::min(lastStep, furthest_) - resumedFromStep);
+    furthest_ = std::max(furthest_, lastStep);
+  }
+  int64_t stepsLost() const { return lost_; }
+
+ private:
+  int64_t furthest_ = 0;  // the furthest step any generation finished
+  int64_t lost_ = 0;
 };
 
 struct LocalJobResult {
