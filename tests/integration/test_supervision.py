@@ -4,6 +4,7 @@ killing tandem itself leaves no orphan workers; workers never read tandem's term
 closed output cost tandem nothing, and a worker that cannot be started ends the run cleanly."""
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -102,6 +103,57 @@ class Launcher(TempDirTest):
                 self.fail("a worker never said READY: " + process.stderr.read()[-2000:])
             ready += "READY" in line
         return process
+
+    # Each worker starts a grandchild (its own child, `sleep`), says READY with its pid, then does `then`.
+    GRANDCHILD = ("import subprocess, sys, time\n"
+                  "child = subprocess.Popen(['sleep', '1000'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                  "print(f'READY {{child.pid}}', flush=True)\n"
+                  "{then}\n")
+
+    def grandchildren_of(self, process, workers):
+        pids = []
+        while len(pids) < workers:
+            line = process.stdout.readline()
+            if not line:
+                self.fail("a worker never said READY: " + process.stderr.read()[-2000:])
+            found = re.search(r"READY (\d+)", line)
+            if found:
+                pids.append(int(found.group(1)))
+        return pids
+
+    def assert_gone(self, pids):
+        def running(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+        self.assertTrue(wait_for(lambda: not any(running(pid) for pid in pids), 10),
+                        f"processes the workers started outlived the run: {[p for p in pids if running(p)]}")
+
+    def test_killing_tandem_ends_what_its_workers_started(self):
+        # SIGKILL reaches tandem alone; the workers die with it (parent-death signal), and what they started
+        # is ended by tandem's watchdog.
+        process = subprocess.Popen([TANDEM, "run", self.write("custom.yaml", custom_manifest(
+            self.GRANDCHILD.format(then="while True: time.sleep(0.05)"), 2))], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        pids = self.grandchildren_of(process, 2)
+        process.kill()
+        process.wait(timeout=10)
+        self.assert_gone(pids)
+
+    def test_a_finished_run_leaves_nothing_its_workers_started(self):
+        # The workers exit 0 at once; what they started in the background is ended with them, as a kubelet
+        # ends a container's processes when its main process exits.
+        process = subprocess.Popen([TANDEM, "run", self.write("custom.yaml", custom_manifest(
+            self.GRANDCHILD.format(then="sys.exit(0)"), 2))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        pids = self.grandchildren_of(process, 2)
+        _, err = process.communicate(timeout=30)
+        self.assertEqual(process.returncode, 0, err[-2000:])
+        self.assert_gone(pids)
 
     def test_a_stop_waits_for_the_grace_period_given_to_the_workers(self):
         # Workers are told they have --grace-seconds to finish; tandem must not kill them sooner.

@@ -200,9 +200,105 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   _exit(kExitInternal);
 }
 
+// Ends the workers' process groups when the run ends, however tandem ends. The kernel's parent-death
+// signal reaches tandem's own children only: what a worker started (a custom command's children) would
+// outlive a tandem that was SIGKILLed or crashed, holding ports, GPUs and files. So a small process of
+// its own process group (a kill of tandem's group does not reach it), which holds nothing of tandem's but
+// two pipes, learns each worker's process group; when the first pipe closes (this object's destructor, or
+// tandem's death) it SIGKILLs whatever is left in them, as a kubelet ends a container's processes with its
+// main one, and exits, which closes the second. It is not tandem's child (forked through a short-lived
+// intermediate): tandem's children are its workers.
+class OrphanWatchdog {
+ public:
+  OrphanWatchdog() {
+    int groups[2], done[2];
+    if (pipe2(groups, O_CLOEXEC) != 0) return;  // watching nothing: the direct children still die with tandem
+    if (pipe2(done, O_CLOEXEC) != 0) {
+      close(groups[0]);
+      close(groups[1]);
+      return;
+    }
+    const pid_t intermediate = fork();
+    if (intermediate == 0) {
+      if (fork() == 0) {
+        close(groups[1]);
+        close(done[0]);
+        watchAndKill(groups[0], done[1]);  // never returns
+      }
+      _exit(0);
+    }
+    close(groups[0]);
+    close(done[1]);
+    if (intermediate < 0) {
+      close(groups[1]);
+      close(done[0]);
+      return;
+    }
+    waitpid(intermediate, nullptr, 0);
+    groupsFd_ = groups[1];
+    doneFd_ = done[0];
+  }
+  OrphanWatchdog(const OrphanWatchdog&) = delete;
+  OrphanWatchdog& operator=(const OrphanWatchdog&) = delete;
+
+  // Returns once the leftovers are killed (the watchdog exited), or after 5 s at most.
+  ~OrphanWatchdog() {
+    if (groupsFd_ < 0) return;
+    close(groupsFd_);
+    const auto deadline = Clock::now() + std::chrono::seconds(5);
+    pollfd exited{doneFd_, POLLIN, 0};
+    char byte;
+    while (Clock::now() < deadline) {
+      const int waitMs = static_cast<int>(
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count()) + 1;
+      if (poll(&exited, 1, waitMs) < 0 && errno != EINTR) break;
+      if ((exited.revents & (POLLIN | POLLHUP | POLLERR)) != 0 && read(doneFd_, &byte, 1) <= 0) break;
+    }
+    close(doneFd_);
+  }
+
+  void watch(pid_t processGroup) {
+    if (groupsFd_ < 0) return;
+    const int32_t group = processGroup;
+    [[maybe_unused]] const ssize_t written = write(groupsFd_, &group, sizeof(group));  // atomic: < PIPE_BUF
+  }
+
+ private:
+  // The watchdog itself (a forked copy of single-threaded tandem: only async-signal-safe calls). Holding
+  // doneFd open until it exits is how tandem learns that it finished.
+  [[noreturn]] static void watchAndKill(int readFd, int doneFd) {
+    setpgid(0, 0);
+    prctl(PR_SET_NAME, "tandem-watchdog");
+    signal(SIGINT, SIG_IGN);  // Ctrl-C is for tandem, which stops the workers itself
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGHUP, SIG_IGN);
+    const int devNull = open("/dev/null", O_RDWR);
+    for (int fd = 0; fd < 3; ++fd) dup2(devNull, fd);  // not holding tandem's output open for its reader
+    for (int fd = 3; fd < 1024; ++fd)
+      if (fd != readFd && fd != doneFd) close(fd);
+    int32_t groups[4096];
+    size_t count = 0;
+    for (;;) {
+      int32_t group = 0;
+      const ssize_t got = read(readFd, &group, sizeof(group));
+      if (got == static_cast<ssize_t>(sizeof(group))) {
+        if (count < sizeof(groups) / sizeof(groups[0])) groups[count++] = group;
+        continue;
+      }
+      if (got < 0 && errno == EINTR) continue;
+      break;  // end of file: tandem is done with them, or gone
+    }
+    for (size_t i = 0; i < count; ++i) kill(-groups[i], SIGKILL);
+    _exit(0);
+  }
+
+  int groupsFd_ = -1;  // tandem's end: the workers' process groups
+  int doneFd_ = -1;    // closed by the watchdog's exit
+};
+
 // Pipes for the worker's output, then the process. On failure nothing is left open.
 Status startWorker(const LocalJobOptions& options, int rank, const std::map<std::string, std::string>& environment,
-                   Worker& worker) {
+                   OrphanWatchdog& watchdog, Worker& worker) {
   int stdoutPipe[2], stderrPipe[2];
   if (pipe2(stdoutPipe, O_CLOEXEC) != 0) return Status(StatusCode::kResourceUnavailable, std::string("pipe: ") + std::strerror(errno));
   if (pipe2(stderrPipe, O_CLOEXEC) != 0) {
@@ -221,6 +317,7 @@ Status startWorker(const LocalJobOptions& options, int rank, const std::map<std:
     return Status(StatusCode::kResourceUnavailable, std::string("fork: ") + std::strerror(forkError));
   }
   setpgid(pid, pid);  // also here: a signal to the group may come before the child's own call
+  watchdog.watch(pid);
   worker.pid = pid;
   worker.stdoutFd = stdoutPipe[0];
   worker.stderrFd = stderrPipe[0];
@@ -328,6 +425,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     signal(SIGHUP, SIG_DFL);
   };
 
+  OrphanWatchdog watchdog;  // before the workers, so that it holds none of their pipes
   std::vector<Worker> group(workers);
   for (int rank = 0; rank < workers; ++rank) {
     std::map<std::string, std::string> environment{
@@ -368,7 +466,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
       std::cerr << "tandem: rank " << rank << " bound to CPUs " << describeCpuList(options.coreSets[rank].cpus)
                 << std::endl;
     group[rank].rank = rank;
-    if (Status started = startWorker(options, rank, environment, group[rank]); !started.ok()) {
+    if (Status started = startWorker(options, rank, environment, watchdog, group[rank]); !started.ok()) {
       // Out of processes or descriptors (ulimit): this machine's limit, retryable. The ranks already
       // started are ended and reaped, so nothing is left behind.
       result.exitCode = kExitResourceUnavailable;
