@@ -4,6 +4,7 @@ and the rendezvous (unreachable, wrong token, another config hash)."""
 
 import gzip
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import time
 import unittest
 
-from tandem_testlib import FASHION_MNIST, WORKER, TempDirTest, free_port, kill_quietly, manifest, run, tandem
+from tandem_testlib import FASHION_MNIST, TANDEM, WORKER, TempDirTest, free_port, kill_quietly, manifest, run, tandem
 
 EXIT_INVALID_CONFIG = 2
 EXIT_BAD_DATA = 3
@@ -108,7 +109,11 @@ class TooLargeForTheMachine(TempDirTest):
         # retrying would ask for the same, so the exit is permanent, with the likely fields named.
         config = self.write("job.yaml", manifest(data_kind="synthetic", samples=10000000000,
                                                  extra_spec="  runPolicy: {restartPolicy: ExitCode}\n"))
-        result = tandem("run", config, "--quiet", timeout=120)
+        # Under a 16 GiB address-space limit, so that the allocation fails whatever the host's overcommit
+        # policy (with vm.overcommit_memory 1 it would succeed, and zero-filling it would wake the OOM killer).
+        limit = 16 << 30
+        result = subprocess.run([TANDEM, "run", config, "--quiet"], capture_output=True, text=True, timeout=120,
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
         self.assertEqual(result.returncode, EXIT_INVALID_CONFIG, result.stderr[-2000:])
         self.assertIn("out of memory: an allocation failed (is spec.data.samples", result.stderr)
         self.assertIn("exit code 2 is permanent", result.stderr)

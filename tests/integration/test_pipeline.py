@@ -65,6 +65,11 @@ class PipelineEquivalence(TempDirTest):
     def test_two_stages(self):
         self.check(workers=2, stages=2, micro_batches=4, reference_micro_batches=4)
 
+    def test_fewer_microbatches_than_stages(self):
+        # M < P: 1F1B's warm-up is cut short (every stage holds min(P - stage, M) microbatches) and the
+        # buffer slots wrap around less than once.
+        self.check(workers=4, stages=4, micro_batches=2, reference_micro_batches=2)
+
     def test_four_stages(self):
         # Per sample, a linear layer costs forward + weight gradient + input gradient multiply-adds, the
         # first no input gradient: 2 x 784 x 512, then 3 x 512 x 512 three times, then 3 x 512 x 10. The

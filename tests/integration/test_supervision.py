@@ -138,6 +138,8 @@ class Launcher(TempDirTest):
             self.GRANDCHILD.format(then="while True: time.sleep(0.05)"), 2))], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
         pids = self.grandchildren_of(process, 2)
         process.kill()
         process.wait(timeout=10)

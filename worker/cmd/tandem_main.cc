@@ -77,6 +77,7 @@ RunOutcome runWithRestarts(launch::LocalJobOptions options) {
       outcome.verdict = "DeadlineExceeded: not restarting";
       if (!result.deadlineExceeded) {  // failed on its own just before the deadline: the deadline still ends the job
         outcome.last.failure += "; spec.runPolicy.activeDeadlineSeconds has passed";
+        outcome.last.exitCode = kExitDeadlineExceeded;
       }
       return outcome;
     }
@@ -106,6 +107,12 @@ RunOutcome runWithRestarts(launch::LocalJobOptions options) {
               << " in " << delay.count() << " ms (restart " << outcome.restarts << " of backoffLimit "
               << policy.backoffLimit << (preempted ? ", preemptions do not count" : "") << ")" << std::endl;
     std::this_thread::sleep_for(delay);
+    if (options.activeDeadline && std::chrono::steady_clock::now() >= *options.activeDeadline) {
+      outcome.last.failure += "; spec.runPolicy.activeDeadlineSeconds passed during the back-off";
+      outcome.last.exitCode = kExitDeadlineExceeded;
+      outcome.verdict = "DeadlineExceeded: not restarting";
+      return outcome;
+    }
   }
 }
 

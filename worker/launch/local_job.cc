@@ -171,6 +171,7 @@ pid_t spawnWorker(const LocalJobOptions& options, int rank, const std::map<std::
   signal(SIGINT, SIG_DFL);
   signal(SIGTERM, SIG_DFL);
   signal(SIGHUP, SIG_DFL);
+  signal(SIGPIPE, SIG_DFL);  // an ignored signal would stay ignored across exec
   // Not tandem's terminal: a worker in a background process group that read it would be stopped
   // (SIGTTIN) and hang the job. A custom command that reads stdin sees end of file instead.
   const int devNull = open("/dev/null", O_RDONLY | O_CLOEXEC);  // the dup2'd copy stays open, not this one
@@ -220,21 +221,23 @@ class OrphanWatchdog {
     }
     const pid_t intermediate = fork();
     if (intermediate == 0) {
-      if (fork() == 0) {
+      const pid_t watchdog = fork();
+      if (watchdog == 0) {
         close(groups[1]);
         close(done[0]);
         watchAndKill(groups[0], done[1]);  // never returns
       }
-      _exit(0);
+      _exit(watchdog > 0 ? 0 : 1);
     }
     close(groups[0]);
     close(done[1]);
-    if (intermediate < 0) {
-      close(groups[1]);
+    int status = 0;
+    if (intermediate < 0 || waitpid(intermediate, &status, 0) != intermediate || !WIFEXITED(status) ||
+        WEXITSTATUS(status) != 0) {
+      close(groups[1]);  // no watchdog (out of processes): nothing is watched, as before it existed
       close(done[0]);
       return;
     }
-    waitpid(intermediate, nullptr, 0);
     groupsFd_ = groups[1];
     doneFd_ = done[0];
   }
@@ -417,12 +420,16 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   // A closed terminal or SSH session: the same graceful stop (the workers, in process groups of their
   // own, do not get the hangup; without this they would die with tandem, without their checkpoint).
   sigaction(SIGHUP, &action, nullptr);
+  // A closed pipe (the watchdog gone, or whoever read tandem's output) is an error on that write, not a
+  // reason to abandon the workers mid-run.
+  signal(SIGPIPE, SIG_IGN);
   interruptSignal = 0;
   interruptCount = 0;
   auto restoreSignals = [] {
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
     signal(SIGHUP, SIG_DFL);
+    signal(SIGPIPE, SIG_DFL);
   };
 
   OrphanWatchdog watchdog;  // before the workers, so that it holds none of their pipes
@@ -671,7 +678,10 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   // A hangup is stopped as SIGTERM is, and says so: 129 (128 + SIGHUP) would read as "peer lost".
   if (result.interrupted && result.exitCode == 0)
     result.exitCode = 128 + (interruptSignal == SIGHUP ? SIGTERM : static_cast<int>(interruptSignal));
-  if (result.deadlineExceeded && !result.interrupted) {
+  const bool allFinished = std::all_of(group.begin(), group.end(), [](const Worker& w) {
+    return WIFEXITED(w.waitStatus) && WEXITSTATUS(w.waitStatus) == 0;
+  });
+  if (result.deadlineExceeded && !result.interrupted && !allFinished) {  // (finished within the stop: done)
     result.exitCode = kExitDeadlineExceeded;
     result.failure = "spec.runPolicy.activeDeadlineSeconds (" +
                      std::to_string(options.spec.runPolicy.activeDeadlineSeconds) + " s) passed";
