@@ -171,9 +171,9 @@ class FaultTolerance(TempDirTest):
         self.assertGreater(partial_step, resumed)
         self.assertFalse(glob.glob(os.path.join(root, ".tmp-*")), "debris of the killed write is cleaned up")
 
-    def resume_after(self, damage):
+    def resume_after(self, damage, env=None):
         """Runs half-way (a stop right after a checkpoint), damages the newest checkpoint with `damage`,
-        then runs to the end: the result must equal the uninterrupted run."""
+        then runs to the end (with `env`): the result must equal the uninterrupted run."""
         ckpt = os.path.join(self.tmp, "ckpt")
         first, _, _ = self.run_job("first-half", job(ckpt), steps=150)
         self.assertEqual(first.returncode, 0, first.stderr_text[-3000:])
@@ -183,7 +183,7 @@ class FaultTolerance(TempDirTest):
         damage(root)
         # The loss log of the first half is the second run's to continue.
         os.replace(os.path.join(self.tmp, "first-half.loss"), os.path.join(self.tmp, "second-half.loss"))
-        return self.run_job("second-half", job(ckpt))
+        return self.run_job("second-half", job(ckpt), env=env)
 
     def flip_byte(self, root, step=150):
         shard = os.path.join(root, f"step-{step:08d}", "stage-0.bin")
@@ -207,6 +207,16 @@ class FaultTolerance(TempDirTest):
         self.assert_same_as_uninterrupted(process, params, loss)
         self.assertIn("resumed from step 150", process.stderr_text)
         self.assertNotIn("skipping checkpoint", process.stderr_text)
+
+    def test_a_resume_waits_for_checkpoint_reads_slower_than_the_collective_timeout(self):
+        # Storage as slow as a network volume holding a large shard: each read takes 6 s, and the damaged
+        # newest one makes rank 0 read twice, while ranks 1-3 wait 12 s to hear the step, beyond the 5 s
+        # collective timeout (run_job). Resume exchanges have a deadline of their own, sized for reads.
+        process, params, loss = self.resume_after(self.flip_byte, env={"TANDEM_FAULT_CHECKPOINT_READ_DELAY_MS": "6000"})
+        self.assert_same_as_uninterrupted(process, params, loss)
+        self.assertIn("resumed from step 125", process.stderr_text)
+        self.assertIn("restarts 0 (0 preemptions)", process.stdout_text)
+        self.assertNotIn("did not answer in time", process.stderr_text)
 
     def test_truncated_newest_checkpoint_falls_back(self):
         def truncate(root):

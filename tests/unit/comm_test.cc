@@ -1,6 +1,7 @@
 // comm: the Gloo communicator with 2 and 4 ranks as threads over 127.0.0.1 and an in-memory store:
 // all-reduce (sync and several async in flight), broadcast from a non-zero root, a send/recv ring,
-// barrier, the memory store, and a peer that never joins the collective turning into an error, not a hang.
+// barrier, the memory store, a peer that never joins the collective turning into an error, not a hang,
+// and an operation's own deadline outlasting the communicator's.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -181,6 +182,53 @@ TEST(GlooTimeout, AllReduceWithAnAbsentPeerFailsWithinTheTimeout) {
   EXPECT_LT(elapsed, 5.0) << status.toString();
   communicators.clear();  // both communicators shut down cleanly after the failure
 }
+
+// A rank that comes to the collective later than the communicator's timeout: an operation given a
+// deadline of its own waits for it (a resume waits so for the checkpoint writers' reads), and the
+// communicator goes on working afterwards. 2 and 4 ranks take Tandem's own all-reduce (both of its
+// algorithms with 64 Ki floats on 4), 3 ranks Gloo's.
+class GlooOwnDeadline : public ::testing::TestWithParam<int> {};
+
+TEST_P(GlooOwnDeadline, WaitsForALatePeerBeyondTheCommunicatorsTimeout) {
+  const int size = GetParam();
+  auto communicators = connect(size, /*timeout=*/400ms);
+  ASSERT_EQ(communicators.size(), static_cast<size_t>(size));
+  EXPECT_EQ(communicators[0]->timeout(), 400ms);
+  const int late = size - 1;
+  for (const int64_t count : {int64_t{3}, int64_t{1} << 16}) {
+    std::vector<Status> reduced(size), broadcast(size);
+    std::vector<std::vector<float>> values(size);
+    std::vector<int64_t> received(size, -1);
+    const auto start = std::chrono::steady_clock::now();
+    runRanks(communicators, [&](int rank, Communicator& communicator) {
+      if (rank == late) std::this_thread::sleep_for(1200ms);
+      values[rank].assign(count, static_cast<float>(rank + 1));
+      reduced[rank] = communicator.allReduceWithin(values[rank].data(), count, 20s);
+      if (rank == late) std::this_thread::sleep_for(1200ms);
+      int64_t step = rank == late ? 4242 : 0;
+      broadcast[rank] = communicator.broadcastWithin(&step, sizeof(step), late, 20s);
+      received[rank] = step;
+    });
+    EXPECT_GE(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 2.4);
+    const float sum = static_cast<float>(size * (size + 1) / 2);
+    for (int rank = 0; rank < size; ++rank) {
+      ASSERT_TRUE(reduced[rank].ok()) << "rank " << rank << ", " << count << " floats: " << reduced[rank].toString();
+      ASSERT_TRUE(broadcast[rank].ok()) << "rank " << rank << ": " << broadcast[rank].toString();
+      EXPECT_EQ(values[rank].front(), sum);
+      EXPECT_EQ(values[rank].back(), sum);
+      EXPECT_EQ(received[rank], 4242);
+    }
+  }
+  // The communicator's own deadline still holds for the operations without one.
+  std::vector<float> one(size, 1.0f);
+  runRanks(communicators, [&](int rank, Communicator& communicator) {
+    EXPECT_TRUE(communicator.allReduce(&one[rank], 1).ok());
+  });
+  EXPECT_EQ(one[0], static_cast<float>(size));
+}
+
+INSTANTIATE_TEST_SUITE_P(TwoThreeAndFourRanks, GlooOwnDeadline, ::testing::Values(2, 3, 4),
+                         [](const auto& info) { return std::to_string(info.param) + "Ranks"; });
 
 TEST(GlooTimeout, ConnectingWithoutPeersFailsWithDeadlineExceeded) {
   auto store = makeMemoryStore();

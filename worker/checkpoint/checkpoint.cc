@@ -104,6 +104,13 @@ void faultInjectionPause(int stage) {
     std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(delay)));
 }
 
+// Test-only fault injection: TANDEM_FAULT_CHECKPOINT_READ_DELAY_MS slows every read of a checkpoint
+// (storage slower than a collective timeout, as a network volume holding a large shard is).
+void faultInjectionReadDelay() {
+  if (const char* delay = std::getenv("TANDEM_FAULT_CHECKPOINT_READ_DELAY_MS"); delay != nullptr)
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(delay)));
+}
+
 // Test-only fault injection: the writer of stage TANDEM_FAULT_CHECKPOINT_FAIL_STAGE fails every checkpoint
 // from step TANDEM_FAULT_CHECKPOINT_FAIL_FROM_STEP on, after its shard is written (a disk that filled up).
 Status faultInjectionFailure(int stage, int64_t step) {
@@ -236,6 +243,7 @@ Status CheckpointStore::removeOld(int64_t written, int64_t alsoKeep) const {
 }
 
 StatusOr<CheckpointState> CheckpointStore::read(int64_t step, int stage) const {
+  faultInjectionReadDelay();
   const std::string directory = root_ + "/" + stepDirectoryName(step);
   TANDEM_ASSIGN_OR_RETURN(std::string manifestText, readWholeFile(directory + "/manifest.json"));
   nlohmann::json manifest = nlohmann::json::parse(manifestText, nullptr, false);

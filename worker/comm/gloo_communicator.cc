@@ -151,37 +151,23 @@ class GlooCommunicator final : public Communicator {
 
   int rank() const override { return context_->rank; }
   int size() const override { return context_->size; }
+  std::chrono::milliseconds timeout() const override { return timeout_; }
 
   std::shared_ptr<Work> allReduceAsync(float* data, int64_t count) override {
-    return std::make_shared<FutureWork>(submit([this, data, count] {
-      const int64_t bytes = count * static_cast<int64_t>(sizeof(float));
-      if (isPowerOfTwo(size()))
-        return guarded("all-reduce of " + std::to_string(count) + " floats", [&] {
-          if (size() == 2 || bytes <= kRecursiveDoublingMaxBytes)
-            allReduceByRecursiveDoubling(data, count);
-          else
-            allReduceByHalvingDoubling(data, count);
-        });
-      return guarded("all-reduce of " + std::to_string(count) + " floats", [&] {
-        gloo::AllreduceOptions options(context_);
-        options.setOutput(data, static_cast<size_t>(count));
-        options.setReduceFunction(
-            static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
-        options.setTag(nextTag());
-        options.setTimeout(timeout_);
-        gloo::allreduce(options);
-      });
-    }));
+    return std::make_shared<FutureWork>(submit(allReduceTask(data, count, timeout_)));
+  }
+  Status allReduceWithin(float* data, int64_t count, std::chrono::milliseconds timeout) override {
+    return submit(allReduceTask(data, count, timeout)).get();
   }
 
-  Status broadcast(void* data, int64_t bytes, int root) override {
-    return submit([this, data, bytes, root] {
+  Status broadcastWithin(void* data, int64_t bytes, int root, std::chrono::milliseconds timeout) override {
+    return submit([this, data, bytes, root, timeout] {
              return guarded("broadcast from rank " + std::to_string(root), [&] {
                gloo::BroadcastOptions options(context_);
                options.setOutput(static_cast<uint8_t*>(data), static_cast<size_t>(bytes));
                options.setRoot(root);
                options.setTag(nextTag());
-               options.setTimeout(timeout_);
+               options.setTimeout(timeout);
                gloo::broadcast(options);
              });
            })
@@ -230,6 +216,28 @@ class GlooCommunicator final : public Communicator {
   }
 
  private:
+  std::function<Status()> allReduceTask(float* data, int64_t count, std::chrono::milliseconds timeout) {
+    return [this, data, count, timeout] {
+      const int64_t bytes = count * static_cast<int64_t>(sizeof(float));
+      if (isPowerOfTwo(size()))
+        return guarded("all-reduce of " + std::to_string(count) + " floats", [&] {
+          if (size() == 2 || bytes <= kRecursiveDoublingMaxBytes)
+            allReduceByRecursiveDoubling(data, count, timeout);
+          else
+            allReduceByHalvingDoubling(data, count, timeout);
+        });
+      return guarded("all-reduce of " + std::to_string(count) + " floats", [&] {
+        gloo::AllreduceOptions options(context_);
+        options.setOutput(data, static_cast<size_t>(count));
+        options.setReduceFunction(
+            static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+        options.setTag(nextTag());
+        options.setTimeout(timeout);
+        gloo::allreduce(options);
+      });
+    };
+  }
+
   // Collectives get tags in issue order; every rank issues the same sequence, so tags match.
   uint32_t nextTag() { return tagCounter_++; }
 
@@ -243,12 +251,13 @@ class GlooCommunicator final : public Communicator {
   }
 
   // Posts a send and a recv with the partner and waits for both.
-  void exchange(int partner, uint64_t slot, float* sendData, int64_t sendCount, float* recvData, int64_t recvCount) {
+  void exchange(int partner, uint64_t slot, float* sendData, int64_t sendCount, float* recvData, int64_t recvCount,
+                std::chrono::milliseconds timeout) {
     auto sendBuffer = context_->createUnboundBuffer(sendData, static_cast<size_t>(sendCount) * sizeof(float));
     auto recvBuffer = context_->createUnboundBuffer(recvData, static_cast<size_t>(recvCount) * sizeof(float));
     recvBuffer->recv(partner, slot);
     sendBuffer->send(partner, slot);
-    if (!sendBuffer->waitSend(timeout_) || !recvBuffer->waitRecv(timeout_))
+    if (!sendBuffer->waitSend(timeout) || !recvBuffer->waitRecv(timeout))
       throw gloo::IoException("exchange with rank " + std::to_string(partner) + " was aborted");
   }
 
@@ -256,7 +265,7 @@ class GlooCommunicator final : public Communicator {
   // each round keeps half of the segment and adds the partner's copy of it), then recursive doubling
   // back. Each element is summed in the same tree as allReduceByRecursiveDoubling:
   // ((r0 + r1) + (r2 + r3)) + ...
-  void allReduceByHalvingDoubling(float* data, int64_t count) {
+  void allReduceByHalvingDoubling(float* data, int64_t count, std::chrono::milliseconds timeout) {
     if (scratch_.size() < static_cast<size_t>(count)) scratch_.resize(count);
     const uint64_t sequence = exchangeCounter_++;
     const int me = rank();
@@ -270,7 +279,7 @@ class GlooCommunicator final : public Communicator {
       const int64_t keepLow = keepLower ? low : middle, keepHigh = keepLower ? middle : high;
       const int64_t sendLow = keepLower ? middle : low, sendHigh = keepLower ? high : middle;
       exchange(partner, kExchangeSlotBase + sequence * 64 + round, data + sendLow, sendHigh - sendLow, scratch_.data(),
-               keepHigh - keepLow);
+               keepHigh - keepLow, timeout);
       addInRankOrder(data + keepLow, scratch_.data(), keepHigh - keepLow, me < partner);
       segments.emplace_back(low, high);
       low = keepLow;
@@ -283,7 +292,7 @@ class GlooCommunicator final : public Communicator {
       const int64_t otherLow = low == outerLow ? high : outerLow;
       const int64_t otherHigh = low == outerLow ? outerHigh : low;
       exchange(partner, kExchangeSlotBase + sequence * 64 + round, data + low, high - low, data + otherLow,
-               otherHigh - otherLow);
+               otherHigh - otherLow, timeout);
       low = outerLow;
       high = outerHigh;
     }
@@ -293,13 +302,13 @@ class GlooCommunicator final : public Communicator {
   // sum with rank ^ 2^k and adds. Measured on loopback it takes one exchange's latency per round where
   // Gloo's ring takes 2(size-1) (2 ranks, 1 KiB: about 0.1 ms against 1.2 ms). The two partners add in
   // the same order (lower rank's value first), so every rank ends with bitwise identical sums.
-  void allReduceByRecursiveDoubling(float* data, int64_t count) {
+  void allReduceByRecursiveDoubling(float* data, int64_t count, std::chrono::milliseconds timeout) {
     if (scratch_.size() < static_cast<size_t>(count)) scratch_.resize(count);
     const uint64_t sequence = exchangeCounter_++;
     const int me = rank();
     for (int distance = 1, round = 0; distance < size(); distance <<= 1, ++round) {
       const int partner = me ^ distance;
-      exchange(partner, kExchangeSlotBase + sequence * 64 + round, data, count, scratch_.data(), count);
+      exchange(partner, kExchangeSlotBase + sequence * 64 + round, data, count, scratch_.data(), count, timeout);
       addInRankOrder(data, scratch_.data(), count, me < partner);
     }
   }

@@ -198,18 +198,21 @@ struct MlpPartition {
   std::vector<size_t> starts;   // per stage: its first linear layer
   size_t first(int stage) const { return starts[stage]; }
   size_t end(int stage) const { return static_cast<size_t>(stage) + 1 < starts.size() ? starts[stage + 1] : costs.size(); }
+  int stages() const { return static_cast<int>(starts.size()); }
+  int64_t parameters(int stage) const {
+    int64_t count = 0;
+    for (size_t k = first(stage); k < end(stage); ++k) count += widths[k] * widths[k + 1] + widths[k + 1];
+    return count;
+  }
   // A line per stage: layers, parameters, estimated FLOPs.
   std::string describe() const {
     std::ostringstream text;
-    for (int stage = 0; stage < static_cast<int>(starts.size()); ++stage) {
+    for (int stage = 0; stage < stages(); ++stage) {
       double multiplyAdds = 0;
-      int64_t parameters = 0;
-      for (size_t k = first(stage); k < end(stage); ++k) {
-        multiplyAdds += costs[k];
-        parameters += widths[k] * widths[k + 1] + widths[k + 1];
-      }
-      text << "\n  stage " << stage << ": linear layers " << first(stage) << "-" << end(stage) - 1 << ", " << parameters
-           << " parameters, " << 2 * multiplyAdds / 1e6 << " MFLOP per sample (forward + backward, estimated)";
+      for (size_t k = first(stage); k < end(stage); ++k) multiplyAdds += costs[k];
+      text << "\n  stage " << stage << ": linear layers " << first(stage) << "-" << end(stage) - 1 << ", "
+           << parameters(stage) << " parameters, " << 2 * multiplyAdds / 1e6
+           << " MFLOP per sample (forward + backward, estimated)";
     }
     return text.str();
   }
@@ -616,13 +619,28 @@ StatusOr<std::vector<int64_t>> stepsAllStagesList(const Topology& topology, cons
   return common;
 }
 
+// The deadline of a resume's exchanges that wait on storage. Before any rank hears which step to resume,
+// the writers read and verify up to keep + 1 checkpoints (newest first; an older one only when a newer
+// fails), and then each stage's replicas receive its shard. Planned for storage and network as slow as
+// 20 MB/s, plus one collective timeout per read, on top of the usual deadline: with the usual 30 s alone
+// every resume of a shard over about 600 MB on such storage would time out, and so would its restarts.
+std::chrono::milliseconds resumeTimeout(std::chrono::milliseconds collectiveTimeout, double largestShardBytes,
+                                        int64_t keep) {
+  constexpr double kSlowestBytesPerSecond = 20e6;
+  const int64_t reads = std::max<int64_t>(1, keep) + 1;  // + the newest common step that pruning spares
+  const double transferSeconds = static_cast<double>(reads + 1) * largestShardBytes / kSlowestBytesPerSecond;
+  return collectiveTimeout * (1 + reads) + std::chrono::milliseconds(static_cast<int64_t>(std::ceil(transferSeconds * 1e3)));
+}
+
 // The newest checkpoint that verifies on every stage, read newest first: usually one read per writer,
 // whatever spec.checkpoint.keep is, and one state in memory. The writers (replica 0 of each stage:
 // ranks 0..stages-1) agree on it, rank 0 tells the world, and each writer hands its shard to its
-// stage's replicas. Returns the step to resume after (0: fresh start).
+// stage's replicas; the exchanges that wait on reads have `deadline` (resumeTimeout). Returns the step
+// to resume after (0: fresh start).
 StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Topology& topology,
                                         const std::string& modelDescription, const std::string& trainingConfig,
-                                        model::Sequential& network, optim::Optimizer& optimizer) {
+                                        model::Sequential& network, optim::Optimizer& optimizer,
+                                        std::chrono::milliseconds deadline) {
   const checkpoint::CheckpointStore store = checkpointStore(options.spec, topology);
   constexpr int64_t kRefused = -1;  // told to the other replicas instead of a step: none may resume
   int64_t chosen = 0;
@@ -649,7 +667,8 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
       if (topology.stages > 1) {
         // Every writer's verdict on this step: 0 verified, 1 unreadable here, 1000 another job's.
         float verdict = !shard.ok() ? 1000.0f : (*shard ? 0.0f : 1.0f);
-        TANDEM_RETURN_IF_ERROR(topology.pipeline->allReduce(&verdict, 1).withContext("agreeing on a checkpoint"));
+        TANDEM_RETURN_IF_ERROR(
+            topology.pipeline->allReduceWithin(&verdict, 1, deadline).withContext("agreeing on a checkpoint"));
         if (verdict >= 1000.0f) {
           refusal = !shard.ok() ? shard.status()
                                 : TANDEM_ERROR(StatusCode::kFailedPrecondition,
@@ -676,7 +695,8 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
   }
   // Also when refusing: the other replicas wait in this broadcast, and would otherwise time out.
   if (topology.world != nullptr)
-    TANDEM_RETURN_IF_ERROR(topology.world->broadcast(&chosen, sizeof(chosen), 0).withContext("sharing the checkpoint step"));
+    TANDEM_RETURN_IF_ERROR(
+        topology.world->broadcastWithin(&chosen, sizeof(chosen), 0, deadline).withContext("sharing the checkpoint step"));
   if (chosen == kRefused)
     return !refusal.ok() ? refusal
                          : TANDEM_ERROR(StatusCode::kFailedPrecondition,
@@ -696,9 +716,13 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
     log::info() << "resuming from " << store.root() << "/" << checkpoint::stepDirectoryName(chosen);
   }
   if (topology.dataParallel != nullptr) {
-    TANDEM_RETURN_IF_ERROR(topology.dataParallel->broadcast(&optimizerSteps, sizeof(optimizerSteps), 0));
-    TANDEM_RETURN_IF_ERROR(topology.dataParallel->broadcast(network.parameters(), network.parameterCount() * 4, 0));
-    TANDEM_RETURN_IF_ERROR(topology.dataParallel->broadcast(optimizer.state(), optimizer.stateSize() * 4, 0));
+    comm::Communicator& group = *topology.dataParallel;
+    TANDEM_RETURN_IF_ERROR(group.broadcastWithin(&optimizerSteps, sizeof(optimizerSteps), 0, deadline)
+                               .withContext("receiving the checkpoint"));
+    TANDEM_RETURN_IF_ERROR(group.broadcastWithin(network.parameters(), network.parameterCount() * 4, 0, deadline)
+                               .withContext("receiving the checkpoint"));
+    TANDEM_RETURN_IF_ERROR(group.broadcastWithin(optimizer.state(), optimizer.stateSize() * 4, 0, deadline)
+                               .withContext("receiving the checkpoint"));
   }
   optimizer.setStepsTaken(optimizerSteps);
   return chosen;
@@ -766,8 +790,18 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
   const bool checkpointing = !spec.checkpoint.dir.empty();
   int64_t firstStep = 0;
   if (checkpointing) {
+    // Every stage's shard holds its parameters and the optimizer's state for them.
+    const double floatsPerParameter =
+        static_cast<double>(network->parameterCount() + optimizer.stateSize()) / std::max<int64_t>(1, network->parameterCount());
+    int64_t largestStage = 0;
+    for (int stage = 0; stage < stages; ++stage) largestStage = std::max(largestStage, partition.parameters(stage));
+    const std::chrono::milliseconds deadline =
+        options.communicator == nullptr
+            ? std::chrono::milliseconds(0)
+            : resumeTimeout(options.communicator->timeout(), 4.0 * floatsPerParameter * static_cast<double>(largestStage),
+                            spec.checkpoint.keep);
     TANDEM_ASSIGN_OR_RETURN(firstStep, restoreFromCheckpoint(options, topology, modelDescription, trainingConfig, *network,
-                                                             optimizer));
+                                                             optimizer, deadline));
     if (firstStep > 0 && isLeader && options.onResume) options.onResume(firstStep);
   }
 

@@ -27,11 +27,18 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
 
+  // The deadline of every operation that is not given one of its own.
+  virtual std::chrono::milliseconds timeout() const = 0;
+
   // Sums `count` floats in place across all ranks.
   virtual std::shared_ptr<Work> allReduceAsync(float* data, int64_t count) = 0;
   Status allReduce(float* data, int64_t count) { return allReduceAsync(data, count)->wait(); }
   // Copies `bytes` from `root` to every rank.
-  virtual Status broadcast(void* data, int64_t bytes, int root) = 0;
+  Status broadcast(void* data, int64_t bytes, int root) { return broadcastWithin(data, bytes, root, timeout()); }
+  // The same with a deadline of their own, for an exchange that waits on a peer's slow work rather than
+  // on the network (a resume waits while the checkpoint writers read from storage).
+  virtual Status allReduceWithin(float* data, int64_t count, std::chrono::milliseconds timeout) = 0;
+  virtual Status broadcastWithin(void* data, int64_t bytes, int root, std::chrono::milliseconds timeout) = 0;
   // Point to point; a send matches the recv with the same tag on the peer. Either side may post first.
   virtual std::shared_ptr<Work> sendAsync(const void* data, int64_t bytes, int peer, uint32_t tag) = 0;
   virtual std::shared_ptr<Work> recvAsync(void* data, int64_t bytes, int peer, uint32_t tag) = 0;
