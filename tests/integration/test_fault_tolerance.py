@@ -4,6 +4,7 @@ uninterrupted run, with the same loss log; a full or unwritable checkpoint direc
 training; restart policies and backoffLimit are honoured; a hung peer is detected within the
 collective timeout."""
 
+import datetime
 import glob
 import os
 import random
@@ -214,6 +215,13 @@ class FaultTolerance(TempDirTest):
         # collective timeout (run_job). Resume exchanges have a deadline of their own, sized for reads.
         process, params, loss = self.resume_after(self.flip_byte, env={"TANDEM_FAULT_CHECKPOINT_READ_DELAY_MS": "6000"})
         self.assert_same_as_uninterrupted(process, params, loss)
+        # Rank 0's log: the second read (step 125) took its 6 s after the first was skipped.
+        def logged_at(needle):
+            line = next((line for line in process.stderr_text.splitlines() if needle in line), None)
+            self.assertIsNotNone(line, f"no log line with {needle!r}")
+            return datetime.datetime.fromisoformat(re.search(r"\d{4}-\d\d-\d\dT[\d:.]+(?=Z)", line).group(0))
+        second_read = logged_at("resuming from") - logged_at("skipping checkpoint step-00000150")
+        self.assertGreaterEqual(second_read.total_seconds(), 5.9, "the reads were not slowed")
         self.assertIn("resumed from step 125", process.stderr_text)
         self.assertIn("restarts 0 (0 preemptions)", process.stdout_text)
         self.assertNotIn("did not answer in time", process.stderr_text)

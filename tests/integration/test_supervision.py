@@ -188,6 +188,39 @@ class Launcher(TempDirTest):
         self.assertEqual(result.stdout.count("CHECKPOINTED"), 2, result.stderr[-2000:])
         self.assertIn("DeadlineExceeded: not restarting", result.stderr)
 
+    def test_the_active_deadline_counts_across_restarts(self):
+        # Every generation fails at once (150: retryable) and backoffLimit would allow 100 restarts: the
+        # deadline, counted from the start and not per generation, ends the job after a few, whether it
+        # passes while a generation runs, just after one failed, or during the back-off before the next.
+        text = custom_manifest("import sys; sys.exit(150)", 2).replace(
+            "runPolicy: {restartPolicy: Never}",
+            "runPolicy: {restartPolicy: OnFailure, backoffLimit: 100, activeDeadlineSeconds: 2}")
+        started = time.monotonic()
+        result = run([TANDEM, "run", self.write("deadline.yaml", text)], timeout=60)
+        elapsed = time.monotonic() - started
+        self.assertEqual(result.returncode, 124, result.stderr[-2000:])
+        self.assertGreaterEqual(elapsed, 2)
+        self.assertLess(elapsed, 15, "the back-off (at most 5 s) ran on past the deadline")
+        self.assertIn("restarting as generation 1", result.stderr)
+        self.assertRegex(result.stderr, r"activeDeadlineSeconds (\(2 s\) passed: stopping all workers|has passed"
+                                        r"|passed during the back-off)")
+        self.assertIn("DeadlineExceeded: not restarting", result.stderr)
+        self.assertNotIn("backoffLimit 100 reached", result.stderr)
+
+    def test_workers_that_finish_within_the_deadlines_stop_succeed(self):
+        # The deadline passes and the workers are stopped as on a preemption, but they exit 0: the job had
+        # finished (its last step within the grace period), so it succeeded rather than timed out.
+        script = ("import signal, sys, time\n"
+                  "signal.signal(signal.SIGTERM, lambda *_: (print('FINISHED', flush=True), sys.exit(0)))\n"
+                  "while True: time.sleep(0.05)\n")
+        text = custom_manifest(script, 2).replace("runPolicy: {restartPolicy: Never}",
+                                                  "runPolicy: {restartPolicy: OnFailure, activeDeadlineSeconds: 1}")
+        result = run([TANDEM, "run", self.write("finished.yaml", text), "--grace-seconds", "10"], timeout=60)
+        self.assertIn("activeDeadlineSeconds (1 s) passed: stopping all workers", result.stderr)
+        self.assertEqual(result.stdout.count("FINISHED"), 2, result.stderr[-2000:])
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertNotIn("restarting", result.stderr)
+
     def test_a_suspended_job_does_not_run(self):
         text = custom_manifest("print('RAN')", 1).replace("runPolicy: {restartPolicy: Never}",
                                                          "runPolicy: {suspend: true}")

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -164,6 +165,26 @@ struct Warnings {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Writing and reading
+
+TEST(ResumeExchangeDeadline, AllowsEachReadAndTheTransferATimeoutAndTheShardAtTwentyMegabytesPerSecond) {
+  using std::chrono::milliseconds;
+  using std::chrono::seconds;
+  // keep 3: 4 reads + the transfer.
+  EXPECT_EQ(resumeExchangeDeadline(seconds(30), 0.0, 3), seconds(150));
+  EXPECT_EQ(resumeExchangeDeadline(seconds(30), 12e9, 3), seconds(5 * (30 + 600)));
+  EXPECT_EQ(resumeExchangeDeadline(milliseconds(2500), 1e6, 1), milliseconds(3 * (2500 + 50)));
+}
+
+TEST(ResumeExchangeDeadline, IsBoundedForAnyKeepAndShard) {
+  using std::chrono::seconds;
+  constexpr auto kWeek = std::chrono::hours(24 * 7);
+  EXPECT_EQ(resumeExchangeDeadline(seconds(30), 0.0, std::numeric_limits<int64_t>::max()), seconds(9 * 30));
+  EXPECT_EQ(resumeExchangeDeadline(seconds(30), 0.0, 0), seconds(3 * 30));
+  EXPECT_EQ(resumeExchangeDeadline(seconds(30), 1e18, 3), kWeek);
+  EXPECT_EQ(resumeExchangeDeadline(seconds(30), std::numeric_limits<double>::infinity(), 3), kWeek);
+  // Never shorter than the collective timeout, even one longer than a week (--collective-timeout 1e6).
+  EXPECT_EQ(resumeExchangeDeadline(seconds(1000000), 1e18, 3), seconds(1000000));
+}
 
 TEST(CheckpointStore, WriteThenReadRoundTripsEveryFieldBitwise) {
   TempDir dir;

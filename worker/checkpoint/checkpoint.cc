@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -127,6 +128,17 @@ std::string stepDirectoryName(int64_t step) {
   char name[32];
   std::snprintf(name, sizeof(name), "step-%08lld", static_cast<long long>(step));
   return name;
+}
+
+std::chrono::milliseconds resumeExchangeDeadline(std::chrono::milliseconds collectiveTimeout, double largestShardBytes,
+                                                 int64_t kept) {
+  constexpr double kSlowestBytesPerSecond = 20e6;
+  constexpr double kLongestMilliseconds = 7 * 24 * 3600e3;
+  const double waits = static_cast<double>(std::clamp<int64_t>(kept, 1, 7) + 2);  // the reads and the transfer
+  const double milliseconds =
+      waits * (static_cast<double>(collectiveTimeout.count()) + 1e3 * std::max(0.0, largestShardBytes) / kSlowestBytesPerSecond);
+  return std::max(collectiveTimeout,
+                  std::chrono::milliseconds(static_cast<int64_t>(std::ceil(std::min(milliseconds, kLongestMilliseconds)))));
 }
 
 CheckpointStore::CheckpointStore(std::string root, int64_t keep) : root_(std::move(root)), keep_(std::max<int64_t>(1, keep)) {}

@@ -619,23 +619,10 @@ StatusOr<std::vector<int64_t>> stepsAllStagesList(const Topology& topology, cons
   return common;
 }
 
-// The deadline of a resume's exchanges that wait on storage. Before any rank hears which step to resume,
-// the writers read and verify up to keep + 1 checkpoints (newest first; an older one only when a newer
-// fails), and then each stage's replicas receive its shard. Planned for storage and network as slow as
-// 20 MB/s, plus one collective timeout per read, on top of the usual deadline: with the usual 30 s alone
-// every resume of a shard over about 600 MB on such storage would time out, and so would its restarts.
-std::chrono::milliseconds resumeTimeout(std::chrono::milliseconds collectiveTimeout, double largestShardBytes,
-                                        int64_t keep) {
-  constexpr double kSlowestBytesPerSecond = 20e6;
-  const int64_t reads = std::max<int64_t>(1, keep) + 1;  // + the newest common step that pruning spares
-  const double transferSeconds = static_cast<double>(reads + 1) * largestShardBytes / kSlowestBytesPerSecond;
-  return collectiveTimeout * (1 + reads) + std::chrono::milliseconds(static_cast<int64_t>(std::ceil(transferSeconds * 1e3)));
-}
-
 // The newest checkpoint that verifies on every stage, read newest first: usually one read per writer,
 // whatever spec.checkpoint.keep is, and one state in memory. The writers (replica 0 of each stage:
 // ranks 0..stages-1) agree on it, rank 0 tells the world, and each writer hands its shard to its
-// stage's replicas; the exchanges that wait on reads have `deadline` (resumeTimeout). Returns the step
+// stage's replicas; the exchanges that wait on reads have `deadline` (resumeExchangeDeadline). Returns the step
 // to resume after (0: fresh start).
 StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Topology& topology,
                                         const std::string& modelDescription, const std::string& trainingConfig,
@@ -798,8 +785,9 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
     const std::chrono::milliseconds deadline =
         options.communicator == nullptr
             ? std::chrono::milliseconds(0)
-            : resumeTimeout(options.communicator->timeout(), 4.0 * floatsPerParameter * static_cast<double>(largestStage),
-                            spec.checkpoint.keep);
+            : checkpoint::resumeExchangeDeadline(options.communicator->timeout(),
+                                                 4.0 * floatsPerParameter * static_cast<double>(largestStage),
+                                                 checkpointsKept(spec, topology));
     TANDEM_ASSIGN_OR_RETURN(firstStep, restoreFromCheckpoint(options, topology, modelDescription, trainingConfig, *network,
                                                              optimizer, deadline));
     if (firstStep > 0 && isLeader && options.onResume) options.onResume(firstStep);

@@ -37,6 +37,16 @@ struct CheckpointState {
 // "step-00000500"
 std::string stepDirectoryName(int64_t step);
 
+// The deadline of a resume's exchanges that wait on storage. Before any rank hears which step to resume,
+// the writers read and verify up to kept + 1 checkpoints (newest first; an older one only when a newer
+// fails; + 1: the newest common step that pruning spares), then each stage's replicas receive its shard.
+// Each read and the transfer get one collective timeout plus the largest shard at 20 MB/s: with the
+// usual 30 s alone, every resume of a shard over about 600 MB on such storage would time out, and so
+// would its restarts. At most 8 reads are planned for and at most a week (or the collective timeout if
+// longer), or a huge keep would leave a peer that hangs during a resume unnoticed for days.
+std::chrono::milliseconds resumeExchangeDeadline(std::chrono::milliseconds collectiveTimeout, double largestShardBytes,
+                                                 int64_t kept);
+
 class CheckpointStore {
  public:
   // root: <checkpoint.dir>/<job name>; keep: how many complete checkpoints to retain.

@@ -2,7 +2,7 @@
 // Implementations: Gloo over TCP (host buffers, here) and NCCL (GPU buffers, with the CUDA build).
 // Operations are executed in the order they are issued; the *Async forms return at once and let the
 // caller overlap computation with communication. Every operation has a deadline (the communicator's
-// timeout): a dead or stuck peer becomes an error, never a hang.
+// timeout, or its own for the *Within forms): a dead or stuck peer becomes an error, never a hang.
 #pragma once
 
 #include <chrono>
