@@ -341,5 +341,22 @@ TEST(ConfigHash, EqualForEqualSpecsDifferentWhenTrainingDiffers) {
   EXPECT_EQ(configHash(a.spec), configHash(restartOnly.spec));
 }
 
+TEST(DescribeConfigChanges, NamesEachChangedFieldWithBothValues) {
+  EXPECT_EQ(describeConfigChanges("job=a/b\nworkers=4\ntraining=256,1,0,1\n", "job=a/b\nworkers=2\ntraining=128,1,0,1\n"),
+            "workers 4 -> 2; training 256,1,0,1 -> 128,1,0,1");
+  // A field one side lacks (a checkpoint from before the field existed).
+  EXPECT_EQ(describeConfigChanges("workers=4\n", "workers=4\nschedule=1F1B\n"), "schedule (none) -> 1F1B");
+  EXPECT_EQ(describeConfigChanges("workers=4\nschedule=GPipe\n", "workers=4\n"), "schedule GPipe -> (none)");
+  // On real specs: only what was changed is named.
+  const ParseResult parsed = parseManifest(kMinimal, "a.yaml");
+  ASSERT_TRUE(parsed.ok()) << allErrors(parsed);
+  JobSpec fewer = parsed.spec;
+  fewer.workers = 1;
+  const std::string before = canonicalTrainingConfig(parsed.spec);
+  EXPECT_EQ(describeConfigChanges(before, before), "");
+  EXPECT_EQ(describeConfigChanges(before, canonicalTrainingConfig(fewer)),
+            "workers " + std::to_string(parsed.spec.workers) + " -> 1");
+}
+
 }  // namespace
 }  // namespace tandem::manifest

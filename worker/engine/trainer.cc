@@ -695,8 +695,8 @@ StatusOr<int64_t> restoreFromCheckpoint(const TrainerOptions& options, const Top
     const checkpoint::CheckpointState& state = *loaded;
     if (state.trainingConfig != trainingConfig)
       log::warning() << "resuming " << checkpoint::stepDirectoryName(chosen)
-                     << " with a changed training configuration (allowed: learning rate, steps, ...). Checkpoint:\n"
-                     << state.trainingConfig << "now:\n" << trainingConfig;
+                     << " with a changed training configuration (allowed: workers, learning rate, steps, ...): "
+                     << manifest::describeConfigChanges(state.trainingConfig, trainingConfig);
     std::copy(state.parameters.begin(), state.parameters.end(), network.parameters());
     std::copy(state.optimizerState.begin(), state.optimizerState.end(), optimizer.state());
     optimizerSteps = state.optimizerSteps;

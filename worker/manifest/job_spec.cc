@@ -517,4 +517,33 @@ std::string canonicalTrainingConfig(const JobSpec& job) {
 
 std::string configHash(const JobSpec& job) { return toHex64(fnv1a64(canonicalTrainingConfig(job))); }
 
+std::string describeConfigChanges(const std::string& before, const std::string& after) {
+  // "key=value" lines, in the order they were written.
+  auto fields = [](const std::string& text) {
+    std::vector<std::pair<std::string, std::string>> parsed;
+    std::istringstream lines(text);
+    for (std::string line; std::getline(lines, line);) {
+      const size_t equals = line.find('=');
+      if (equals == std::string::npos) continue;
+      parsed.emplace_back(line.substr(0, equals), line.substr(equals + 1));
+    }
+    return parsed;
+  };
+  const auto old = fields(before), now = fields(after);
+  auto valueIn = [](const std::vector<std::pair<std::string, std::string>>& in, const std::string& key) {
+    for (const auto& [name, value] : in)
+      if (name == key) return std::optional<std::string>(value);
+    return std::optional<std::string>();
+  };
+  std::string changes;
+  auto add = [&](const std::string& key, const std::optional<std::string>& from, const std::optional<std::string>& to) {
+    if (from == to) return;
+    changes += (changes.empty() ? "" : "; ") + key + " " + from.value_or("(none)") + " -> " + to.value_or("(none)");
+  };
+  for (const auto& [key, value] : old) add(key, value, valueIn(now, key));
+  for (const auto& [key, value] : now)
+    if (!valueIn(old, key)) add(key, std::nullopt, value);
+  return changes;
+}
+
 }  // namespace tandem::manifest

@@ -135,5 +135,9 @@ std::vector<FieldError> validateCombinations(const JobSpec& spec);
 // Ranks with different hashes refuse to train together.
 std::string canonicalTrainingConfig(const JobSpec& spec);
 std::string configHash(const JobSpec& spec);
+// What differs between two canonical texts, field by field in their order: "workers 4 -> 2; training
+// 256,1,0,1 -> 512,1,0,1". A field only one side has reads "(none)" on the other (a checkpoint written
+// by an older version). Empty when they are equal.
+std::string describeConfigChanges(const std::string& before, const std::string& after);
 
 }  // namespace tandem::manifest
