@@ -500,7 +500,7 @@ TEST(Informer, ListsWatchesAndNeverRevivesAnObjectTheWatchDeleted) {
   operator_core::Informer informer(client, {"pods", "/api/v1/pods", "", 10, operator_core::trimMetadata, false, {}},
                                    [&](const json& object, bool deleted) {
                                      std::lock_guard<std::mutex> lock(seenMutex);
-                                     seen.push_back((deleted ? "-" : "+") + object["metadata"].value("name", ""));
+                                     seen.push_back(std::string(deleted ? "-" : "+").append(object["metadata"].value("name", "")));
                                    });
   informer.start();
   ASSERT_TRUE(informer.waitForSync(5s));
