@@ -221,6 +221,21 @@ class Launcher(TempDirTest):
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
         self.assertNotIn("restarting", result.stderr)
 
+    def test_more_workers_than_cpus_is_said_once(self):
+        # taskset leaves tandem (and its workers) one CPU: the two workers share it, which tandem says, since
+        # their timings (a pipeline's bubble above all) are then not those of a CPU each.
+        text = custom_manifest("print('RAN', flush=True)", 2)
+        shared = run(["taskset", "-c", "0", TANDEM, "run", self.write("shared.yaml", text)], timeout=60)
+        self.assertEqual(shared.returncode, 0, shared.stderr[-2000:])
+        self.assertEqual(shared.stdout.count("RAN"), 2)
+        self.assertEqual(shared.stderr.count("tandem: 2 workers share 1 CPU: each computes at about 1/2 of a CPU's pace "
+                                             "(timings, and a pipeline's bubble, are not those of a CPU per worker)"), 1,
+                         shared.stderr)
+        alone = run([TANDEM, "run", self.write("alone.yaml", custom_manifest("print('RAN', flush=True)", 1))],
+                    timeout=60)
+        self.assertEqual(alone.returncode, 0, alone.stderr[-2000:])
+        self.assertNotIn("workers share", alone.stderr)
+
     def test_a_suspended_job_does_not_run(self):
         text = custom_manifest("print('RAN')", 1).replace("runPolicy: {restartPolicy: Never}",
                                                          "runPolicy: {suspend: true}")

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cmath>
@@ -20,9 +21,11 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
+#include "tandem/common/cpu_limit.h"
 #include "tandem/common/exit_codes.h"
 #include "tandem/common/random.h"
 
@@ -410,8 +413,15 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
     return result;
   }
   const std::string token = secureRandomHex(16);
-  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  const std::string gemmThreads = std::to_string(std::max(1u, cores / static_cast<unsigned>(workers)));
+  // The CPUs this run may use: its affinity (taskset, a cpuset), within a cgroup CPU limit if one is set.
+  int cpus = cpusAvailable();
+  if (const std::optional<double> limit = cgroupCpuLimit())
+    cpus = std::clamp(static_cast<int>(std::ceil(*limit - 1e-9)), 1, cpus);
+  const std::string gemmThreads = std::to_string(std::max(1, cpus / workers));
+  if (workers > cpus && options.generation == 0)
+    std::cerr << "tandem: " << workers << " workers share " << cpus << (cpus == 1 ? " CPU" : " CPUs")
+              << ": each computes at about " << cpus << "/" << workers
+              << " of a CPU's pace (timings, and a pipeline's bubble, are not those of a CPU per worker)" << std::endl;
 
   struct sigaction action {};
   action.sa_handler = onInterrupt;
