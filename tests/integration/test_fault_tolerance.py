@@ -426,6 +426,45 @@ class RestartPolicies(TempDirTest):
                               r"\(stopped, hung or cut off\)")
         self.assertIn("restarts 1", out)
 
+    def test_hung_peer_during_a_slow_resume_is_detected_within_the_collective_timeout(self):
+        # A resume's exchanges may wait several collective timeouts for the checkpoint writers' reads (12 s
+        # here). A peer that hangs meanwhile is named and the wait given up once it has been silent for one
+        # collective timeout (3 s), not at the resume's own deadline; the next generation resumes.
+        ckpt = os.path.join(self.tmp, "ckpt")
+        config = self.write("job.yaml", job(ckpt, workers=2))
+        first = subprocess.run([TANDEM, "run", config, "--max-steps", "50", "--quiet"], capture_output=True, text=True,
+                               timeout=120)
+        self.assertEqual(first.returncode, 0, first.stderr[-2000:])
+        process = subprocess.Popen([TANDEM, "run", config, "--max-steps", "100", "--collective-timeout", "3"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                   env=dict(os.environ, TANDEM_FAULT_CHECKPOINT_READ_DELAY_MS="12000"))
+        self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.stderr.close)
+        lines = []  # (arrival, line) of tandem's stderr, read as it comes
+        reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in process.stderr))
+        reader.start()
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+        # Rank 0 logs the model once the initial parameters are shared; it then reads for 12 s while rank 1
+        # waits to hear the step: stop rank 1 a second into that wait.
+        self.assertTrue(wait_for(lambda: any("[rank 0]" in line and "model mlp:" in line for _, line in list(lines)),
+                                 60), "rank 0 never got past sharing the initial parameters")
+        time.sleep(1)
+        hung = next(pid for pid in children_of(process.pid) if rank_of(pid) == 1)
+        os.kill(hung, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        process.wait(timeout=120)
+        reader.join(10)
+        err = "".join(line for _, line in lines)
+        self.assertEqual(process.returncode, 0, err[-3000:])
+        self.assertIn("while resuming from the checkpoint, rank 1 has been silent for over 3 s (stopped, hung or cut "
+                      "off): giving up the resume", err)
+        detected = next(at for at, line in lines if "stopping the other workers" in line) - stopped_at
+        # One collective timeout of silence, then tandem's stop of the group; the resume's own deadline
+        # (3 x (3 s + reads)) and rank 0's 12 s read would both come later.
+        self.assertLess(detected, 3 + 5, err[-3000:])
+        self.assertIn("generation 1 resumed from step 50", err)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -7,10 +7,14 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <functional>
 #include <future>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "tandem/rendezvous/heartbeat.h"
@@ -351,6 +355,59 @@ TEST_F(RendezvousTest, EveryoneAliveDescribesNothingAndAnUnreachableServerIsName
   const std::string described = describeSilentPeers(*shared, 1, 300ms, 500ms);
   EXPECT_NE(described.find("the rendezvous server (rank 0) did not answer a heartbeat either"), std::string::npos)
       << described;
+}
+
+// What a SilenceWatch reported and when, for the tests below.
+struct SilenceReport {
+  std::mutex mutex;
+  std::vector<std::pair<std::string, double>> calls;  // text, seconds after `start`
+  Clock::time_point start = Clock::now();
+  std::function<void(const std::string&)> callback() {
+    return [this](const std::string& who) {
+      std::lock_guard<std::mutex> lock(mutex);
+      calls.emplace_back(who, secondsSince(start));
+    };
+  }
+};
+
+TEST_F(RendezvousTest, ASilenceWatchNamesAPeerSilentForItsLimitOnceAndNotBefore) {
+  startServer(3, 0, 300ms);
+  std::shared_ptr<RendezvousClient> shared = client();
+  SilenceReport report;
+  HeartbeatSender rank1(shared, 1, 50ms);
+  std::optional<HeartbeatSender> rank2(std::in_place, shared, 2, 50ms);
+  SilenceWatch watch(shared, 0, 300ms, 1s, 50ms, report.callback());
+  std::this_thread::sleep_for(1500ms);  // everyone beats: nothing to say
+  {
+    std::lock_guard<std::mutex> lock(report.mutex);
+    EXPECT_TRUE(report.calls.empty());
+  }
+  rank2.reset();  // rank 2 stops
+  const Clock::time_point stopped = Clock::now();
+  std::this_thread::sleep_for(2500ms);
+  std::lock_guard<std::mutex> lock(report.mutex);
+  ASSERT_EQ(report.calls.size(), 1u);
+  EXPECT_EQ(report.calls[0].first, "rank 2 has been silent for over 1 s (stopped, hung or cut off)");
+  const double afterStop = report.calls[0].second - std::chrono::duration<double>(stopped - report.start).count();
+  EXPECT_GE(afterStop, 0.9);  // its limit, give or take one 50 ms question
+  EXPECT_LT(afterStop, 2.0);
+}
+
+TEST_F(RendezvousTest, ASilenceWatchTakesAServerThatStoppedAnsweringForRankZeroGoneSilent) {
+  startServer(2, 0, 300ms);
+  std::shared_ptr<RendezvousClient> shared = client();
+  SilenceReport report;
+  SilenceWatch watch(shared, 1, 300ms, 1s, 50ms, report.callback());
+  std::this_thread::sleep_for(300ms);
+  server_->shutdown();
+  server_.reset();
+  const double stopped = secondsSince(report.start);
+  std::this_thread::sleep_for(2500ms);
+  std::lock_guard<std::mutex> lock(report.mutex);
+  ASSERT_EQ(report.calls.size(), 1u);
+  EXPECT_NE(report.calls[0].first.find("the rendezvous server (rank 0) did not answer"), std::string::npos)
+      << report.calls[0].first;
+  EXPECT_GE(report.calls[0].second - stopped, 0.9);
 }
 
 }  // namespace

@@ -376,6 +376,19 @@ int run(int argc, char** argv) {
   options.checkpointTimeoutSeconds = arguments->checkpointTimeoutSeconds;
   options.gradientSums = arguments->gradientSums;
   options.onResume = [](int64_t step) { emit("resume", {{"step", step}}); };
+  // A resume's exchanges wait as long as the checkpoint writers' reads may take, several collective
+  // timeouts: a peer that hangs meanwhile (stopped, its node cut off) ends the wait once it has been
+  // silent for one collective timeout. The blocked collective cannot be interrupted, hence _Exit.
+  std::unique_ptr<rendezvous::SilenceWatch> resumeWatch;
+  options.onResumeWait = [&](bool waiting) {
+    resumeWatch.reset();
+    if (!waiting || rendezvousClient == nullptr) return;
+    resumeWatch = std::make_unique<rendezvous::SilenceWatch>(
+        rendezvousClient, identity->rank, silentAfter, collectiveTimeout, heartbeatInterval, [](const std::string& who) {
+          log::error() << "while resuming from the checkpoint, " << who << ": giving up the resume";
+          std::_Exit(kExitPeerLost);
+        });
+  };
   options.onProgress = [](const engine::Progress& progress) {
     emit("progress", {{"step", progress.step},
                       {"totalSteps", progress.totalSteps},

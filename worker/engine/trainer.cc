@@ -788,8 +788,11 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
             : checkpoint::resumeExchangeDeadline(options.communicator->timeout(),
                                                  4.0 * floatsPerParameter * static_cast<double>(largestStage),
                                                  checkpointsKept(spec, topology));
-    TANDEM_ASSIGN_OR_RETURN(firstStep, restoreFromCheckpoint(options, topology, modelDescription, trainingConfig, *network,
-                                                             optimizer, deadline));
+    if (options.communicator != nullptr && options.onResumeWait) options.onResumeWait(true);
+    StatusOr<int64_t> restored =
+        restoreFromCheckpoint(options, topology, modelDescription, trainingConfig, *network, optimizer, deadline);
+    if (options.communicator != nullptr && options.onResumeWait) options.onResumeWait(false);
+    TANDEM_ASSIGN_OR_RETURN(firstStep, std::move(restored));
     if (firstStep > 0 && isLeader && options.onResume) options.onResume(firstStep);
   }
 

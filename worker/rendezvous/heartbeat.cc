@@ -1,13 +1,23 @@
 #include "tandem/rendezvous/heartbeat.h"
 
+#include <optional>
 #include <sstream>
+#include <vector>
 
 namespace tandem::rendezvous {
 
-HeartbeatSender::HeartbeatSender(std::shared_ptr<RendezvousClient> client, int rank, std::chrono::milliseconds interval)
-    : client_(std::move(client)), rank_(rank), interval_(interval), thread_([this] { run(); }) {}
+PeriodicThread::PeriodicThread(std::chrono::milliseconds interval, std::function<bool()> tick)
+    : interval_(interval), tick_(std::move(tick)), thread_([this] {
+        std::unique_lock<std::mutex> lock(mutex_);
+        while (!stopping_) {
+          lock.unlock();
+          if (!tick_()) return;
+          lock.lock();
+          stop_.wait_for(lock, interval_, [&] { return stopping_; });
+        }
+      }) {}
 
-HeartbeatSender::~HeartbeatSender() {
+PeriodicThread::~PeriodicThread() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
@@ -16,21 +26,23 @@ HeartbeatSender::~HeartbeatSender() {
   thread_.join();
 }
 
-void HeartbeatSender::run() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  while (!stopping_) {
-    lock.unlock();
-    (void)client_->heartbeat(rank_, 0, interval_);
-    lock.lock();
-    stop_.wait_for(lock, interval_, [&] { return stopping_; });
-  }
+bool PeriodicThread::stopping() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stopping_;
 }
 
-std::string describeSilentPeers(RendezvousClient& client, int rank, std::chrono::milliseconds silentAfter,
-                                std::chrono::milliseconds deadline) {
-  auto silent = client.heartbeat(rank, 0, deadline);
+HeartbeatSender::HeartbeatSender(std::shared_ptr<RendezvousClient> client, int rank, std::chrono::milliseconds interval)
+    : client_(std::move(client)), thread_(interval, [this, rank, interval] {
+        (void)client_->heartbeat(rank, 0, interval);
+        return true;
+      }) {}
+
+namespace {
+
+// The answer to a heartbeat, in words: who has been silent for over `silentFor`; empty when nobody.
+std::string describeAnswer(const StatusOr<std::vector<int>>& silent, std::chrono::milliseconds silentFor) {
   std::ostringstream text;
-  const double seconds = std::chrono::duration<double>(silentAfter).count();
+  const double seconds = std::chrono::duration<double>(silentFor).count();
   if (!silent.ok()) {
     text << "the rendezvous server (rank 0) did not answer a heartbeat either (" << silent.status().message()
          << "): rank 0 may be the one stopped, hung or cut off";
@@ -38,10 +50,44 @@ std::string describeSilentPeers(RendezvousClient& client, int rank, std::chrono:
   }
   if (silent->empty()) return "";
   text << (silent->size() == 1 ? "rank " : "ranks ");
-  for (size_t i = 0; i < silent->size(); ++i) text << (i == 0 ? "" : ", ") << (*silent)[i];
+  for (size_t i = 0; i < silent->size(); ++i) text << (i == 0 ? "" : ", ") << silent->at(i);
   text << (silent->size() == 1 ? " has" : " have") << " been silent for over " << seconds
        << " s (stopped, hung or cut off)";
   return text.str();
+}
+
+}  // namespace
+
+std::string describeSilentPeers(RendezvousClient& client, int rank, std::chrono::milliseconds silentAfter,
+                                std::chrono::milliseconds deadline) {
+  return describeAnswer(client.heartbeat(rank, 0, deadline), silentAfter);
+}
+
+SilenceWatch::SilenceWatch(std::shared_ptr<RendezvousClient> client, int rank, std::chrono::milliseconds silentAfter,
+                           std::chrono::milliseconds limit, std::chrono::milliseconds interval,
+                           std::function<void(const std::string&)> onSilent)
+    : client_(std::move(client)),
+      rank_(rank),
+      silentAfter_(silentAfter),
+      limit_(limit),
+      interval_(interval),
+      onSilent_(std::move(onSilent)),
+      thread_(interval, [this] { return check(); }) {}
+
+bool SilenceWatch::check() {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point asked = Clock::now();
+  const StatusOr<std::vector<int>> silent = client_->heartbeat(rank_, 0, interval_);
+  const bool quiet = !silent.ok() || !silent->empty();
+  // A peer the server calls silent was last heard at least silentAfter ago; a server that does not
+  // answer, from this question on.
+  if (!quiet)
+    silentSince_.reset();
+  else if (!silentSince_)
+    silentSince_ = silent.ok() ? asked - silentAfter_ : asked;
+  if (!quiet || Clock::now() - *silentSince_ < limit_ || thread_.stopping()) return true;
+  onSilent_(describeAnswer(silent, limit_));
+  return false;
 }
 
 }  // namespace tandem::rendezvous
