@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <fstream>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 namespace tandem {
@@ -96,7 +97,9 @@ std::optional<double> cgroupCpuLimit(const std::string& cgroupMount, const std::
 int cpusAvailable() {
   cpu_set_t allowed;
   CPU_ZERO(&allowed);
-  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return 1;
+  // Fails (EINVAL) on kernels built for more CPUs than a cpu_set_t holds: count the online ones then.
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0)
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   return std::max(1, CPU_COUNT(&allowed));
 }
 

@@ -382,14 +382,14 @@ TEST_F(RendezvousTest, ASilenceWatchNamesAPeerSilentForItsLimitOnceAndNotBefore)
     std::lock_guard<std::mutex> lock(report.mutex);
     EXPECT_TRUE(report.calls.empty());
   }
-  rank2.reset();  // rank 2 stops
   const Clock::time_point stopped = Clock::now();
+  rank2.reset();  // rank 2 stops
   std::this_thread::sleep_for(2500ms);
   std::lock_guard<std::mutex> lock(report.mutex);
   ASSERT_EQ(report.calls.size(), 1u);
   EXPECT_EQ(report.calls[0].first, "rank 2 has been silent for over 1 s (stopped, hung or cut off)");
   const double afterStop = report.calls[0].second - std::chrono::duration<double>(stopped - report.start).count();
-  EXPECT_GE(afterStop, 0.9);  // its limit, give or take one 50 ms question
+  EXPECT_GE(afterStop, 0.85);  // its limit, less at most one 50 ms beat before the stop
   EXPECT_LT(afterStop, 2.0);
 }
 
@@ -399,9 +399,9 @@ TEST_F(RendezvousTest, ASilenceWatchTakesAServerThatStoppedAnsweringForRankZeroG
   SilenceReport report;
   SilenceWatch watch(shared, 1, 300ms, 1s, 50ms, report.callback());
   std::this_thread::sleep_for(300ms);
+  const double stopped = secondsSince(report.start);
   server_->shutdown();
   server_.reset();
-  const double stopped = secondsSince(report.start);
   std::this_thread::sleep_for(2500ms);
   std::lock_guard<std::mutex> lock(report.mutex);
   ASSERT_EQ(report.calls.size(), 1u);

@@ -335,6 +335,9 @@ int run(int argc, char** argv) {
     }
     if (!joined.ok()) return fail(joined.status());
 
+    // Beating from the join on: the server's last word of a rank is its join until then, and ranks
+    // finish connecting at different moments.
+    heartbeats = std::make_unique<rendezvous::HeartbeatSender>(rendezvousClient, identity->rank, heartbeatInterval);
     comm::GlooOptions glooOptions;
     glooOptions.rank = identity->rank;
     glooOptions.size = identity->worldSize;
@@ -346,7 +349,6 @@ int run(int argc, char** argv) {
     if (!created.ok()) return fail(created.status());
     communicator = std::move(created).value();
     log::info() << "connected to " << identity->worldSize - 1 << " peers";
-    heartbeats = std::make_unique<rendezvous::HeartbeatSender>(rendezvousClient, identity->rank, heartbeatInterval);
   }
 
   std::unique_ptr<metrics::WorkerMetrics> workerMetrics;
@@ -383,8 +385,11 @@ int run(int argc, char** argv) {
   options.onResumeWait = [&](bool waiting) {
     resumeWatch.reset();
     if (!waiting || rendezvousClient == nullptr) return;
+    // One collective timeout, but never less than the server's own silence plus two questions: one
+    // answer must not be enough (a short timeout makes silentAfter, at least 1 s, the larger).
+    const auto limit = std::max(collectiveTimeout, silentAfter + 2 * heartbeatInterval);
     resumeWatch = std::make_unique<rendezvous::SilenceWatch>(
-        rendezvousClient, identity->rank, silentAfter, collectiveTimeout, heartbeatInterval, [](const std::string& who) {
+        rendezvousClient, identity->rank, silentAfter, limit, heartbeatInterval, [](const std::string& who) {
           log::error() << "while resuming from the checkpoint, " << who << ": giving up the resume";
           std::_Exit(kExitPeerLost);
         });

@@ -788,11 +788,18 @@ StatusOr<TrainingSummary> train(const TrainerOptions& options, const data::Train
             : checkpoint::resumeExchangeDeadline(options.communicator->timeout(),
                                                  4.0 * floatsPerParameter * static_cast<double>(largestStage),
                                                  checkpointsKept(spec, topology));
-    if (options.communicator != nullptr && options.onResumeWait) options.onResumeWait(true);
-    StatusOr<int64_t> restored =
-        restoreFromCheckpoint(options, topology, modelDescription, trainingConfig, *network, optimizer, deadline);
-    if (options.communicator != nullptr && options.onResumeWait) options.onResumeWait(false);
-    TANDEM_ASSIGN_OR_RETURN(firstStep, std::move(restored));
+    // Reported however the restore ends, an exception included.
+    struct ResumeWait {
+      const std::function<void(bool)>* report;
+      explicit ResumeWait(const std::function<void(bool)>* r) : report(r) {
+        if (report != nullptr) (*report)(true);
+      }
+      ~ResumeWait() {
+        if (report != nullptr) (*report)(false);
+      }
+    } wait(options.communicator != nullptr && options.onResumeWait ? &options.onResumeWait : nullptr);
+    TANDEM_ASSIGN_OR_RETURN(firstStep, restoreFromCheckpoint(options, topology, modelDescription, trainingConfig,
+                                                             *network, optimizer, deadline));
     if (firstStep > 0 && isLeader && options.onResume) options.onResume(firstStep);
   }
 

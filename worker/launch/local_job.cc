@@ -418,10 +418,13 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   if (const std::optional<double> limit = cgroupCpuLimit())
     cpus = std::clamp(static_cast<int>(std::ceil(*limit - 1e-9)), 1, cpus);
   const std::string gemmThreads = std::to_string(std::max(1, cpus / workers));
-  if (workers > cpus && options.generation == 0)
+  if (workers > cpus && options.generation == 0 && !options.customCommand) {
+    char share[16];
+    std::snprintf(share, sizeof(share), "%.2g", static_cast<double>(cpus) / workers);
     std::cerr << "tandem: " << workers << " workers share " << cpus << (cpus == 1 ? " CPU" : " CPUs")
-              << ": each computes at about " << cpus << "/" << workers
+              << ": each computes at about " << share
               << " of a CPU's pace (timings, and a pipeline's bubble, are not those of a CPU per worker)" << std::endl;
+  }
 
   struct sigaction action {};
   action.sa_handler = onInterrupt;

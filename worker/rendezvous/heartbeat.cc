@@ -40,11 +40,14 @@ HeartbeatSender::HeartbeatSender(std::shared_ptr<RendezvousClient> client, int r
 namespace {
 
 // The answer to a heartbeat, in words: who has been silent for over `silentFor`; empty when nobody.
-std::string describeAnswer(const StatusOr<std::vector<int>>& silent, std::chrono::milliseconds silentFor) {
+// `afterATimeout`: said after a collective timed out, so the server's silence is a second symptom.
+std::string describeAnswer(const StatusOr<std::vector<int>>& silent, std::chrono::milliseconds silentFor,
+                           bool afterATimeout) {
   std::ostringstream text;
   const double seconds = std::chrono::duration<double>(silentFor).count();
   if (!silent.ok()) {
-    text << "the rendezvous server (rank 0) did not answer a heartbeat either (" << silent.status().message()
+    text << "the rendezvous server (rank 0) did not answer a heartbeat" << (afterATimeout ? " either" : "") << " ("
+         << silent.status().message()
          << "): rank 0 may be the one stopped, hung or cut off";
     return text.str();
   }
@@ -60,7 +63,7 @@ std::string describeAnswer(const StatusOr<std::vector<int>>& silent, std::chrono
 
 std::string describeSilentPeers(RendezvousClient& client, int rank, std::chrono::milliseconds silentAfter,
                                 std::chrono::milliseconds deadline) {
-  return describeAnswer(client.heartbeat(rank, 0, deadline), silentAfter);
+  return describeAnswer(client.heartbeat(rank, 0, deadline), silentAfter, /*afterATimeout=*/true);
 }
 
 SilenceWatch::SilenceWatch(std::shared_ptr<RendezvousClient> client, int rank, std::chrono::milliseconds silentAfter,
@@ -78,15 +81,17 @@ bool SilenceWatch::check() {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point asked = Clock::now();
   const StatusOr<std::vector<int>> silent = client_->heartbeat(rank_, 0, interval_);
+  const Clock::time_point answered = Clock::now();
   const bool quiet = !silent.ok() || !silent->empty();
-  // A peer the server calls silent was last heard at least silentAfter ago; a server that does not
-  // answer, from this question on.
+  // A peer the server calls silent was last heard at least silentAfter before the answer (never more:
+  // the server's moment lies between asking and the answer); a server that does not answer, from the
+  // question on.
   if (!quiet)
     silentSince_.reset();
   else if (!silentSince_)
-    silentSince_ = silent.ok() ? asked - silentAfter_ : asked;
+    silentSince_ = silent.ok() ? answered - silentAfter_ : asked;
   if (!quiet || Clock::now() - *silentSince_ < limit_ || thread_.stopping()) return true;
-  onSilent_(describeAnswer(silent, limit_));
+  onSilent_(describeAnswer(silent, limit_, /*afterATimeout=*/false));
   return false;
 }
 

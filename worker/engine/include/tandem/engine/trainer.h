@@ -76,9 +76,10 @@ struct TrainerOptions {
   std::function<void(const Progress&)> onProgress;  // rank 0, after every step
   std::function<void(const EvalResult&)> onEval;    // rank 0
   std::function<void(int64_t step)> onResume;        // rank 0, when training resumes from a checkpoint
-  // Every rank of a multi-worker job: true before a resume's exchanges, which wait on the checkpoint
-  // writers' reads and so may run past the collective timeout, false once they are over (done or failed).
-  // The worker watches its peers' heartbeats meanwhile, since those waits notice a hung peer only late.
+  // Every rank of a multi-worker job with spec.checkpoint.dir (also on a fresh start, which looks for
+  // checkpoints): true before a resume's exchanges, which wait on the checkpoint writers' reads and so
+  // may run past the collective timeout, false once they are over (done or failed). The worker watches
+  // its peers' heartbeats meanwhile, since those waits notice a hung peer only late.
   std::function<void(bool waiting)> onResumeWait;
   // On the training thread before the first step, once the trainer's own threads (gradient sums,
   // checkpoint writes) are running: where the worker places its threads on its CPUs.
