@@ -3,6 +3,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -101,6 +102,11 @@ int cpusAvailable() {
   if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0)
     return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   return std::max(1, CPU_COUNT(&allowed));
+}
+
+int cpusWithin(std::optional<double> limit) {
+  const int available = cpusAvailable();
+  return limit ? std::clamp(static_cast<int>(std::ceil(*limit - 1e-9)), 1, available) : available;
 }
 
 }  // namespace tandem

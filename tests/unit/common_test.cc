@@ -245,6 +245,17 @@ TEST(CpusAvailable, CountsTheAffinityMaskNotTheMachine) {
   ASSERT_EQ(sched_setaffinity(0, sizeof(saved), &saved), 0);
 }
 
+TEST(CpusWithin, RoundsALimitUpWithinTheAffinityMask) {
+  const int available = cpusAvailable();
+  EXPECT_EQ(cpusWithin(std::nullopt), available);
+  EXPECT_EQ(cpusWithin(0.5), 1);
+  EXPECT_EQ(cpusWithin(1.0), 1);
+  EXPECT_EQ(cpusWithin(1e9), available);
+  if (available >= 2) {
+    EXPECT_EQ(cpusWithin(1.5), 2);
+  }
+}
+
 // Flags: the error names the flag and the range; values that would overflow a clock or a port are refused.
 TEST(Flags, IntegersInRangeOnly) {
   EXPECT_EQ(parseIntegerFlag("--metrics-port", "9400", 0, 65535).value(), 9400);

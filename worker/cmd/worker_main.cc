@@ -412,7 +412,7 @@ int run(int argc, char** argv) {
   // and spend most of each period throttled. Unless told how many, use as many as the limit allows.
   if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr && std::getenv("OMP_NUM_THREADS") == nullptr) {
     if (const std::optional<double> limit = cgroupCpuLimit()) {
-      const int threads = std::clamp(static_cast<int>(std::ceil(*limit - 1e-9)), 1, cpusAvailable());
+      const int threads = cpusWithin(limit);
       if (threads < kernels::gemmThreads()) {
         kernels::setGemmThreads(threads);
         log::info() << "cgroup CPU limit " << *limit << " CPUs: " << threads << " GEMM threads";

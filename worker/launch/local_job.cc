@@ -414,9 +414,7 @@ LocalJobResult runLocalJob(const LocalJobOptions& options) {
   }
   const std::string token = secureRandomHex(16);
   // The CPUs this run may use: its affinity (taskset, a cpuset), within a cgroup CPU limit if one is set.
-  int cpus = cpusAvailable();
-  if (const std::optional<double> limit = cgroupCpuLimit())
-    cpus = std::clamp(static_cast<int>(std::ceil(*limit - 1e-9)), 1, cpus);
+  const int cpus = cpusWithin(cgroupCpuLimit());
   const std::string gemmThreads = std::to_string(std::max(1, cpus / workers));
   if (workers > cpus && options.generation == 0 && !options.customCommand) {
     char share[16];

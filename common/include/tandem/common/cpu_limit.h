@@ -17,4 +17,8 @@ std::optional<double> cgroupCpuLimit(const std::string& cgroupMount = "/sys/fs/c
 // CPUs in this process's affinity mask.
 int cpusAvailable();
 
+// The CPUs this process may really use: its affinity mask, within a cgroup `limit` (rounded up, at
+// least 1) when there is one.
+int cpusWithin(std::optional<double> limit);
+
 }  // namespace tandem
